@@ -1,0 +1,94 @@
+"""Find decoder blocks and prunable linear layers of any Hugging Face decoder-only model.
+
+Blocks are found generically: the ``nn.ModuleList`` whose children are of a class named in the
+model's ``_no_split_modules`` (every HF model that supports ``device_map`` declares it). Architectures
+that need something else get one row in :data:`ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Override for one ``config.model_type``: dotted path of the block list, linears to skip."""
+
+    blocks: str | None = None
+    skip: tuple[str, ...] = ()
+
+
+#: model_type -> override. Llama, Qwen2, Mistral, OPT, ... need none: ``_no_split_modules`` finds them.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    # GPT-2 style models use Conv1D, not nn.Linear; not prunable here yet, listed to fail clearly.
+    "gpt2": ArchSpec(blocks="transformer.h"),
+}
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(qualified name, ModuleList)`` of the decoder blocks."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = ARCHITECTURES.get(model_type or "")
+    if spec is not None and spec.blocks:
+        return spec.blocks, _get_path(model, spec.blocks)
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    candidates: list[tuple[str, nn.ModuleList]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            kinds = {type(c).__name__ for c in mod}
+            if block_classes and kinds <= block_classes:
+                return name, mod
+            if len(kinds) == 1:
+                candidates.append((name, mod))
+    if candidates:  # no _no_split_modules: the longest list of identical blocks
+        return max(candidates, key=lambda c: len(c[1]))
+    raise UnknownNameError(
+        f"cannot find the decoder blocks of {type(model).__name__} (model_type={model_type!r}); "
+        "add a row for it to mixsparse.modeling.ARCHITECTURES"
+    )
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """All ``nn.Linear`` layers inside decoder blocks, by qualified name, in forward order."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    skip = ARCHITECTURES.get(model_type or "", ArchSpec()).skip
+    out: dict[str, nn.Linear] = {}
+    for i, block in enumerate(blocks):
+        for name, mod in block_linears(block).items():
+            if not any(name.endswith(s) for s in skip):
+                out[f"{blocks_name}.{i}.{name}"] = mod
+    if not out:
+        raise UnknownNameError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks")
+    return out
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    return {name: lin.weight.numel() for name, lin in prunable_linears(model).items()}
+
+
+def block_index(layer_name: str, blocks_name: str) -> int:
+    """Index of the block a qualified layer name belongs to ('model.layers.3.mlp.up_proj' -> 3)."""
+    rest = layer_name[len(blocks_name) + 1 :]
+    return int(rest.split(".", 1)[0])
+
+
+def layer_kind(layer_name: str, blocks_name: str) -> str:
+    """Name inside the block ('self_attn.q_proj'): layers of one kind share a shape."""
+    rest = layer_name[len(blocks_name) + 1 :]
+    return rest.split(".", 1)[1]

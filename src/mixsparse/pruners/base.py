@@ -1,0 +1,115 @@
+"""The one contract every base pruner follows, and the registry of pruners by name.
+
+A pruner instance belongs to one linear layer. The engine feeds it the layer's inputs
+(:meth:`LayerPruner.add_batch`), then asks for the pruned weight at a target
+(:meth:`LayerPruner.compute`). ``compute`` never modifies the layer, so the same statistics can
+serve several targets (the search caches every sparsity level of every layer this way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, NumericalError, UnknownNameError
+from ..sparsity import NM, LayerSparsity
+
+
+@dataclass
+class PruneResult:
+    weight: torch.Tensor  # new weight, same shape/dtype/device as the layer's, zeros where pruned
+    mask: torch.Tensor  # bool keep-mask
+
+
+class LayerPruner:
+    """Base class. Subclasses set ``name``, an ``Options`` dataclass and implement ``compute``."""
+
+    name: ClassVar[str] = ""
+    #: whether the pruner needs calibration inputs at all (magnitude does not)
+    needs_inputs: ClassVar[bool] = True
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, layer: nn.Linear, options: "LayerPruner.Options | None" = None, layer_name: str = ""):
+        self.layer = layer
+        self.layer_name = layer_name or type(layer).__name__
+        self.options = options if options is not None else self.Options()
+        self.nsamples = 0  # number of input rows (tokens) seen
+
+    @classmethod
+    def make_options(cls, values: dict | None) -> "LayerPruner.Options":
+        """Typed options from a plain dict; unknown keys are refused by name."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"pruner {cls.name!r} has no option(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+            )
+        return cls.Options(**values)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight.data
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Accumulate statistics from a batch of layer inputs of shape (..., in_features)."""
+        x = inp.detach().reshape(-1, inp.shape[-1])
+        if not torch.isfinite(x).all():
+            raise NumericalError(
+                f"layer {self.layer_name!r}: NaN/Inf in its calibration inputs; the model produces "
+                "non-finite activations on this data (check the dtype: fp16 overflows are common)"
+            )
+        self._accumulate(x.float())
+        self.nsamples += x.shape[0]
+
+    def _accumulate(self, x: torch.Tensor) -> None:  # x: (tokens, in_features) float32
+        pass
+
+    def compute(self, target: LayerSparsity) -> PruneResult:
+        raise NotImplementedError
+
+    def free(self) -> None:
+        """Drop accumulated statistics (called by the engine once the layer is pruned)."""
+
+
+_PRUNERS: dict[str, type[LayerPruner]] = {}
+
+
+def register_pruner(name: str) -> Callable[[type[LayerPruner]], type[LayerPruner]]:
+    """Class decorator: make a pruner available by ``name`` (CLI ``--pruner name``)."""
+
+    def deco(cls: type[LayerPruner]) -> type[LayerPruner]:
+        if name in _PRUNERS and _PRUNERS[name] is not cls:
+            raise ValueError(f"pruner {name!r} is already registered by {_PRUNERS[name].__qualname__}")
+        cls.name = name
+        _PRUNERS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_pruner(name: str) -> type[LayerPruner]:
+    try:
+        return _PRUNERS[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown pruner {name!r}; available: {', '.join(sorted(_PRUNERS))}") from None
+
+
+def available_pruners() -> list[str]:
+    return sorted(_PRUNERS)
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def is_pattern(target: LayerSparsity) -> bool:
+    return isinstance(target, NM)
