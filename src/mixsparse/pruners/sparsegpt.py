@@ -40,7 +40,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, max_retries: 
                 if attempt:
                     log.warning("layer %s: Hessian needed dampening %.3g (asked %.3g)", name, damp, percdamp)
                 return U
-        damp *= 10.0
+        damp = damp * 10.0 if damp > 0 else 1e-3
     raise NumericalError(
         f"layer {name!r}: Hessian is not positive definite even with dampening {damp / 10:.3g}; "
         "use more calibration samples or a larger percdamp"

@@ -1,0 +1,122 @@
+"""The layer-wise engine on tiny random models of several architectures."""
+
+import pytest
+import torch
+
+from mixsparse.engine import LayerwiseRunner, prune_layerwise
+from mixsparse.errors import DataError, SparsityError
+from mixsparse.masks import is_nm
+from mixsparse.modeling import find_decoder_blocks, param_counts, prunable_linears
+from mixsparse.sparsity import NM, SparsityMap
+
+from .tiny import CONFIGS, tiny_ids, tiny_model
+
+ARCHS = sorted(CONFIGS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_blocks_and_linears_found_generically(arch):
+    model = tiny_model(arch)
+    name, blocks = find_decoder_blocks(model)
+    assert len(blocks) == 2 and name.endswith("layers")
+    lins = prunable_linears(model)
+    assert len(lins) == 2 * (7 if arch != "opt" else 6)  # q,k,v,o + 3 MLP (OPT: 2 MLP)
+    assert all("lm_head" not in n for n in lins)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layerwise_forward_equals_full_forward(arch):
+    model = tiny_model(arch)
+    ids = tiny_ids(5, 16)
+    ref = model(ids).logits
+    out = torch.cat([lg for _, lg in LayerwiseRunner(model).forward_all([ids[:2], ids[2:4], ids[4:]])])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt"])
+def test_sparsity_zero_leaves_model_unchanged(arch, pruner):
+    model = tiny_model(arch)
+    ids = tiny_ids(3, 16)
+    ref = model(ids).logits
+    prune_layerwise(model, ids, SparsityMap.uniform(0.0, param_counts(model)), pruner, progress=False)
+    assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt"])
+def test_achieved_sparsity_is_counted_from_weights(arch, pruner):
+    model = tiny_model(arch)
+    counts = param_counts(model)
+    report = prune_layerwise(model, tiny_ids(4, 16), SparsityMap.uniform(0.6, counts), pruner, progress=False)
+    for name, lin in prunable_linears(model).items():
+        measured = float((lin.weight == 0).float().mean())
+        assert report.achieved[name] == pytest.approx(measured)
+        assert measured == pytest.approx(0.6, abs=0.02)
+    assert report.overall(counts) == pytest.approx(0.6, abs=0.01)
+
+
+def test_mixed_per_layer_targets_and_nm():
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    names = list(counts)
+    targets = {n: (NM(2, 4) if i % 3 == 0 else NM(1, 4) if i % 3 == 1 else 0.3) for i, n in enumerate(names)}
+    targets[names[-1]] = 0.0
+    prune_layerwise(model, tiny_ids(), SparsityMap(targets, counts), "sparsegpt", progress=False)
+    lins = prunable_linears(model)
+    for name, t in targets.items():
+        w = lins[name].weight
+        if isinstance(t, NM):
+            assert is_nm(w != 0, t)
+        else:
+            assert int((w == 0).sum()) == round(w.numel() * t)
+
+
+def test_layers_missing_from_map_stay_dense():
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    first = next(iter(counts))
+    before = {n: l.weight.clone() for n, l in prunable_linears(model).items()}
+    prune_layerwise(model, tiny_ids(), SparsityMap({first: 0.5}, counts), "wanda", progress=False)
+    for name, lin in prunable_linears(model).items():
+        assert torch.equal(lin.weight, before[name]) == (name != first)
+
+
+def test_sequential_and_one_shot_differ_only_after_first_block():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    counts = param_counts(a)
+    ids = tiny_ids()
+    prune_layerwise(a, ids, SparsityMap.uniform(0.5, counts), "sparsegpt", sequential=True, progress=False)
+    prune_layerwise(b, ids, SparsityMap.uniform(0.5, counts), "sparsegpt", sequential=False, progress=False)
+    la, lb = prunable_linears(a), prunable_linears(b)
+    assert all(torch.equal(la[n].weight, lb[n].weight) for n in la if ".layers.0." in n)
+    assert not all(torch.equal(la[n].weight, lb[n].weight) for n in la if ".layers.1." in n)
+
+
+def test_on_layer_sees_every_linear_with_statistics():
+    model = tiny_model("llama")
+    seen = {}
+    prune_layerwise(model, tiny_ids(), SparsityMap({}), "wanda", on_layer=lambda n, p: seen.__setitem__(n, p.nsamples),
+                    progress=False)
+    assert set(seen) == set(prunable_linears(model)) and set(seen.values()) == {4 * 16}
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    with pytest.raises(SparsityError, match="does not have"):
+        prune_layerwise(model, tiny_ids(), SparsityMap({"model.layers.9.mlp.up_proj": 0.5}), "wanda", progress=False)
+    with pytest.raises(SparsityError, match="divide"):
+        prune_layerwise(model, tiny_ids(), SparsityMap.uniform("2:3", counts), "wanda", progress=False)
+    with pytest.raises(DataError, match="calibration"):
+        prune_layerwise(model, None, SparsityMap.uniform(0.5, counts), "wanda", progress=False)
+    with pytest.raises(DataError, match="non-empty"):
+        prune_layerwise(model, torch.zeros(0, 8, dtype=torch.long), SparsityMap.uniform(0.5, counts), "wanda",
+                        progress=False)
+
+
+def test_magnitude_needs_no_data():
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    report = prune_layerwise(model, None, SparsityMap.uniform(0.5, counts), "magnitude", progress=False)
+    assert report.overall(counts) == pytest.approx(0.5)
