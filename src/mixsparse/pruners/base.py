@@ -32,6 +32,8 @@ class LayerPruner:
     name: ClassVar[str] = ""
     #: whether the pruner needs calibration inputs at all (magnitude does not)
     needs_inputs: ClassVar[bool] = True
+    #: whether ``compute`` changes kept weights (SparseGPT) or only masks them (magnitude, Wanda)
+    reconstructs: ClassVar[bool] = False
 
     @dataclass
     class Options:

@@ -49,6 +49,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, max_retries: 
 
 @register_pruner("sparsegpt")
 class SparseGPTPruner(LayerPruner):
+    reconstructs = True
+
     @dataclass
     class Options:
         blocksize: int = 128
