@@ -1,0 +1,468 @@
+"""Write pruned models to disk: a plain Hugging Face checkpoint and a compressed one.
+
+* :func:`save_hf` writes an ordinary ``save_pretrained`` checkpoint (safetensors, dense weights with
+  their zeros) that any HF tool loads. The run's metadata (pruner, allocation, target, per-layer map)
+  travels in ``config.json`` as ``config.mixsparse``, so a later fine-tune can rebuild each mask from
+  the zeros plus this map.
+* :func:`save_compressed` / :func:`load_compressed` store the sparse weights compactly, in one
+  ``model.compressed.safetensors`` described by ``compression.json``. Encodings, per tensor:
+
+  ``dense``
+      The tensor as is (at the checkpoint dtype), under its own name. Used for everything that is
+      not a prunable linear weight (embeddings, norms, an untied ``lm_head``) and for prunable
+      weights with so few zeros that a bitmask would not save space.
+  ``bitmask``
+      ``NAME::bitmask``: one bit per weight, row-major, ``1`` = non-zero, packed 8 per byte with the
+      first weight in the most significant bit (``numpy.packbits``, ``bitorder="big"``), the last byte
+      padded with zero bits. ``NAME::values``: the non-zero values in the same row-major order.
+  ``nm``
+      For a layer whose map entry is ``N:M`` and whose weight has at most N non-zeros in every group of
+      M consecutive inputs. ``NAME::values``: N values per group, groups in row-major order.
+      ``NAME::nm_indices``: each value's position inside its group (ascending within a group),
+      written as ``ceil(log2 M)`` bits, most significant bit first, all concatenated and packed like
+      the bitmask. A group with fewer than N non-zeros is padded with its first zero positions (value 0).
+
+  Zeros are restored as ``+0.0`` (a pruner that multiplied by the mask may have left ``-0.0``; the
+  two compare equal and give identical results in a linear layer); every other value is bit-exact
+  at the checkpoint dtype. Tensors shared by several names (tied embeddings) are stored once and
+  listed under ``aliases``. A SHA-256 of the tensor file in ``compression.json`` catches corruption
+  that safetensors itself would not notice (it has no checksum).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelLoadError, NumericalError
+from .modeling import prunable_linears
+from .sparsity import NM, SparsityMap, parse_layer_sparsity
+
+FORMAT_NAME = "mixsparse-compressed"
+FORMAT_VERSION = 1
+TENSOR_FILE = "model.compressed.safetensors"
+INDEX_FILE = "compression.json"
+
+# --------------------------------------------------------------------------------------------
+# Pure packing math (hand-checkable on small tensors)
+# --------------------------------------------------------------------------------------------
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (flattened row-major) 8 per byte, first bit most significant."""
+    arr = bits.detach().to("cpu", torch.bool).reshape(-1).numpy()
+    return torch.from_numpy(np.packbits(arr, bitorder="big").copy())
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` bits as a flat bool tensor."""
+    arr = packed.detach().to("cpu", torch.uint8).reshape(-1).numpy()
+    if arr.size * 8 < count:
+        raise ValueError(f"packed bit buffer holds {arr.size * 8} bits, {count} needed")
+    return torch.from_numpy(np.unpackbits(arr, count=count, bitorder="big").astype(bool))
+
+
+def bitmask_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed keep-bits, non-zero values)`` of a tensor; see the module docstring."""
+    keep = weight != 0
+    return pack_bits(keep), weight[keep].contiguous()
+
+
+def bitmask_decode(packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = math.prod(shape)
+    keep = unpack_bits(packed, numel)
+    nnz = int(keep.sum())
+    if values.dim() != 1 or values.numel() != nnz:
+        raise ValueError(f"bitmask has {nnz} set bits but {values.numel()} values are stored")
+    out = torch.zeros(numel, dtype=values.dtype)
+    out[keep] = values
+    return out.reshape(shape)
+
+
+def index_bits(m: int) -> int:
+    """Bits needed for a position inside a group of ``m`` (2:4 -> 2, 4:8 -> 3)."""
+    return max(1, math.ceil(math.log2(m)))
+
+
+def fits_nm(weight: torch.Tensor, pattern: NM) -> bool:
+    """True when every group of M consecutive inputs holds at most N non-zeros (so it packs as N:M)."""
+    if weight.dim() != 2 or weight.shape[1] % pattern.m:
+        return False
+    return bool(((weight != 0).reshape(-1, pattern.m).sum(-1) <= pattern.n).all())
+
+
+def nm_positions(weight: torch.Tensor, pattern: NM) -> torch.Tensor:
+    """(groups, N) ascending in-group positions: every non-zero, padded with the first zero positions."""
+    nonzero_first = torch.sort((weight == 0).reshape(-1, pattern.m).to(torch.int8), dim=-1, stable=True).indices
+    return nonzero_first[:, : pattern.n].sort(dim=-1).values
+
+
+def nm_encode(weight: torch.Tensor, pattern: NM) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, packed indices)`` of a weight that :func:`fits_nm`; see the module docstring."""
+    if not fits_nm(weight, pattern):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} is not {pattern} sparse")
+    pos = nm_positions(weight, pattern)
+    values = torch.gather(weight.reshape(-1, pattern.m), 1, pos).reshape(-1).contiguous()
+    b = index_bits(pattern.m)
+    shifts = torch.arange(b - 1, -1, -1)
+    bits = (pos.reshape(-1, 1).to(torch.int64) >> shifts) & 1
+    return values, pack_bits(bits.bool())
+
+
+def nm_decode(values: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], pattern: NM) -> torch.Tensor:
+    numel = math.prod(shape)
+    groups = numel // pattern.m
+    count = groups * pattern.n
+    if values.dim() != 1 or values.numel() != count:
+        raise ValueError(f"N:M tensor needs {count} values, {values.numel()} are stored")
+    b = index_bits(pattern.m)
+    bits = unpack_bits(packed, count * b).reshape(count, b).to(torch.int64)
+    pos = (bits << torch.arange(b - 1, -1, -1)).sum(-1).reshape(groups, pattern.n)
+    if bool((pos >= pattern.m).any()):
+        raise ValueError(f"N:M index out of range for M={pattern.m}")
+    out = torch.zeros(groups, pattern.m, dtype=values.dtype)
+    out.scatter_(1, pos, values.reshape(groups, pattern.n))
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Directory handling
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``; then the old one is moved aside first
+    (``os.replace`` cannot replace a non-empty directory) and deleted only once the new one is in place.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {str(out)!r} is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.is_dir() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any, where: str = "metadata") -> Any:
+    """Plain JSON types from metadata that may hold SparsityMap/NM/tensors/paths."""
+    if isinstance(value, SparsityMap):
+        return value.to_dict()
+    if isinstance(value, NM):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, (torch.Tensor, np.generic)) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ConfigError(f"{where}: cannot store a {type(value).__name__} in the checkpoint config")
+
+
+def _clean_config(model: nn.Module, metadata: dict | None) -> Any:
+    """A copy of the model's config without GGUF quantisation info, with ``mixsparse`` metadata."""
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    if metadata is not None:
+        cfg.mixsparse = _jsonable(metadata)
+    return cfg
+
+
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, metadata: dict | None, *, overwrite: bool = False) -> Path:
+    """Write a standard HF checkpoint (safetensors, dense weights with zeros, tokenizer if given).
+
+    ``metadata`` ends up as ``config.mixsparse``. GGUF-loaded models are saved like plain ones: the
+    save sees a cleaned copy of the config and no quantizer; the caller's model is left as it was.
+    """
+    cfg = _clean_config(model, metadata)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        saved_config, saved_quantizer = model.config, getattr(model, "hf_quantizer", None)
+        try:
+            # save_pretrained reads (and writes dtype/architectures into) self.config; swap in our copy
+            model.config = cfg
+            if hasattr(model, "hf_quantizer"):
+                model.hf_quantizer = None
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            model.config = saved_config
+            if hasattr(model, "hf_quantizer"):
+                model.hf_quantizer = saved_quantizer
+        _save_tokenizer(tokenizer, tmp)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Compressed checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelLoadError(f"compressed checkpoint names an unknown dtype {name!r}")
+    return dtype
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without duplicates: tensors sharing memory (tied weights) kept under their first name."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    return tensors, aliases
+
+
+def _cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    if dtype is None or not t.is_floating_point() or t.dtype == dtype:
+        return t.contiguous()
+    out = t.to(dtype)
+    if bool((torch.isfinite(t) & ~torch.isfinite(out)).any()):
+        raise NumericalError(f"tensor {name!r} overflows {_dtype_name(dtype)}; save with a wider dtype")
+    return out.contiguous()
+
+
+def _layer_targets(sparsity_map: Mapping[str, object] | None) -> dict[str, object]:
+    if sparsity_map is None:
+        return {}
+    return {str(k): parse_layer_sparsity(v, where=f"layer {k!r}") for k, v in sparsity_map.items()}
+
+
+def save_compressed(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = torch.float16,
+    sparsity_map: Mapping[str, object] | None = None,
+    tokenizer: Any = None,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> dict[str, float | int]:
+    """Write the compressed checkpoint (see module docstring); return its sizes.
+
+    ``dtype`` is the dtype of every floating tensor on disk (``None`` keeps each tensor's own).
+    ``sparsity_map`` (layer -> float | NM | "N:M") selects the N:M encoding for layers it marks N:M.
+    Returns ``dense_bytes`` (every stored tensor dense at that dtype), ``compressed_bytes`` (tensor
+    file size), ``ratio``, and the same for the prunable weights alone (``prunable_*``).
+    """
+    from safetensors.torch import save_file
+
+    targets = _layer_targets(sparsity_map)
+    prunable = {f"{name}.weight" for name in prunable_linears(model)}
+    tensors, aliases = _unique_tensors(model)
+
+    out_tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    dense_bytes = prunable_dense = prunable_stored = 0
+    for name, t in tensors.items():
+        t = _cast(name, t, dtype)
+        dense_size = t.numel() * t.element_size()
+        dense_bytes += dense_size
+        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        parts: dict[str, torch.Tensor]
+        layer = name.removesuffix(".weight")
+        target = targets.get(layer)
+        if name in prunable and t.dim() == 2 and isinstance(target, NM) and fits_nm(t, target):
+            values, idx = nm_encode(t, target)
+            parts = {f"{name}::values": values, f"{name}::nm_indices": idx}
+            entry.update(encoding="nm", n=target.n, m=target.m, index_bits=index_bits(target.m))
+        elif name in prunable and t.dim() == 2:
+            nnz = int((t != 0).sum())
+            if math.ceil(t.numel() / 8) + nnz * t.element_size() < dense_size:
+                packed, values = bitmask_encode(t)
+                parts = {f"{name}::bitmask": packed, f"{name}::values": values}
+                entry.update(encoding="bitmask", nnz=nnz)
+            else:
+                parts = {name: t}
+                entry.update(encoding="dense")
+        else:
+            parts = {name: t}
+            entry.update(encoding="dense")
+        stored = sum(p.numel() * p.element_size() for p in parts.values())
+        if name in prunable:
+            prunable_dense += dense_size
+            prunable_stored += stored
+        out_tensors.update(parts)
+        entries[name] = entry
+
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        tensor_path = tmp / TENSOR_FILE
+        save_file(out_tensors, str(tensor_path), metadata={"format": "pt", "mixsparse_format_version": str(FORMAT_VERSION)})
+        compressed_bytes = tensor_path.stat().st_size
+        sizes = {
+            "dense_bytes": dense_bytes,
+            "compressed_bytes": compressed_bytes,
+            "ratio": compressed_bytes / dense_bytes if dense_bytes else 0.0,
+            "prunable_dense_bytes": prunable_dense,
+            "prunable_compressed_bytes": prunable_stored,
+            "prunable_ratio": prunable_stored / prunable_dense if prunable_dense else 0.0,
+        }
+        cfg = _clean_config(model, metadata)
+        if dtype is not None:
+            cfg.dtype = _dtype_name(dtype)
+        cfg.architectures = [type(model).__name__]
+        cfg.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            with contextlib.suppress(Exception):  # optional; an invalid generation config must not stop the save
+                model.generation_config.save_pretrained(tmp)
+        _save_tokenizer(tokenizer, tmp)
+        index = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dtype": _dtype_name(dtype) if dtype is not None else None,
+            "file": TENSOR_FILE,
+            "sha256": _sha256(tensor_path),
+            "bitorder": "big",
+            "tensors": entries,
+            "aliases": aliases,
+            "sizes": sizes,
+        }
+        _write_json(tmp / INDEX_FILE, index)
+    return sizes
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_index(d: Path) -> dict:
+    index_path = d / INDEX_FILE
+    if not d.is_dir():
+        raise ModelLoadError(f"compressed checkpoint directory {str(d)!r} does not exist")
+    if not index_path.is_file():
+        raise ModelLoadError(f"{str(d)!r} is not a compressed checkpoint: {INDEX_FILE} is missing")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{str(index_path)!r} is corrupt: {e}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        raise ModelLoadError(f"{str(index_path)!r} is not a {FORMAT_NAME} index")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{str(index_path)!r} has format version {index.get('format_version')!r}; this mixsparse reads version {FORMAT_VERSION}"
+        )
+    return index
+
+
+def _decode(name: str, entry: dict, stored: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    shape = tuple(int(s) for s in entry["shape"])
+    dtype = _parse_dtype(entry["dtype"])
+    enc = entry["encoding"]
+    if enc == "dense":
+        t = stored[name]
+    elif enc == "bitmask":
+        t = bitmask_decode(stored[f"{name}::bitmask"], stored[f"{name}::values"], shape)
+    elif enc == "nm":
+        pattern = NM(int(entry["n"]), int(entry["m"]))
+        t = nm_decode(stored[f"{name}::values"], stored[f"{name}::nm_indices"], shape, pattern)
+    else:
+        raise ModelLoadError(f"tensor {name!r} has an unknown encoding {enc!r}")
+    if tuple(t.shape) != shape or t.dtype != dtype:
+        raise ModelLoadError(f"tensor {name!r}: stored as {tuple(t.shape)} {t.dtype}, index says {shape} {dtype}")
+    return t
+
+
+def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the model written by :func:`save_compressed` (eval mode, weights re-tied).
+
+    Tensors come back bit-exact at the stored dtype; ``dtype`` casts the model afterwards.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(path).expanduser()
+    index = _read_index(d)
+    tensor_path = d / str(index.get("file", TENSOR_FILE))
+    if not tensor_path.is_file():
+        raise ModelLoadError(f"compressed checkpoint {str(d)!r} lacks its tensor file {tensor_path.name}")
+    if index.get("sha256") and _sha256(tensor_path) != index["sha256"]:
+        raise ModelLoadError(f"{str(tensor_path)!r} is corrupt (SHA-256 differs from {INDEX_FILE})")
+    try:
+        stored = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {str(tensor_path)!r}: {e}") from None
+
+    try:
+        state = {name: _decode(name, entry, stored) for name, entry in index["tensors"].items()}
+        for alias, target in index.get("aliases", {}).items():
+            state[alias] = state[target]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"compressed checkpoint {str(d)!r} is inconsistent: {type(e).__name__}: {e}") from None
+
+    try:
+        config = AutoConfig.from_pretrained(d)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of {str(d)!r}: {e}") from None
+    build_dtype = _parse_dtype(index["dtype"]) if index.get("dtype") else None
+    model = AutoModelForCausalLM.from_config(config, dtype=build_dtype) if build_dtype else AutoModelForCausalLM.from_config(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"compressed checkpoint {str(d)!r} does not fit its config: {e}") from None
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

@@ -1,0 +1,478 @@
+"""Turn a run directory's ``run.json`` into ``report.md`` plus PNG plots in ``plots/``.
+
+``run.json`` schema (every section except ``config`` is optional; ``null`` is the same as absent)::
+
+    {"command": "mixsparse prune ...",        # the command line that produced the run
+     "version": "0.1.0", "created": "ISO time",
+     "config": {...},                         # the full config as given (required)
+     "model": {"name": str, "num_params": int, "prunable_params": int, "blocks": int},
+     "allocation": {"method": "msp", "target": 0.7,
+                    "per_layer": {layer: float | "N:M"},          # requested, in forward order
+                    "sensitivity": {layer: float} | null,
+                    "sensitivity_kind": "fisher" | "hessian" | "owl" | null},
+     "search": {"history": [{"generation": int, "evaluations": int, "best_fitness": float,
+                             "seconds": float}],
+                "fitness": "kl" | "ppl", "seconds": float} | null,
+     "pruning": {"pruner": str, "achieved": {layer: float}, "overall_sparsity": float, "seconds": float},
+     "perplexity": {"split": "test", "tokens": int, "seqlen": int, "dense": float | null, "pruned": float},
+     "zeroshot": {task: {"accuracy": float, "stderr": float, "n": int}} | null,
+     "timings": {stage: seconds},             # a "total" entry wins over the sum of the stages
+     "peak_memory": {"cpu_rss_mb": float, "device_mb": float | null},
+     "sizes": {"dense_bytes": int, "compressed_bytes": int, "ratio": float, "prunable_ratio": float,
+               "prunable_dense_bytes": int, "prunable_compressed_bytes": int} | null,  # last two optional
+     "artifacts": {"checkpoint": "model/", "compressed": "compressed/"}}
+
+Layer names are qualified linear names (``model.layers.3.mlp.up_proj``): the first number is the
+block index and what follows it the layer kind. Plots are drawn on matplotlib ``Figure`` objects with
+an explicit Agg canvas, so rendering touches no pyplot/global backend state and needs no display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, MixsparseError
+from .sparsity import parse_layer_sparsity, sparsity_of
+
+PLOTS_DIR = "plots"
+REPORT_FILE = "report.md"
+RUN_FILE = "run.json"
+
+_LAYER_RE = re.compile(r"^(?:(?P<prefix>.*?)\.)?(?P<block>\d+)\.(?P<kind>.+)$")
+
+# --------------------------------------------------------------------------------------------
+# Reading run.json
+# --------------------------------------------------------------------------------------------
+
+_SECTIONS: dict[str, type | tuple[type, ...]] = {
+    "command": str,
+    "version": str,
+    "created": str,
+    "config": dict,
+    "model": dict,
+    "allocation": dict,
+    "search": dict,
+    "pruning": dict,
+    "perplexity": dict,
+    "zeroshot": dict,
+    "timings": dict,
+    "peak_memory": dict,
+    "sizes": dict,
+    "artifacts": dict,
+}
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """Read and shape-check ``run_dir/run.json``; absent optional sections become ``None``."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise ConfigError(f"no {RUN_FILE} in run directory {str(run_dir)!r}")
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(run, dict):
+        raise ConfigError(f"{str(path)!r} must hold a JSON object, got {type(run).__name__}")
+    if run.get("config") is None:
+        raise ConfigError(f"{str(path)!r} has no 'config' section; it is required (the full config of the run)")
+    for key, kind in _SECTIONS.items():
+        value = run.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(f"{str(path)!r}: section {key!r} must be a {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        run[key] = value
+    return run
+
+
+def _layer_sparsity(value: Any, layer: str) -> float:
+    try:
+        return sparsity_of(parse_layer_sparsity(value, where=f"layer {layer!r}"))
+    except MixsparseError as e:
+        raise ConfigError(f"run.json: {e}") from None
+
+
+def _split_layer(name: str) -> tuple[int | None, str]:
+    """``model.layers.3.mlp.up_proj`` -> (3, 'mlp.up_proj'); names without a block index -> (None, name)."""
+    m = _LAYER_RE.match(name)
+    return (int(m["block"]), m["kind"]) if m else (None, name)
+
+
+def _layer_order(*maps: Mapping[str, Any] | None) -> list[str]:
+    """Union of the layer names, first map's order first (run.json keeps forward order)."""
+    order: dict[str, None] = {}
+    for mp in maps:
+        for k in mp or {}:
+            order.setdefault(k, None)
+    return list(order)
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100.0 * float(x):.2f}%"
+
+
+def _num(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{float(x):,.{digits}f}"
+
+
+def _secs(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    x = float(x)
+    return f"{x:.1f} s" if x < 120 else f"{x:.1f} s ({x / 60:.1f} min)"
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "n/a"
+    return f"{int(n) / 2**20:,.2f} MiB ({int(n):,} B)"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _requested_str(value: Any, layer: str) -> str:
+    s = _layer_sparsity(value, layer)
+    return f"{value} ({_pct(s)})" if isinstance(value, str) and ":" in value else _pct(s)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _figure(nrows: int = 1, height: float = 3.6, width: float = 9.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
+    return fig, axes
+
+
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def _kinds(layers: Sequence[str]) -> dict[str, list[int]]:
+    """Layer kind -> x positions (forward order)."""
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(layers):
+        out.setdefault(_split_layer(name)[1], []).append(i)
+    return out
+
+
+def _block_means(layers: Sequence[str], values: Mapping[str, float]) -> dict[int, float]:
+    sums: dict[int, list[float]] = {}
+    for name in layers:
+        block = _split_layer(name)[0]
+        if block is not None and name in values:
+            sums.setdefault(block, []).append(values[name])
+    return {b: sum(v) / len(v) for b, v in sorted(sums.items())}
+
+
+def _plot_sparsity(layers: list[str], requested: dict[str, float], achieved: dict[str, float], path: Path) -> Path:
+    blocks_req, blocks_ach = _block_means(layers, requested), _block_means(layers, achieved)
+    fig, axes = _figure(2 if blocks_req or blocks_ach else 1)
+    ax = axes[0]
+    xs = list(range(len(layers)))
+    if requested:
+        ax.plot([i for i in xs if layers[i] in requested], [requested[l] for l in layers if l in requested],
+                color="0.55", lw=1.2, label="requested", zorder=1)
+    for kind, pos in _kinds(layers).items():
+        pts = [i for i in pos if layers[i] in achieved]
+        if pts:
+            ax.scatter(pts, [achieved[layers[i]] for i in pts], s=14, label=f"achieved: {kind}", zorder=2)
+    ax.set_xlabel("layer index (forward order)")
+    ax.set_ylabel("sparsity")
+    ax.set_title("Per-layer sparsity: requested vs achieved")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="best")
+    if len(axes) > 1:
+        ax = axes[1]
+        if blocks_req:
+            ax.plot(list(blocks_req), list(blocks_req.values()), "o-", ms=3, label="requested (block mean)")
+        if blocks_ach:
+            ax.plot(list(blocks_ach), list(blocks_ach.values()), "s--", ms=3, label="achieved (block mean)")
+        ax.set_xlabel("block")
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.set_ylabel("mean sparsity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save_png(fig, path)
+
+
+def _plot_sensitivity(layers: list[str], sens: dict[str, float], kind: str | None, path: Path) -> Path:
+    fig, (ax,) = _figure()
+    dropped = 0
+    for k, pos in _kinds(layers).items():
+        pts = [i for i in pos if layers[i] in sens and sens[layers[i]] is not None and float(sens[layers[i]]) > 0]
+        dropped += sum(1 for i in pos if layers[i] in sens and i not in pts)
+        if pts:
+            ax.plot(pts, [float(sens[layers[i]]) for i in pts], "o", ms=4, label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer index (forward order)")
+    ax.set_ylabel(f"{kind or 'sensitivity'} (log scale)")
+    title = f"Per-layer sensitivity ({kind})" if kind else "Per-layer sensitivity"
+    if dropped:
+        title += f" — {dropped} non-positive value(s) not shown"
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=4)
+    return _save_png(fig, path)
+
+
+def _plot_search(history: list[dict], fitness: str | None, path: Path) -> Path:
+    fig, (ax,) = _figure()
+    gens = [int(h.get("generation", i)) for i, h in enumerate(history)]
+    best = [float(h["best_fitness"]) for h in history]
+    ax.plot(gens, best, "o-", ms=3)
+    ax.set_xlabel("generation")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.set_ylabel(f"best fitness ({fitness})" if fitness else "best fitness")
+    ax.set_title("Evolutionary search: best fitness so far (lower is better)")
+    ax.grid(alpha=0.3)
+    evals = [h.get("evaluations") for h in history]
+    if all(e is not None for e in evals) and len(gens) > 1 and all(b > a for a, b in zip(gens, gens[1:])):
+        import numpy as np
+
+        g, e = np.asarray(gens, float), np.asarray(evals, float)
+        sec = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, g, e), lambda x: np.interp(x, e, g)))
+        sec.set_xlabel("fitness evaluations")
+    return _save_png(fig, path)
+
+
+def _plot_sizes(sizes: dict, path: Path) -> Path:
+    fig, (ax,) = _figure(width=7.0)
+    groups = [("whole checkpoint", sizes.get("dense_bytes"), sizes.get("compressed_bytes"))]
+    if sizes.get("prunable_dense_bytes") and sizes.get("prunable_compressed_bytes") is not None:
+        groups.append(("prunable layers", sizes["prunable_dense_bytes"], sizes["prunable_compressed_bytes"]))
+    width = 0.38
+    for i, (label, dense, comp) in enumerate(groups):
+        for j, (name, val, color) in enumerate((("dense", dense, "tab:gray"), ("compressed", comp, "tab:blue"))):
+            if val is None:
+                continue
+            mb = int(val) / 2**20
+            ax.bar(i + (j - 0.5) * width, mb, width, color=color, label=name if i == 0 else None)
+            ax.annotate(f"{mb:,.2f}", (i + (j - 0.5) * width, mb), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups])
+    ax.set_ylabel("MiB")
+    ratio, pratio = sizes.get("ratio"), sizes.get("prunable_ratio")
+    bits = [f"whole {ratio:.3f}x" if ratio is not None else None, f"prunable {pratio:.3f}x" if pratio is not None else None]
+    ax.set_title("Checkpoint size (compressed / dense: " + ", ".join(b for b in bits if b) + ")")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save_png(fig, path)
+
+
+def plot_allocations(
+    allocations: Mapping[str, Mapping[str, Any]],
+    sensitivities: Mapping[str, Mapping[str, float]] | None,
+    path: str | os.PathLike,
+    title: str,
+) -> Path:
+    """One line per allocation method: sparsity per layer (x = forward order); sensitivity below (log).
+
+    Values may be floats or 'N:M' strings. Layers missing from a method are left as gaps.
+    """
+    if not allocations:
+        raise ConfigError("plot_allocations: no allocations given")
+    layers = _layer_order(*allocations.values(), *(sensitivities or {}).values())
+    sens = {k: v for k, v in (sensitivities or {}).items() if v}
+    fig, axes = _figure(2 if sens else 1)
+    xs = range(len(layers))
+    for method, alloc in allocations.items():
+        ys = [_layer_sparsity(alloc[l], l) if l in alloc else math.nan for l in layers]
+        axes[0].plot(xs, ys, "-", marker="o", ms=2.5, lw=1.1, label=str(method))
+    axes[0].set_ylabel("sparsity")
+    axes[0].set_title(title)
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=3)
+    if sens:
+        ax = axes[1]
+        for method, s in sens.items():
+            ys = [float(s[l]) if l in s and s[l] is not None and float(s[l]) > 0 else math.nan for l in layers]
+            ax.plot(xs, ys, "-", marker="o", ms=2.5, lw=1.1, label=str(method))
+        ax.set_yscale("log")
+        ax.set_ylabel("sensitivity (log)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, ncol=3)
+    axes[-1].set_xlabel("layer index (forward order)")
+    return _save_png(fig, Path(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _total_time(timings: dict | None) -> float | None:
+    if not timings:
+        return None
+    if timings.get("total") is not None:
+        return float(timings["total"])
+    return sum(float(v) for v in timings.values() if v is not None)
+
+
+def _summary(run: dict) -> list[str]:
+    model, alloc, prun = run["model"] or {}, run["allocation"] or {}, run["pruning"] or {}
+    ppl, search, mem, sizes = run["perplexity"] or {}, run["search"] or {}, run["peak_memory"] or {}, run["sizes"] or {}
+    rows: list[tuple[str, str]] = [("Model", model.get("name", "n/a"))]
+    if model.get("num_params") is not None:
+        extra = f" ({_num(model['prunable_params'])} prunable)" if model.get("prunable_params") is not None else ""
+        rows.append(("Parameters", _num(int(model["num_params"])) + extra))
+    if model.get("blocks") is not None:
+        rows.append(("Decoder blocks", str(model["blocks"])))
+    rows += [
+        ("Pruner", prun.get("pruner", "n/a")),
+        ("Allocation", alloc.get("method", "n/a")),
+        ("Target sparsity", _requested_str(alloc["target"], "target") if alloc.get("target") is not None else "n/a"),
+        ("Achieved overall sparsity", _pct(prun.get("overall_sparsity"))),
+    ]
+    if ppl:
+        where = f" ({ppl.get('split', '?')} split, {_num(ppl.get('tokens'))} tokens, seqlen {ppl.get('seqlen', '?')})"
+        rows.append(("Perplexity, dense" + where, _num(ppl.get("dense"))))
+        pruned = _num(ppl.get("pruned"))
+        if ppl.get("dense") and ppl.get("pruned") is not None:
+            pruned += f" ({float(ppl['pruned']) / float(ppl['dense']):.2f}x dense)"
+        rows.append(("Perplexity, pruned" + where, pruned))
+    if search:
+        rows.append(("Search time", _secs(search.get("seconds"))))
+    if prun.get("seconds") is not None:
+        rows.append(("Pruning time", _secs(prun["seconds"])))
+    rows.append(("Total time", _secs(_total_time(run["timings"]))))
+    if mem:
+        rows.append(("Peak CPU memory (RSS)", f"{_num(mem.get('cpu_rss_mb'), 1)} MB"))
+        dev = mem.get("device_mb")
+        rows.append(("Peak device memory", f"{_num(dev, 1)} MB" if dev is not None else "n/a"))
+    if sizes:
+        rows.append(("Dense checkpoint size", _bytes(sizes.get("dense_bytes"))))
+        rows.append(("Compressed checkpoint size", _bytes(sizes.get("compressed_bytes"))))
+        rows.append(("Compression ratio (whole / prunable layers)",
+                     f"{_num(sizes.get('ratio'), 3)}x / {_num(sizes.get('prunable_ratio'), 3)}x"))
+    return ["## Summary", "", *_table(["", "value"], rows)]
+
+
+def _zeroshot(zs: dict) -> list[str]:
+    rows, accs = [], []
+    for task, r in zs.items():
+        r = r or {}
+        acc = r.get("accuracy")
+        if acc is not None:
+            accs.append(float(acc))
+        rows.append([task, _pct(acc), _pct(r.get("stderr")), _num(r.get("n"))])
+    if len(accs) > 1:
+        rows.append(["**mean**", _pct(sum(accs) / len(accs)), "", ""])
+    return ["## Zero-shot accuracy", "", *_table(["task", "accuracy", "± stderr", "n"], rows)]
+
+
+def _per_block(layers: list[str], per_layer: dict, achieved: dict) -> list[str]:
+    req = {l: _layer_sparsity(v, l) for l, v in per_layer.items()}
+    blocks: dict[int | None, list[str]] = {}
+    for l in layers:
+        blocks.setdefault(_split_layer(l)[0], []).append(l)
+    rows = []
+    for b, names in sorted(blocks.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        r = [req[l] for l in names if l in req]
+        a = [float(achieved[l]) for l in names if l in achieved]
+        patterns = sorted({str(per_layer[l]) for l in names if isinstance(per_layer.get(l), str) and ":" in str(per_layer[l])})
+        requested = _pct(sum(r) / len(r)) if r else "n/a"
+        if patterns:
+            requested = f"{requested} (incl. {', '.join(patterns)})"
+        rows.append([
+            "other" if b is None else b,
+            len(names),
+            requested,
+            _pct(min(a)) + " – " + _pct(max(a)) if a else "n/a",
+            _pct(sum(a) / len(a)) if a else "n/a",
+        ])
+    return ["## Sparsity per block", "",
+            "Means are plain (not parameter-weighted) over the block's linear layers.", "",
+            *_table(["block", "layers", "requested (mean)", "achieved (min – max)", "achieved (mean)"], rows)]
+
+
+def _timings(timings: dict) -> list[str]:
+    rows = [[stage, _secs(s)] for stage, s in timings.items()]
+    if "total" not in timings:
+        rows.append(["**total**", _secs(_total_time(timings))])
+    return ["## Timings", "", *_table(["stage", "time"], rows)]
+
+
+def render_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``run_dir/report.md`` and ``run_dir/plots/*.png`` from ``run_dir/run.json``."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    plots = run_dir / PLOTS_DIR
+    alloc, prun, search = run["allocation"] or {}, run["pruning"] or {}, run["search"] or {}
+    per_layer = alloc.get("per_layer") or {}
+    achieved = prun.get("achieved") or {}
+    sens = alloc.get("sensitivity") or {}
+    layers = _layer_order(per_layer, achieved, sens)
+    images: list[tuple[str, Path]] = []
+
+    if per_layer or achieved:
+        requested = {l: _layer_sparsity(v, l) for l, v in per_layer.items()}
+        images.append(("Per-layer sparsity", _plot_sparsity(layers, requested, {k: float(v) for k, v in achieved.items()}, plots / "sparsity.png")))
+    if sens:
+        images.append(("Per-layer sensitivity", _plot_sensitivity(layers, sens, alloc.get("sensitivity_kind"), plots / "sensitivity.png")))
+    if search.get("history"):
+        images.append(("Search curve", _plot_search(search["history"], search.get("fitness"), plots / "search.png")))
+    if run["sizes"] and run["sizes"].get("dense_bytes") is not None:
+        images.append(("Checkpoint sizes", _plot_sizes(run["sizes"], plots / "sizes.png")))
+
+    model_name = (run["model"] or {}).get("name", "model")
+    md = [f"# mixsparse report: {model_name}", ""]
+    meta = [f"mixsparse {run['version']}" if run["version"] else None, f"created {run['created']}" if run["created"] else None]
+    if any(meta):
+        md += [", ".join(m for m in meta if m), ""]
+    md += _summary(run)
+    if run["zeroshot"]:
+        md += _zeroshot(run["zeroshot"])
+    if layers:
+        md += _per_block(layers, per_layer, achieved)
+    if run["timings"]:
+        md += _timings(run["timings"])
+    if run["artifacts"]:
+        md += ["## Artifacts", "", *[f"- {k}: `{v}`" for k, v in run["artifacts"].items()], ""]
+    if run["command"]:
+        md += ["## Command", "", "```", run["command"], "```", ""]
+    if images:
+        md += ["## Plots", ""]
+        md += [f"![{title}]({p.relative_to(run_dir).as_posix()})" + "\n" for title, p in images]
+    md += ["## Configuration", "", "```json", json.dumps(run["config"], indent=2, default=str), "```", ""]
+
+    out = run_dir / REPORT_FILE
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, out)
+    return out
