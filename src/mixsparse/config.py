@@ -1,0 +1,245 @@
+"""Typed run configuration. YAML keys equal dataclass field names; unknown keys are refused with
+their full path (``search.generatons``), so a typo never silently falls back to a default."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .search import SearchConfig
+from .sparsity import parse_layer_sparsity
+
+ALLOCATIONS = ("uniform", "owl", "hessian", "fisher", "msp", "file")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded"  # "embedded", a local HF directory, or a hub id (needs internet)
+    dtype: str = "float32"
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    allow_pickle: bool = False  # load pytorch_model.bin checkpoints (can execute code)
+
+
+@dataclass
+class DataConfig:
+    calibration: str = "wiki"  # "wiki", "lee", "wiki+lee", a .txt path, or "hf:NAME[:CONFIG]"
+    calibration_samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    validation: str = "wiki"  # held-out tokens for search fitness (never the test split)
+    evaluation: str = "wiki"  # test split for perplexity
+    eval_tokens: int = 20480  # 0 = the whole test split
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for k in ("calibration_samples", "seqlen", "batch_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"data.{k} must be >= 1, got {getattr(self, k)}")
+        if self.seqlen < 2:
+            raise ConfigError("data.seqlen must be >= 2")
+        if self.eval_tokens < 0:
+            raise ConfigError(f"data.eval_tokens must be >= 0, got {self.eval_tokens}")
+
+
+@dataclass
+class PruneSection:
+    pruner: str = "wanda"
+    options: dict = field(default_factory=dict)  # pruner options, e.g. {blocksize: 128, percdamp: 0.01}
+    sparsity: Any = 0.5  # global target: a float in [0, 1) or an "N:M" pattern
+    allocation: str = "uniform"
+    allocation_file: str | None = None  # YAML map from `mixsparse search` (allocation: file)
+    sequential: bool = True  # calibrate each block on the outputs of the pruned blocks before it
+    offload: bool = True  # keep activations on the CPU between blocks
+
+    def __post_init__(self) -> None:
+        self.sparsity = parse_layer_sparsity(self.sparsity, "prune.sparsity")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"prune.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "file" and not self.allocation_file:
+            raise ConfigError("prune.allocation 'file' needs prune.allocation_file (a YAML map from `mixsparse search`)")
+        if self.allocation_file and self.allocation != "file":
+            self.allocation = "file"
+
+
+@dataclass
+class AllocationConfig:
+    """Settings of the sensitivity measures and score-to-sparsity mappings."""
+
+    sensitivity_samples: int = 16  # calibration sequences for Fisher / Hessian traces
+    sensitivity_seqlen: int = 512
+    alpha: float = 0.1  # Shao et al.: sparsities in [p - alpha, p + alpha]
+    fisher_mode: str = "log"  # FIM-only mapping: "log" (standardised log-trace) or "rank"
+    fisher_alpha: float = 0.15
+    fisher_normalize: bool = False  # divide the Fisher trace by the layer's parameter count
+    hessian_probes: int = 8
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.95
+    per_block: bool = False  # rank/allocate whole blocks instead of single linears
+
+    def __post_init__(self) -> None:
+        if self.fisher_mode not in ("log", "rank"):
+            raise ConfigError(f"allocation.fisher_mode must be 'log' or 'rank', got {self.fisher_mode!r}")
+        if not 0 <= self.min_sparsity < self.max_sparsity < 1:
+            raise ConfigError("allocation: need 0 <= min_sparsity < max_sparsity < 1")
+
+
+@dataclass
+class SearchSection(SearchConfig):
+    step: float = 0.05  # level step of the unstructured grid
+    max_shift: float = 0.25  # levels reach target +/- max_shift
+    patterns: list | None = None  # mixed N:M, e.g. ["1:4", "2:4", "3:4"] around a 2:4 target
+    fitness: str = "kl"  # "kl" to the dense model, or "ppl"
+    fitness_windows: int = 4  # held-out validation windows (>= the last stage's windows)
+    fitness_seqlen: int = 512
+    calibration_samples: int | None = None  # samples for the level cache (default: data.calibration_samples)
+    final: str = "sequential"  # prune the final model again layer by layer ("sequential") or keep the cache's ("stitched")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fitness not in ("kl", "ppl"):
+            raise ConfigError(f"search.fitness must be 'kl' or 'ppl', got {self.fitness!r}")
+        if self.fitness_windows < self.final_windows:
+            raise ConfigError(
+                f"search.fitness_windows ({self.fitness_windows}) must cover the last stage's windows ({self.final_windows})"
+            )
+        if self.final not in ("sequential", "stitched"):
+            raise ConfigError(f"search.final must be 'sequential' or 'stitched', got {self.final!r}")
+
+    def core(self) -> SearchConfig:
+        names = {f.name for f in dataclasses.fields(SearchConfig)}
+        return SearchConfig(**{k: getattr(self, k) for k in names})
+
+
+@dataclass
+class EvalConfig:
+    perplexity: bool = True
+    dense_baseline: bool = True  # also measure the dense model's perplexity
+    zeroshot: list = field(default_factory=lambda: ["sentiment", "cloze"])
+    zeroshot_n: int | None = None  # examples per task (task defaults when None)
+    lm_eval_tasks: list = field(default_factory=list)  # lm-evaluation-harness tasks (needs internet + lm-eval)
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: bool = True  # HF safetensors with zeros (from_pretrained loads it)
+    compressed: bool = True  # bitmask / N:M packed checkpoint
+    dtype: str = "float16"  # dtype of the compressed checkpoint
+    report: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneSection = field(default_factory=PruneSection)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    search: SearchSection = field(default_factory=SearchSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["prune"]["sparsity"] = str(self.prune.sparsity) if not isinstance(self.prune.sparsity, float) else self.prune.sparsity
+        return d
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Light type check: YAML gives ints for floats, lists for tuples; anything else is an error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any or value is None and (type(None) in args):
+        return value
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} has the wrong type (expected {tp})")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool, float):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+        return value
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if not isinstance(value, base):
+            raise ConfigError(f"{path}: expected a {base.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts, refusing unknown keys by their dotted path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(where + str(k) for k in unknown)}; "
+            f"valid keys{' under ' + path if path else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        sub = f"{path}.{k}" if path else k
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(tp, v, sub)
+        else:
+            kwargs[k] = _coerce(v, tp, sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config (missing sections take defaults) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node[parts[-1]] = value
+    return from_dict(RunConfig, data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value

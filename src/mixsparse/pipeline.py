@@ -1,0 +1,353 @@
+"""The whole job in one place: calibration data -> sensitivity -> allocation/search -> layer-wise
+pruning -> evaluation -> export -> report. Each stage is a plain function; :func:`run` strings them
+together and writes ``run.json`` in the run directory after every stage (a crash keeps what was done).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import resource
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .allocation import linear_rank_allocation, owl_allocation, score_allocation, uniform
+from .config import RunConfig
+from .data import calibration_ids, eval_windows, load_corpus
+from .engine import prune_layerwise
+from .errors import ConfigError
+from .evaluation import perplexity
+from .io import atomic_write_json, atomic_write_yaml
+from .modeling import find_decoder_blocks, param_counts, prunable_linears
+from .search import Fitness, LevelCache, LevelSpace, block_index_map, evolutionary_search
+from .sensitivity import cached_scores, model_fingerprint
+from .sparsity import NM, SparsityMap, measured_sparsity
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"model.device: unknown device {name!r}") from None
+
+
+def peak_memory() -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    dev = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"cpu_rss_mb": round(rss_kb / 1024, 1), "device_mb": None if dev is None else round(dev, 1)}
+
+
+@dataclass
+class Timer:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Allocation:
+    method: str
+    sparsity_map: SparsityMap
+    sensitivity: dict[str, float] | None = None
+    sensitivity_kind: str | None = None
+    search: dict | None = None
+    cache: LevelCache | None = None  # kept for search.final == "stitched"
+
+
+def _calib(tokenizer, cfg: RunConfig, n: int, seqlen: int) -> torch.Tensor:
+    return calibration_ids(tokenizer, load_corpus(cfg.data.calibration, "calibration"), n, seqlen, cfg.data.seed)
+
+
+def _score_cache(cfg: RunConfig, kind: str, model: nn.Module, settings: dict, compute: Callable[[], dict],
+                 cache_dir: Path | None) -> dict[str, float]:
+    if cache_dir is None:
+        return compute()
+    settings = {"model": model_fingerprint(model), "calibration": cfg.data.calibration, "seed": cfg.data.seed, **settings}
+    return cached_scores(kind, settings, compute, cache_dir)
+
+
+def fisher_scores(model, tokenizer, cfg: RunConfig, device, cache_dir: Path | None, progress=True) -> dict[str, float]:
+    a = cfg.allocation
+    from .sensitivity.fisher import fisher_trace
+
+    ids = _calib(tokenizer, cfg, a.sensitivity_samples, a.sensitivity_seqlen)
+    return _score_cache(cfg, "fisher", model,
+                        {"samples": a.sensitivity_samples, "seqlen": a.sensitivity_seqlen, "normalize": a.fisher_normalize},
+                        lambda: fisher_trace(model, ids, device=device, normalize=a.fisher_normalize, progress=progress),
+                        cache_dir)
+
+
+def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Path | None = None,
+             progress: bool = True, timer: Timer | None = None) -> Allocation:
+    """Per-layer sparsity for ``cfg.prune.allocation``; never looks at the test split."""
+    timer = timer or Timer()
+    method, target, a = cfg.prune.allocation, cfg.prune.sparsity, cfg.allocation
+    counts = param_counts(model)
+    blocks_name, _ = find_decoder_blocks(model)
+    cache_dir = run_dir / "cache" if run_dir is not None else None
+    if isinstance(target, NM) and method not in ("uniform", "msp", "file"):
+        raise ConfigError(f"allocation {method!r} assigns unstructured sparsities; with an N:M target use "
+                          "'uniform' or 'msp' (mixed N:M search)")
+    if method == "uniform":
+        return Allocation(method, SparsityMap.uniform(target, counts))
+    if method == "file":
+        return Allocation(method, load_allocation(cfg.prune.allocation_file, counts))
+    if method == "owl":
+        from .sensitivity.owl import owl_outlier_ratios
+
+        with timer("sensitivity"):
+            ids = _calib(tokenizer, cfg, cfg.data.calibration_samples, cfg.data.seqlen)
+            ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device)
+        sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda), counts)
+        sens = {n: float(ratios[block_index_map(model, [n])[n]]) for n in counts}
+        return Allocation(method, sm, sens, "owl")
+    if method == "hessian":
+        from .sensitivity.hessian import hessian_trace
+
+        with timer("sensitivity"):
+            ids = _calib(tokenizer, cfg, a.sensitivity_samples, a.sensitivity_seqlen)
+            scores = _score_cache(cfg, "hessian", model,
+                                  {"samples": a.sensitivity_samples, "seqlen": a.sensitivity_seqlen, "probes": a.hessian_probes},
+                                  lambda: hessian_trace(model, ids, n_probes=a.hessian_probes, seed=cfg.data.seed, device=device),
+                                  cache_dir)
+        sm = SparsityMap(linear_rank_allocation(scores, target, counts, a.alpha, blocks_name=blocks_name,
+                                                per_block=a.per_block), counts)
+        return Allocation(method, sm, scores, "hessian")
+    if method in ("fisher", "msp"):
+        with timer("sensitivity"):
+            scores = fisher_scores(model, tokenizer, cfg, device, cache_dir, progress)
+        if isinstance(target, NM):
+            continuous = score_allocation(scores, target.sparsity, counts, mode=a.fisher_mode, alpha=a.fisher_alpha)
+        else:
+            continuous = score_allocation(scores, target, counts, mode=a.fisher_mode, alpha=a.fisher_alpha,
+                                          min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity)
+        if method == "fisher":
+            return Allocation(method, SparsityMap(continuous, counts), scores, "fisher")
+        with timer("search"):
+            return _msp_search(model, tokenizer, cfg, continuous, scores, device=device, run_dir=run_dir, progress=progress)
+    raise ConfigError(f"unknown allocation {method!r}")
+
+
+def level_space(cfg: RunConfig, counts: dict[str, int]) -> LevelSpace:
+    target, s, a = cfg.prune.sparsity, cfg.search, cfg.allocation
+    if isinstance(target, NM):
+        patterns = s.patterns or [NM(n, target.m) for n in range(max(1, target.n - 1), min(target.m - 1, target.n + 1) + 1)]
+        return LevelSpace.mixed_nm(target, patterns, counts)
+    if s.patterns:
+        raise ConfigError("search.patterns (mixed N:M) needs an N:M target such as prune.sparsity: '2:4'")
+    return LevelSpace.unstructured(target, counts, step=s.step, max_shift=s.max_shift,
+                                   min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity)
+
+
+def _msp_search(model, tokenizer, cfg: RunConfig, continuous: dict[str, float], scores: dict[str, float], *, device,
+                run_dir: Path | None, progress: bool) -> Allocation:
+    s = cfg.search
+    counts = param_counts(model)
+    space = level_space(cfg, counts)
+    init = space.snap(continuous)
+    n_cal = s.calibration_samples or cfg.data.calibration_samples
+    ids = _calib(tokenizer, cfg, n_cal, cfg.data.seqlen)
+    cache = LevelCache.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=device, progress=progress)
+    windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
+                           s.fitness_windows * s.fitness_seqlen)
+    fitness = Fitness(cache, windows, s.fitness, device=device)
+    uniform_offsets = {n: 0 for n in counts}
+    result = evolutionary_search(
+        fitness, space, [init, uniform_offsets], s.core(),
+        blocks_of=block_index_map(model, list(counts)),
+        checkpoint=(run_dir / "search_state.json") if run_dir is not None else None,
+        fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
+                           "calibration": [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed],
+                           "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen]},
+        progress=progress,
+    )
+    init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
+    search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
+              "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
+              "generations": result.generations, "best_fitness": result.fitness,
+              "init_fitness": init_fit, "uniform_fitness": uni_fit}
+    if s.final == "stitched":
+        cache.apply(result.offsets)
+    else:
+        cache.restore_dense()
+        cache = None
+    return Allocation("msp", result.sparsity_map, scores, "fisher", search, cache)
+
+
+def load_allocation(path: str | Path, counts: dict[str, int]) -> SparsityMap:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"allocation file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"allocation file {p} is not valid YAML: {e}") from None
+    layers = data.get("per_layer") if isinstance(data, dict) and "per_layer" in data else data
+    if not isinstance(layers, dict):
+        raise ConfigError(f"allocation file {p} must map layer names to sparsities (or hold a 'per_layer' mapping)")
+    return SparsityMap(layers, counts)
+
+
+def save_allocation(path: Path, alloc: Allocation, cfg: RunConfig, counts: dict[str, int]) -> Path:
+    return atomic_write_yaml(path, {
+        "method": alloc.method, "pruner": cfg.prune.pruner, "target": str(cfg.prune.sparsity),
+        "average": alloc.sparsity_map.average(counts), "per_layer": alloc.sparsity_map.to_dict(),
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_dir: str | Path | None = None,
+          progress: bool = True) -> dict:
+    """Python API: allocate per-layer sparsity and prune ``model`` in place. Returns the run record
+    (allocation, pruning report) as a dict; evaluation/export are separate steps (see :func:`run`)."""
+    cfg = config or RunConfig()
+    device = resolve_device(cfg.model.device)
+    timer = Timer()
+    rd = Path(run_dir) if run_dir is not None else None
+    counts = param_counts(model)
+    alloc = allocate(model, tokenizer, cfg, device=device, run_dir=rd, progress=progress, timer=timer)
+    with timer("prune"):
+        if alloc.cache is not None:  # stitched: the searched candidate is already in the model
+            seconds = 0.0
+        else:
+            ids = _calib(tokenizer, cfg, cfg.data.calibration_samples, cfg.data.seqlen)
+            rep = prune_layerwise(model, ids, alloc.sparsity_map, cfg.prune.pruner, cfg.prune.options, device=device,
+                                  batch_size=cfg.data.batch_size, offload=cfg.prune.offload,
+                                  sequential=cfg.prune.sequential, progress=progress)
+            seconds = rep.total_seconds
+    achieved, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+    return {
+        "allocation": {"method": alloc.method, "target": str(cfg.prune.sparsity),
+                       "average_requested": alloc.sparsity_map.average(counts),
+                       "per_layer": alloc.sparsity_map.to_dict(), "sensitivity": alloc.sensitivity,
+                       "sensitivity_kind": alloc.sensitivity_kind},
+        "search": alloc.search,
+        "pruning": {"pruner": cfg.prune.pruner, "achieved": achieved, "overall_sparsity": overall, "seconds": seconds},
+        "timings": timer.timings,
+        "_allocation": alloc,
+    }
+
+
+def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, progress: bool = True,
+        model: nn.Module | None = None, tokenizer=None) -> dict:
+    """Load, prune, evaluate, export and report; everything lands in ``out_dir``."""
+    from .loading import load_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.model.device)
+    timer = Timer()
+    record: dict[str, Any] = {
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+    }
+    atomic_write_yaml(out / "config.yaml", cfg.to_dict())
+
+    def save() -> None:
+        record["timings"] = timer.timings
+        record["peak_memory"] = peak_memory()
+        atomic_write_json(out / "run.json", record)
+
+    with timer("load"):
+        if model is None:
+            model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+    counts = param_counts(model)
+    blocks_name, blocks = find_decoder_blocks(model)
+    record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
+                       "prunable_params": sum(counts.values()), "blocks": len(blocks)}
+
+    test_windows = None
+    ppl: dict[str, Any] = {}
+    if cfg.eval.perplexity:
+        test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
+                                    cfg.data.eval_tokens or None)
+        ppl = {"split": "test", "tokens": int(test_windows.numel()), "seqlen": cfg.data.seqlen, "dense": None}
+        if cfg.eval.dense_baseline:
+            with timer("eval_dense"):
+                model.to(device)
+                ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=device, progress=progress)
+        record["perplexity"] = ppl
+        save()
+    model.to("cpu") if device.type != "cpu" else None
+
+    result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
+    alloc: Allocation = result.pop("_allocation")
+    for k, v in result.pop("timings").items():
+        timer.timings[k] = v
+    record.update(result)
+    save_allocation(out / "allocation.yaml", alloc, cfg, counts)
+    save()
+
+    if cfg.eval.perplexity:
+        with timer("eval_pruned"):
+            model.to(device)
+            ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=device, progress=progress)
+        save()
+    if cfg.eval.zeroshot:
+        from .zeroshot import evaluate_zeroshot
+
+        with timer("zeroshot"):
+            record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot), n=cfg.eval.zeroshot_n,
+                                                   device=device, seed=cfg.data.seed, progress=progress)
+        save()
+    if cfg.eval.lm_eval_tasks:
+        from .lmeval import run_lm_eval
+
+        with timer("lm_eval"):
+            record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks), device=device)
+        save()
+
+    model.to("cpu")
+    metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": str(cfg.prune.sparsity),
+                "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
+    artifacts = {}
+    if cfg.export.checkpoint:
+        from .export import save_hf
+
+        with timer("export"):
+            save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
+        artifacts["checkpoint"] = "model/"
+    if cfg.export.compressed:
+        from .export import save_compressed
+
+        with timer("export_compressed"):
+            record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
+                                              sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
+                                              overwrite=True)
+        artifacts["compressed"] = "compressed/"
+    record["artifacts"] = artifacts
+    save()
+    if cfg.export.report:
+        from .report import render_report
+
+        render_report(out)
+    return record

@@ -1,0 +1,210 @@
+"""Evolutionary search: exact budget under every operator, level cache, resumability."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixsparse.errors import ConfigError, SparsityError
+from mixsparse.modeling import param_counts, prunable_linears
+from mixsparse.pruners import get_pruner
+from mixsparse.search import (
+    Fitness,
+    LevelCache,
+    LevelSpace,
+    SearchConfig,
+    _groups,
+    crossover,
+    evolutionary_search,
+    mutate,
+)
+from mixsparse.sparsity import NM
+
+from .tiny import tiny_ids, tiny_model
+
+
+def test_unstructured_space_bounds():
+    counts = {"a": 10, "b": 10}
+    s = LevelSpace.unstructured(0.7, counts, step=0.05, max_shift=0.25, max_sparsity=0.95)
+    assert (s.min_offset, s.max_offset) == (-5, 5)
+    assert s.level(5) == 0.95 and s.level(-5) == 0.45 and s.level(0) == 0.7
+    s = LevelSpace.unstructured(0.1, counts, step=0.05, max_shift=0.25)
+    assert s.min_offset == -2
+
+
+def test_mixed_nm_space():
+    s = LevelSpace.mixed_nm("2:4", ["1:4", "2:4", "3:4"], {"a": 8})
+    assert (s.min_offset, s.max_offset) == (-1, 1)
+    assert s.level(1) == NM(1, 4) and s.level(-1) == NM(3, 4) and s.level(0) == NM(2, 4)
+    with pytest.raises(SparsityError):
+        LevelSpace.mixed_nm("2:4", ["1:4", "4:8"], {"a": 8})
+    with pytest.raises(SparsityError):
+        LevelSpace.mixed_nm("2:4", ["1:4", "3:4"], {"a": 8})  # not consecutive
+
+
+def _space_strategy():
+    return st.builds(
+        lambda sizes, reps, target: LevelSpace.unstructured(
+            target, {f"l{i}_{r}": s for i, s in enumerate(sizes) for r in range(reps)}, step=0.05),
+        st.lists(st.sampled_from([64, 192, 512, 96]), min_size=1, max_size=4, unique=True),
+        st.integers(2, 5),
+        st.sampled_from([0.5, 0.6, 0.7, 0.8]),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(space=_space_strategy(), seed=st.integers(0, 10**6), moves=st.integers(1, 6))
+def test_mutation_keeps_budget_exact(space, seed, moves):
+    rng = random.Random(seed)
+    offsets = {n: 0 for n in space.param_counts}
+    groups = _groups(space, list(offsets))
+    for _ in range(5):
+        offsets = mutate(offsets, space, groups, rng, moves)
+        assert space.residual(offsets) == 0
+        assert all(space.min_offset <= k <= space.max_offset for k in offsets.values())
+        assert space.to_map(offsets).average() == pytest.approx(space.target, abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(space=_space_strategy(), seed=st.integers(0, 10**6))
+def test_crossover_repairs_budget_exactly(space, seed):
+    rng = random.Random(seed)
+    names = list(space.param_counts)
+    groups = _groups(space, names)
+    a = mutate({n: 0 for n in names}, space, groups, rng, 8)
+    b = mutate({n: 0 for n in names}, space, groups, rng, 8)
+    blocks_of = {n: i % 3 for i, n in enumerate(names)}
+    child = crossover(a, b, space, blocks_of, rng)
+    assert space.residual(child) == 0
+    assert all(space.min_offset <= k <= space.max_offset for k in child.values())
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_level_cache_equals_direct_pruning(pruner):
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    space = LevelSpace.unstructured(0.5, counts, step=0.1, max_shift=0.2)
+    ids = tiny_ids()
+    cache = LevelCache.build(model, space, ids, pruner, progress=False)
+    assert cache.masks_only == (pruner == "wanda")
+    # the first block sees the same (dense) inputs as a direct one-shot pruner would
+    name = next(n for n in counts if ".layers.0.mlp.down_proj" in n)
+    lin = prunable_linears(model)[name]
+    dense = lin.weight.detach().clone()
+    p = get_pruner(pruner)(lin)
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        # inputs of down_proj in block 0, recomputed by hand
+        block = model.model.layers[0]
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        h = x + block.self_attn(block.input_layernorm(x), attention_mask=None,
+                                position_embeddings=model.model.rotary_emb(x, pos))[0]
+        m = block.mlp
+        hn = block.post_attention_layernorm(h)
+        p.add_batch(m.act_fn(m.gate_proj(hn)) * m.up_proj(hn))
+    for k in space.offsets:
+        offsets = {n: 0 for n in counts}
+        offsets[name] = k
+        cache.apply(offsets)
+        expected = p.compute(space.level(k)).weight
+        torch.testing.assert_close(lin.weight.data, expected, rtol=1e-4, atol=1e-5)
+    cache.restore_dense()
+    assert torch.equal(lin.weight.data, dense)
+
+
+def test_dense_candidate_has_zero_kl_and_fitness_is_memoised():
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    space = LevelSpace.unstructured(0.5, counts, step=0.1, max_shift=0.2)
+    cache = LevelCache.build(model, space, tiny_ids(), "wanda", progress=False)
+    fit = Fitness(cache, tiny_ids(3, 16, seed=5), "kl")
+    cache.restore_dense()
+    assert fit.reference is not None
+    zero = {n: 0 for n in counts}
+    f1 = fit(zero, 1)
+    assert f1 > 0
+    n_eval = fit.evaluations
+    assert fit(zero, 1) == f1 and fit.evaluations == n_eval  # memoised
+    fit(zero, 3)
+    assert fit.evaluations == n_eval + 2  # only the two new windows
+
+
+def _setup(pruner="wanda", target=0.6):
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    space = LevelSpace.unstructured(target, counts, step=0.1, max_shift=0.2)
+    cache = LevelCache.build(model, space, tiny_ids(), pruner, progress=False)
+    return space, Fitness(cache, tiny_ids(3, 16, seed=7), "kl")
+
+
+CFG = dict(population=3, offspring=4, stages=[[1, 2], [3, 1]], seed=3, crossover_rate=0.5, patience=100)
+
+
+def test_search_never_worse_than_init_and_budget_exact():
+    space, fit = _setup()
+    init = {n: 0 for n in space.param_counts}
+    res = evolutionary_search(fit, space, [init], SearchConfig(generations=4, **CFG), progress=False)
+    assert res.fitness <= fit(init, 3) + 1e-12
+    assert space.residual(res.offsets) == 0
+    assert res.sparsity_map.average() == pytest.approx(0.6, abs=1e-12)
+    fits = [h["best_fitness"] for h in res.history]
+    assert fits == sorted(fits, reverse=True) and len(res.history) == 5
+
+
+def test_resumed_search_equals_uninterrupted(tmp_path):
+    space, fit = _setup()
+    init = {n: 0 for n in space.param_counts}
+    full = evolutionary_search(fit, space, [init], SearchConfig(generations=4, **CFG), progress=False)
+
+    space2, fit2 = _setup()
+    ck = tmp_path / "state.json"
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupt(gen, rec):
+        if gen == 2:
+            raise Stop  # Ctrl-C right after generation 2 was checkpointed
+
+    with pytest.raises(KeyboardInterrupt):
+        evolutionary_search(fit2, space2, [init], SearchConfig(generations=4, **CFG), checkpoint=ck,
+                            on_generation=interrupt, progress=False)
+    assert ck.exists()
+    space3, fit3 = _setup()  # a fresh process: new model, new cache, empty memo
+    resumed = evolutionary_search(fit3, space3, [init], SearchConfig(generations=4, **CFG), checkpoint=ck, progress=False)
+    assert resumed.offsets == full.offsets
+    assert resumed.fitness == full.fitness
+    assert [h["best_fitness"] for h in resumed.history] == [h["best_fitness"] for h in full.history]
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    space, fit = _setup()
+    init = {n: 0 for n in space.param_counts}
+    ck = tmp_path / "state.json"
+    evolutionary_search(fit, space, [init], SearchConfig(generations=1, **CFG), checkpoint=ck, progress=False)
+    with pytest.raises(ConfigError, match="different settings"):
+        evolutionary_search(fit, space, [init], SearchConfig(generations=2, **{**CFG, "seed": 9}), checkpoint=ck,
+                            progress=False)
+
+
+def test_mixed_nm_search_keeps_patterns_and_budget():
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    space = LevelSpace.mixed_nm("2:4", ["1:4", "2:4", "3:4"], counts)
+    cache = LevelCache.build(model, space, tiny_ids(), "wanda", progress=False)
+    fit = Fitness(cache, tiny_ids(3, 16, seed=7), "kl")
+    init = {n: 0 for n in counts}
+    res = evolutionary_search(fit, space, [init], SearchConfig(generations=3, **CFG), progress=False)
+    assert all(isinstance(v, NM) and v.m == 4 for v in res.sparsity_map.values())
+    assert res.sparsity_map.average() == pytest.approx(0.5, abs=1e-12)
+
+
+def test_search_config_validation():
+    with pytest.raises(ConfigError):
+        SearchConfig(stages=[[4, 1], [2, 1]])
+    with pytest.raises(ConfigError):
+        SearchConfig(stages=[[0, 1]])
+    with pytest.raises(ConfigError):
+        SearchConfig(crossover_rate=2)
