@@ -101,13 +101,15 @@ def fisher_scores(model, tokenizer, cfg: RunConfig, device, cache_dir: Path | No
 
 
 def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Path | None = None,
-             progress: bool = True, timer: Timer | None = None) -> Allocation:
-    """Per-layer sparsity for ``cfg.prune.allocation``; never looks at the test split."""
+             cache_dir: Path | None = None, progress: bool = True, timer: Timer | None = None) -> Allocation:
+    """Per-layer sparsity for ``cfg.prune.allocation``; never looks at the test split. Sensitivity
+    scores are cached in ``cache_dir`` (default ``run_dir/cache``), the search state in ``run_dir``."""
     timer = timer or Timer()
     method, target, a = cfg.prune.allocation, cfg.prune.sparsity, cfg.allocation
     counts = param_counts(model)
     blocks_name, _ = find_decoder_blocks(model)
-    cache_dir = run_dir / "cache" if run_dir is not None else None
+    if cache_dir is None and run_dir is not None:
+        cache_dir = run_dir / "cache"
     if isinstance(target, NM) and method not in ("uniform", "msp", "file"):
         raise ConfigError(f"allocation {method!r} assigns unstructured sparsities; with an N:M target use "
                           "'uniform' or 'msp' (mixed N:M search)")

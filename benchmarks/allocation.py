@@ -1,0 +1,151 @@
+"""Allocation methods side by side: {uniform, OWL, Hessian-trace, FIM-only, MSP-EA} x {Wanda, SparseGPT}
+at 50-80% unstructured, and uniform 2:4 vs mixed N:M at 50%, on the embedded model.
+
+Writes benchmarks/results/allocation.json / allocation.md and a per-layer plot for each target.
+Search and sensitivity only see calibration and validation text; the test split is used once per
+pruned model, for the reported perplexity. Sensitivity scores are computed once and cached.
+
+    python benchmarks/allocation.py                       # everything (long: see the README's timings)
+    python benchmarks/allocation.py --targets 0.7 --pruners wanda --generations 10   # one column, quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, Results, command_line, fmt, measure, write_markdown
+from mixsparse.config import load_config
+from mixsparse.data import calibration_ids, eval_windows, load_corpus
+from mixsparse.engine import prune_layerwise
+from mixsparse.evaluation import perplexity
+from mixsparse.loading import load_model
+from mixsparse.modeling import param_counts, prunable_linears
+from mixsparse.pipeline import allocate
+from mixsparse.report import plot_allocations
+from mixsparse.sparsity import SparsityMap, measured_sparsity
+
+METHODS = ["uniform", "owl", "hessian", "fisher", "msp"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--targets", default="0.7,0.8,0.6,0.5", help="unstructured targets, in the order to run")
+    ap.add_argument("--pruners", default="wanda,sparsegpt")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--nm", action="store_true", help="also run uniform 2:4 vs mixed N:M")
+    ap.add_argument("--nm-only", action="store_true")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--generations", type=int, default=None, help="override search.generations")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--out", default=str(RESULTS / "allocation"))
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+
+    from mixsparse.config import parse_override
+
+    base = {"data.calibration_samples": args.calib_samples, "data.seqlen": args.seqlen, "model.device": "cpu"}
+    if args.generations is not None:
+        base["search.generations"] = args.generations
+    base.update(dict(parse_override(s) for s in args.set))
+
+    model, tok = load_model(args.model)
+    pristine = copy.deepcopy(model.state_dict())
+    counts = param_counts(model)
+    test = eval_windows(tok, load_corpus("wiki", "test"), args.seqlen, args.eval_tokens)
+    calib = calibration_ids(tok, load_corpus("wiki", "calibration"), args.calib_samples, args.seqlen, 0)
+    cache_dir = Path(args.out + "_work")
+    meta = {"command": command_line(), "model": args.model,
+            "calibration": f"wiki calibration split, {args.calib_samples}x{args.seqlen}",
+            "evaluation": f"wiki test split, {test.numel()} tokens in {test.shape[0]} windows of {args.seqlen}",
+            "search_fitness": "KL to dense on the wiki validation split", "overrides": {k: str(v) for k, v in base.items()},
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    res = Results(Path(args.out + ".json"), meta, fresh=args.fresh)
+    if not res.has("dense"):
+        res.add("dense", {"ppl": perplexity(model, test, progress=False)})
+
+    def run(key: str, target, method: str, pruner: str, extra: dict | None = None) -> None:
+        if res.has(key):
+            return
+        model.load_state_dict(pristine)
+        cfg = load_config(None, {**base, "prune.sparsity": target, "prune.allocation": method, "prune.pruner": pruner,
+                                 **(extra or {})})
+        work = cache_dir / key.replace("@", "_").replace(":", "-")
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        # sensitivity scores are computed once and shared by every run through one cache directory
+        alloc = allocate(model, tok, cfg, device=torch.device("cpu"), run_dir=work, cache_dir=cache_dir / "scores",
+                         progress=False)
+        alloc_s = time.perf_counter() - t0
+        if alloc.cache is None:
+            model.load_state_dict(pristine)
+            with measure() as m:
+                prune_layerwise(model, calib, alloc.sparsity_map, pruner, progress=False)
+        else:
+            m = {"seconds": 0.0}
+        _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+        ppl = perplexity(model, test, progress=False)
+        entry = {"target": str(target), "method": method, "pruner": pruner, "ppl": ppl, "sparsity": overall,
+                 "requested_average": alloc.sparsity_map.average(counts), "allocation_seconds": round(alloc_s, 1),
+                 "prune_seconds": m["seconds"], "per_layer": alloc.sparsity_map.to_dict(),
+                 "sensitivity_kind": alloc.sensitivity_kind}
+        if alloc.search:
+            entry["search"] = {k: v for k, v in alloc.search.items() if k != "history"}
+            entry["search_history"] = alloc.search["history"]
+        res.add(key, entry)
+        print(f"{key}: ppl {ppl:.2f} sparsity {overall:.4f} alloc {alloc_s:.0f}s", flush=True)
+
+    if not args.nm_only:
+        for target in args.targets.split(","):
+            for pruner in args.pruners.split(","):
+                for method in args.methods.split(","):
+                    run(f"{method}/{pruner}@{target}", float(target), method, pruner)
+            render(res, args.out)
+    if args.nm or args.nm_only:
+        for pruner in args.pruners.split(","):
+            run(f"uniform/{pruner}@2:4", "2:4", "uniform", pruner)
+            run(f"msp/{pruner}@2:4", "2:4", "msp", pruner, {"search.patterns": ["1:4", "2:4", "3:4"]})
+    render(res, args.out)
+
+
+def render(res: Results, out: str) -> None:
+    e, meta = res.data["entries"], res.data["meta"]
+    dense = e["dense"]["ppl"]
+    lines = ["# Per-layer sparsity allocation: test perplexity", "", f"Command: `{meta['command']}`", "",
+             f"Model: {meta['model']}; calibration: {meta['calibration']}; evaluation: {meta['evaluation']}; "
+             f"search fitness: {meta['search_fitness']}; overrides: {meta['overrides']}.", "",
+             f"Dense perplexity: **{fmt(dense)}**", ""]
+    targets = sorted({v["target"] for k, v in e.items() if k != "dense"})
+    pruners = sorted({v["pruner"] for k, v in e.items() if k != "dense"}, reverse=True)
+    lines += ["| target | pruner | " + " | ".join(METHODS) + " | MSP / uniform | MSP / OWL | MSP search (s) |",
+              "|---|---|" + "---|" * (len(METHODS) + 3)]
+    for t in targets:
+        for p in pruners:
+            row = [e.get(f"{m}/{p}@{t}") for m in METHODS]
+            if not any(row):
+                continue
+            ppl = {m: r["ppl"] for m, r in zip(METHODS, row) if r}
+            msp = e.get(f"msp/{p}@{t}")
+            ratio_u = fmt(ppl["msp"] / ppl["uniform"], 3) if "msp" in ppl and "uniform" in ppl else "—"
+            ratio_o = fmt(ppl["msp"] / ppl["owl"], 3) if "msp" in ppl and "owl" in ppl else "—"
+            lines.append(f"| {t} | {p} | " + " | ".join(fmt(ppl.get(m)) for m in METHODS)
+                         + f" | {ratio_u} | {ratio_o} | {fmt(msp['allocation_seconds'], 0) if msp else '—'} |")
+    lines += ["", "Measured overall sparsity (counted zeros) and allocation time per run are in the JSON file.", ""]
+    write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
+    for t in targets:
+        allocs = {f"{v['method']}/{v['pruner']}": v["per_layer"] for k, v in e.items()
+                  if k != "dense" and v["target"] == t and ":" not in t}
+        if allocs:
+            allocs = {k: {n: float(s) for n, s in v.items()} for k, v in allocs.items()}
+            plot_allocations(allocs, None, Path(f"{out}_{t}.png"), f"per-layer sparsity at {t}")
+
+
+if __name__ == "__main__":
+    main()

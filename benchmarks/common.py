@@ -1,0 +1,90 @@
+"""Shared helpers of the benchmark scripts: timing, peak memory, resumable JSON results, Markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mixsparse.io import atomic_write_json, atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@contextmanager
+def measure():
+    """Wall time and peak resident memory (sampled every 20 ms) of the enclosed block."""
+    out = {"seconds": 0.0, "peak_rss_mb": 0.0}
+    peak = [_rss_mb()]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            stop.wait(0.02)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        stop.set()
+        t.join()
+        out["peak_rss_mb"] = round(max(peak[0], _rss_mb()), 1)
+        if torch.cuda.is_available():
+            out["peak_device_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+class Results:
+    """A JSON file of named entries, rewritten atomically after each entry (a killed benchmark keeps
+    what it measured, and a rerun skips entries already there unless --fresh)."""
+
+    def __init__(self, path: Path, meta: dict, fresh: bool = False):
+        self.path = path
+        self.data = {"meta": meta, "entries": {}}
+        if path.exists() and not fresh:
+            old = json.loads(path.read_text())
+            self.data["entries"] = old.get("entries", {})
+        self.data["meta"] = meta
+
+    def has(self, key: str) -> bool:
+        return key in self.data["entries"]
+
+    def add(self, key: str, entry: dict) -> None:
+        self.data["entries"][key] = entry
+        atomic_write_json(self.path, self.data)
+
+    def get(self, key: str) -> dict | None:
+        return self.data["entries"].get(key)
+
+
+def write_markdown(path: Path, text: str) -> None:
+    atomic_write_text(path, text)
+
+
+def fmt(x, digits=2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
