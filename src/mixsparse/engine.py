@@ -191,6 +191,17 @@ class LayerwiseRunner:
                 yield ids, out.logits
             replays[0].hidden = None
 
+    def head_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of one batch from its final hidden states, under the caller's grad mode.
+
+        Unlike :meth:`logits` this does not disable autograd, so a loss on the result can be
+        differentiated with respect to ``hidden`` (the Fisher computation needs d loss / d h_final).
+        """
+        self._place_non_blocks(self.device)
+        as_tuple = bool(self.block_returns_tuple)
+        with self._swapped_blocks(lambda i, b: _Replay(b, hidden.to(self.device) if i == 0 else None, as_tuple)):
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
     @contextlib.contextmanager
     def on_device(self, block: nn.Module):
         home = next(block.parameters()).device

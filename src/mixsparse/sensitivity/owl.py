@@ -1,0 +1,73 @@
+"""OWL (Yin et al., 2023): layer-wise outlier ratios of Wanda scores.
+
+A block's outlier ratio is the share of its Wanda scores ``|W_ij| * ||X_j||_2`` (all linears of the
+block pooled) that exceed ``M`` times their mean. Blocks with more outliers are kept denser by
+:func:`mixsparse.allocation.owl_allocation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..engine import prune_layerwise
+from ..errors import ConfigError
+from ..modeling import block_index, find_decoder_blocks, prunable_linears
+from ..pruners import LayerPruner
+from ..sparsity import SparsityMap
+from .fisher import check_calib_ids, eval_mode
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], M: float) -> float:
+    """Share of the pooled entries of ``scores`` greater than ``M`` times their mean."""
+    flat = torch.cat([s.reshape(-1).double() for s in scores])
+    if flat.numel() == 0:
+        return 0.0
+    return float((flat > M * flat.mean()).sum()) / flat.numel()
+
+
+def owl_outlier_ratios(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    *,
+    M: float = 5.0,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    offload: bool = True,
+    progress: bool = True,
+) -> dict[int, float]:
+    """Outlier ratio (a fraction in [0, 1], not OWL's percent) of every decoder block, by block index.
+
+    Activation norms come from the dense model (nothing is pruned): the engine runs with an empty
+    sparsity map and hands every linear's Wanda statistics to a callback. Peak extra memory is one
+    block's worth of float32 scores on the CPU.
+    """
+    check_calib_ids(calib_ids)
+    if not (isinstance(M, (int, float)) and M > 0):
+        raise ConfigError(f"OWL outlier threshold M must be a positive number, got {M!r}")
+    blocks_name, _ = find_decoder_blocks(model)
+    wanted = set(prunable_linears(model))
+    ratios: dict[int, float] = {}
+    pending: dict[int, list[torch.Tensor]] = {}
+
+    def flush(upto: int | None) -> None:
+        for b in sorted(pending):
+            if upto is None or b < upto:
+                ratios[b] = outlier_ratio(pending.pop(b), M)
+
+    def on_layer(name: str, pruner: LayerPruner) -> None:
+        if name not in wanted:
+            return
+        b = block_index(name, blocks_name)
+        flush(b)  # blocks run in order: earlier blocks are complete
+        pending.setdefault(b, []).append(pruner.scores().float().cpu())  # type: ignore[attr-defined]
+
+    with eval_mode(model):
+        prune_layerwise(
+            model, calib_ids, SparsityMap({}), "wanda", device=device, batch_size=batch_size, offload=offload,
+            on_layer=on_layer, progress=progress,
+        )
+    flush(None)
+    return ratios
