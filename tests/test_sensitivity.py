@@ -187,8 +187,8 @@ def test_hessian_trace_converges_to_exact_trace(micro_hessian):
 
 def test_hessian_trace_seeded_and_chunking_invariant(micro_hessian):
     model, ids, names, *_ = micro_hessian
-    a = hessian_trace(model, ids, n_probes=4, seed=5, progress=False)
-    b = hessian_trace(model, ids, n_probes=4, seed=5, progress=False, batch_size=1)
+    a = hessian_trace(model, ids, n_probes=4, seed=5, progress=False, batch_size=3)
+    b = hessian_trace(model, ids, n_probes=4, seed=5, progress=False, batch_size=None)
     c = hessian_trace(model, ids, n_probes=4, seed=6, progress=False)
     assert all(math.isclose(a[n], b[n], rel_tol=1e-9, abs_tol=1e-12) for n in names)
     assert any(abs(a[n] - c[n]) > 1e-6 for n in names)

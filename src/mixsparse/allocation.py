@@ -112,7 +112,8 @@ def exact_budget(
     """
     t = _check_target(target)
     names = _check_counts(param_counts)
-    r = np.asarray([_check_scores(raw, param_counts, "raw sparsity")[n] for n in names], dtype=np.float64)
+    raw_values = _check_scores(raw, param_counts, "raw sparsity")
+    r = np.asarray([raw_values[n] for n in names], dtype=np.float64)
     lo = _bound_values(min_sparsity, names, "min_sparsity")
     hi = _bound_values(max_sparsity, names, "max_sparsity")
     if np.any(lo > hi):

@@ -46,7 +46,7 @@ def hessian_trace(
     n_probes: int = 32,
     seed: int = 0,
     device: str | torch.device | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = 1,
     progress: bool = True,
 ) -> dict[str, float]:
     """Hutchinson estimate of ``Tr(H_ll)`` for every prunable linear ``l``, by qualified name.
@@ -55,7 +55,8 @@ def hessian_trace(
     seq_len). ``n_probes`` Rademacher probes drawn from ``seed`` are averaged; the result is
     reproducible for a given seed. ``batch_size`` splits the samples into chunks whose Hessians are
     combined (the same probes are reused for every chunk, so the result does not depend on the
-    chunking, only memory and time do); ``None`` takes all samples at once.
+    chunking); ``None`` takes all samples at once. The work is ``n_probes`` Hessian-vector products
+    over all samples whatever the chunking, so small chunks cost little time and save memory.
 
     Memory: the whole model on ``device`` (it is moved there and back if ``device`` differs from
     where it is), plus a double-backward graph of one chunk: roughly 2-3x the activations of a
