@@ -305,3 +305,21 @@ def test_packed_sizes_match_formula():
     assert packed.numel() == math.ceil(64 * 40 / 8) and values.numel() == 64 * 10
     values, idx = nm_encode(w, NM(1, 4))
     assert values.numel() == 64 * 10 and idx.numel() == math.ceil(64 * 10 * 2 / 8)
+
+
+def test_overflowing_cast_is_refused_but_existing_inf_is_kept(tmp_path):
+    from mixsparse.errors import NumericalError
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")  # already infinite: stored as is
+    save_compressed(model, tmp_path / "ok")
+    assert torch.isinf(load_compressed(tmp_path / "ok").model.norm.weight[0])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e6  # finite in fp32, inf in fp16
+    with pytest.raises(NumericalError, match="model.layers.0.mlp.up_proj.weight"):
+        save_compressed(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -84,12 +84,11 @@ def bitmask_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bitmask_decode(packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     numel = math.prod(shape)
     keep = unpack_bits(packed, numel)
-    nnz = int(keep.sum())
+    nnz = int(torch.count_nonzero(keep))
     if values.dim() != 1 or values.numel() != nnz:
         raise ValueError(f"bitmask has {nnz} set bits but {values.numel()} values are stored")
-    out = torch.zeros(numel, dtype=values.dtype)
-    out[keep] = values
-    return out.reshape(shape)
+    # masked_scatter_ fills the set positions in row-major order, like boolean indexing, but faster
+    return torch.zeros(numel, dtype=values.dtype).masked_scatter_(keep, values).reshape(shape)
 
 
 def index_bits(m: int) -> int:
@@ -275,7 +274,12 @@ def _cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor
     if dtype is None or not t.is_floating_point() or t.dtype == dtype:
         return t.contiguous()
     out = t.to(dtype)
-    if bool((torch.isfinite(t) & ~torch.isfinite(out)).any()):
+    if t.numel() == 0:
+        return out.contiguous()
+    # a cheap range test first; the exact (slower) check only when something may have overflowed
+    lo, hi = torch.aminmax(t)
+    limit = torch.finfo(dtype).max
+    if (lo < -limit or hi > limit) and bool((torch.isfinite(t) & torch.isinf(out)).any()):
         raise NumericalError(f"tensor {name!r} overflows {_dtype_name(dtype)}; save with a wider dtype")
     return out.contiguous()
 
@@ -325,7 +329,7 @@ def save_compressed(
             parts = {f"{name}::values": values, f"{name}::nm_indices": idx}
             entry.update(encoding="nm", n=target.n, m=target.m, index_bits=index_bits(target.m))
         elif name in prunable and t.dim() == 2:
-            nnz = int((t != 0).sum())
+            nnz = int(torch.count_nonzero(t))
             if math.ceil(t.numel() / 8) + nnz * t.element_size() < dense_size:
                 packed, values = bitmask_encode(t)
                 parts = {f"{name}::bitmask": packed, f"{name}::values": values}
