@@ -223,7 +223,9 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         _convert_gguf(gguf, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700 (and safetensors writes 0600 files)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if target.exists():
             if _is_converted(target):  # another process finished first
                 return target
