@@ -61,7 +61,9 @@ def hessian_trace(
     Memory: the whole model on ``device`` (it is moved there and back if ``device`` differs from
     where it is), plus a double-backward graph of one chunk: roughly 2-3x the activations of a
     training step on ``batch_size x seq_len`` tokens, plus the first-order gradients and one probe
-    (each the size of the prunable weights). Attention runs on PyTorch's "math" SDPA kernel here,
+    (each the size of the prunable weights); measured on SmolLM2-135M (fp32, CPU), one 256-token
+    sample per chunk: ~5.6 GB above the loaded model, and each probe costs about five forward
+    passes over all samples. Attention runs on PyTorch's "math" SDPA kernel here,
     because the fused kernels cannot be differentiated twice.
 
     Traces of a non-convex loss can be negative; allocate from them by rank, not by log.
