@@ -78,6 +78,7 @@ class AllocationConfig:
     fisher_alpha: float = 0.15
     fisher_normalize: bool = False  # divide the Fisher trace by the layer's parameter count
     hessian_probes: int = 8
+    hessian_samples: int = 4  # double backward is ~5 forwards per probe and sample: keep it small on a CPU
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     min_sparsity: float = 0.0

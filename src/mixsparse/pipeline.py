@@ -130,10 +130,11 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
         from .sensitivity.hessian import hessian_trace
 
         with timer("sensitivity"):
-            ids = _calib(tokenizer, cfg, a.sensitivity_samples, a.sensitivity_seqlen)
+            ids = _calib(tokenizer, cfg, a.hessian_samples, a.sensitivity_seqlen)
             scores = _score_cache(cfg, "hessian", model,
-                                  {"samples": a.sensitivity_samples, "seqlen": a.sensitivity_seqlen, "probes": a.hessian_probes},
-                                  lambda: hessian_trace(model, ids, n_probes=a.hessian_probes, seed=cfg.data.seed, device=device),
+                                  {"samples": a.hessian_samples, "seqlen": a.sensitivity_seqlen, "probes": a.hessian_probes},
+                                  lambda: hessian_trace(model, ids, n_probes=a.hessian_probes, seed=cfg.data.seed,
+                                                        device=device, progress=progress),
                                   cache_dir)
         sm = SparsityMap(linear_rank_allocation(scores, target, counts, a.alpha, blocks_name=blocks_name,
                                                 per_block=a.per_block), counts)
