@@ -1,0 +1,138 @@
+"""Run lm-evaluation-harness tasks on an in-memory (pruned) model.
+
+The model object itself is handed to lm-eval's ``HFLM`` wrapper, so a freshly pruned model is
+evaluated as it is: nothing is saved and re-loaded, and no fork of lm-eval is needed. lm-eval is an
+optional dependency (``pip install mixsparse[lmeval]``); it is imported only when used.
+
+Real lm-eval tasks (PIQA, HellaSwag, ARC, ...) download their data from the Hugging Face hub, so they
+need a machine with internet access; local tasks given through ``include_path`` work offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError, MixsparseError, UnknownNameError
+from .zeroshot import model_on_device
+
+log = logging.getLogger(__name__)
+
+
+class LmEvalUnavailableError(MixsparseError):
+    """lm-evaluation-harness is not installed."""
+
+
+def _import_lm_eval() -> Any:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise LmEvalUnavailableError(
+            f"lm-evaluation-harness is not installed ({exc}); install it with: pip install 'mixsparse[lmeval]'"
+        ) from exc
+    return lm_eval, HFLM, TaskManager
+
+
+def _check_args(tasks: Sequence[str], num_fewshot: int | None, limit: int | float | None, batch_size: int,
+                include_path: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(tasks)
+    if not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ConfigError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
+        raise ConfigError(f"num_fewshot must be an integer >= 0 (or None for each task's default), got {num_fewshot!r}")
+    if limit is not None:
+        # lm-eval reads an int as a count of documents and a float in (0, 1) as a fraction of them.
+        ok = (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1) or (
+            isinstance(limit, float) and 0 < limit <= 1
+        )
+        if not ok:
+            raise ConfigError(f"limit must be an integer >= 1 or a fraction in (0, 1], got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if include_path is not None:
+        paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+        for p in paths:
+            if not Path(p).exists():
+                raise ConfigError(f"lm-eval include_path does not exist: {p}")
+    return tasks
+
+
+def _flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``.
+
+    lm-eval keys metrics as ``"<metric>,<filter>"``; the ``none`` filter is dropped from the name, other
+    filters are kept (``"exact_match,strict-match"``). Non-numeric entries (alias, "N/A") are left out.
+    """
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        name, _, filt = key.partition(",")
+        out[name if filt in ("", "none") else key] = float(value)
+    return out
+
+
+def run_lm_eval(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    num_fewshot: int | None = 0,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    device: str | None = None,
+    include_defaults: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Evaluate the in-memory ``model`` on lm-eval ``tasks``; returns ``{task: {metric: value}}``.
+
+    ``limit`` caps the documents per task (an int, or a fraction in (0, 1]); each task's dict also holds
+    ``n_samples``, the number of documents actually scored. ``include_path`` adds a folder (or folders)
+    of task YAMLs; ``include_defaults=False`` skips indexing lm-eval's ~15k built-in tasks (~5 s) when
+    only such local tasks are wanted. ``device`` moves the model there for the run (and back after).
+    """
+    tasks = _check_args(tasks, num_fewshot, limit, batch_size, include_path)
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+
+    if include_path is not None and not isinstance(include_path, (str, os.PathLike)):
+        include_path = [str(p) for p in include_path]
+    elif include_path is not None:
+        include_path = str(include_path)
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        where = f" (include_path={include_path})" if include_path is not None else ""
+        raise UnknownNameError(f"unknown lm-eval task {unknown[0]!r}{where}")
+
+    with model_on_device(model, device) as dev:
+        # HFLM sets a pad token on the tokenizer it gets; a copy keeps the caller's tokenizer unchanged.
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, device=str(dev))
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            task_manager=manager,
+            log_samples=False,
+        )
+    if not out or "results" not in out:
+        raise MixsparseError("lm-eval returned no results")
+    counts = out.get("n-samples", {})
+    results = {}
+    for task, metrics in out["results"].items():
+        results[task] = _flatten_metrics(metrics)
+        if task in counts and "effective" in counts[task]:
+            results[task]["n_samples"] = int(counts[task]["effective"])
+    return results
