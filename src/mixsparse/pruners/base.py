@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NumericalError, UnknownNameError
+from ..masks import mask_from_ranks, nm_mask_from_ranks, nm_ranks, score_ranks
 from ..sparsity import NM, LayerSparsity
 
 
@@ -82,6 +83,40 @@ class LayerPruner:
         """Drop accumulated statistics (called by the engine once the layer is pruned)."""
 
 
+class ScorePruner(LayerPruner):
+    """A pruner that only masks: keep the highest ``scores()`` per comparison group (or N:M group).
+
+    Ranks are computed once per layer and reused for every target, so asking the same statistics for
+    many sparsity levels (the search's level cache) costs one sort, not one per level.
+    """
+
+    @dataclass
+    class Options:
+        group: str = "row"
+
+    def scores(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _ranks(self, kind: str | int) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_rank_cache", {})
+        if kind not in cache:
+            s = self.scores()
+            cache[kind] = nm_ranks(s, kind) if isinstance(kind, int) else score_ranks(s, kind)
+        return cache[kind]
+
+    def compute(self, target: LayerSparsity) -> PruneResult:
+        if isinstance(target, NM):
+            mask = nm_mask_from_ranks(self._ranks(target.m), target)
+        elif target == 0.0:
+            mask = torch.ones_like(self.weight, dtype=torch.bool)
+        else:
+            mask = mask_from_ranks(self._ranks(self.options.group), target, self.options.group)
+        return PruneResult(apply_mask(self.weight, mask), mask)
+
+    def free(self) -> None:
+        self.__dict__.pop("_rank_cache", None)
+
+
 _PRUNERS: dict[str, type[LayerPruner]] = {}
 
 
@@ -111,7 +146,3 @@ def available_pruners() -> list[str]:
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-
-
-def is_pattern(target: LayerSparsity) -> bool:
-    return isinstance(target, NM)

@@ -6,13 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import nm_mask, unstructured_mask
-from ..sparsity import NM, LayerSparsity
-from .base import LayerPruner, PruneResult, apply_mask, register_pruner
+from .base import ScorePruner, register_pruner
 
 
 @register_pruner("magnitude")
-class MagnitudePruner(LayerPruner):
+class MagnitudePruner(ScorePruner):
     needs_inputs = False
 
     @dataclass
@@ -22,8 +20,3 @@ class MagnitudePruner(LayerPruner):
 
     def scores(self) -> torch.Tensor:
         return self.weight.float().abs()
-
-    def compute(self, target: LayerSparsity) -> PruneResult:
-        s = self.scores()
-        mask = nm_mask(s, target) if isinstance(target, NM) else unstructured_mask(s, target, self.options.group)
-        return PruneResult(apply_mask(self.weight, mask), mask)

@@ -6,13 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import nm_mask, unstructured_mask
-from ..sparsity import NM, LayerSparsity
-from .base import LayerPruner, PruneResult, apply_mask, register_pruner
+from .base import ScorePruner, register_pruner
 
 
 @register_pruner("wanda")
-class WandaPruner(LayerPruner):
+class WandaPruner(ScorePruner):
     @dataclass
     class Options:
         group: str = "row"  # per-output comparison group, as in the paper
@@ -24,14 +22,7 @@ class WandaPruner(LayerPruner):
     def _accumulate(self, x: torch.Tensor) -> None:
         # float64 sum of squares: exact enough over millions of tokens, tiny (in_features,) buffer
         self.sq_norm += (x.double() ** 2).sum(0)
+        self.free()  # new statistics invalidate cached ranks
 
     def scores(self) -> torch.Tensor:
         return self.weight.float().abs() * self.sq_norm.sqrt().float().unsqueeze(0)
-
-    def compute(self, target: LayerSparsity) -> PruneResult:
-        s = self.scores()
-        mask = nm_mask(s, target) if isinstance(target, NM) else unstructured_mask(s, target, self.options.group)
-        return PruneResult(apply_mask(self.weight, mask), mask)
-
-    def free(self) -> None:
-        self.sq_norm = torch.zeros(0)
