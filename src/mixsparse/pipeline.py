@@ -203,11 +203,13 @@ def _msp_search(model, tokenizer, cfg: RunConfig, continuous: dict[str, float], 
 def load_allocation(path: str | Path, counts: dict[str, int]) -> SparsityMap:
     import yaml
 
+    from .config import yaml_load
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"allocation file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"allocation file {p} is not valid YAML: {e}") from None
     layers = data.get("per_layer") if isinstance(data, dict) and "per_layer" in data else data
