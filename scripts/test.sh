@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
+# lm-evaluation-harness (~600 MB with datasets/pandas) so the adapter's offline local-task test runs too
+pip install -q --disable-pip-version-check -e ".[lmeval]"
 python -m pytest -q -p no:cacheprovider "$@"
