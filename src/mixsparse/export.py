@@ -37,9 +37,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ModelLoadError, NumericalError
+from .io import atomic_dir, atomic_write_text
 from .modeling import prunable_linears
 from .sparsity import NM, SparsityMap, parse_layer_sparsity
 
@@ -138,42 +137,8 @@ def nm_decode(values: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------------------------
-# Directory handling
+# Metadata and tokenizer
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
-
-    A non-empty ``out_dir`` is refused unless ``overwrite``; then the old one is moved aside first
-    (``os.replace`` cannot replace a non-empty directory) and deleted only once the new one is in place.
-    """
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {str(out)!r} is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.is_dir() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _jsonable(value: Any, where: str = "metadata") -> Any:
@@ -222,7 +187,7 @@ def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, metada
     save sees a cleaned copy of the config and no quantizer; the caller's model is left as it was.
     """
     cfg = _clean_config(model, metadata)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         saved_config, saved_quantizer = model.config, getattr(model, "hf_quantizer", None)
         try:
             # save_pretrained reads (and writes dtype/architectures into) self.config; swap in our copy
@@ -347,7 +312,7 @@ def save_compressed(
         out_tensors.update(parts)
         entries[name] = entry
 
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         tensor_path = tmp / TENSOR_FILE
         save_file(out_tensors, str(tensor_path), metadata={"format": "pt", "mixsparse_format_version": str(FORMAT_VERSION)})
         compressed_bytes = tensor_path.stat().st_size
@@ -379,7 +344,8 @@ def save_compressed(
             "aliases": aliases,
             "sizes": sizes,
         }
-        _write_json(tmp / INDEX_FILE, index)
+        # 0644: what a plain write would give under the usual umask (the temp file starts private)
+        atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2, sort_keys=False) + "\n", mode=0o644)
     return sizes
 
 

@@ -1,27 +1,41 @@
 """Atomic writes: an artifact is either complete or absent, never half-written (a crash or Ctrl-C
-during a save must not destroy what a user already computed)."""
+during a save must not destroy what a user already computed).
+
+Every module writes files and directories through here, so the temp-file-then-``os.replace`` logic
+exists once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | None = None) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place.
+
+    The temp file is created private (0600, as ``mkstemp`` does); ``mode`` (e.g. ``0o644`` for a
+    cache other users share) is applied to it before the rename, so ``path`` never has the wrong mode.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with _suppress():
@@ -38,8 +52,51 @@ class _suppress:
         return True
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), mode)
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    mode: int | None = None,
+    keep_existing: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
+    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``; then the old one is moved aside first
+    (``os.replace`` cannot replace a non-empty directory) and deleted only once the new one is in place.
+    The temp dir is created private (0700, as ``mkdtemp`` does); ``mode`` (e.g. ``0o755``) is applied
+    to it (not to the files in it) before the rename. ``keep_existing(out_dir)`` is asked at commit
+    time when ``out_dir`` exists: if it says True (another process finished the same work first), the
+    new directory is discarded and the existing one left alone. On an exception the temp dir is
+    removed and ``out_dir`` is untouched.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {str(out)!r} is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if keep_existing is not None and out.exists() and keep_existing(out):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if mode is not None:
+            os.chmod(tmp, mode)
+        old = None
+        if out.is_dir() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _jsonable(obj: Any) -> Any:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MixsparseError
+from .io import atomic_write, atomic_write_text
 from .sparsity import parse_layer_sparsity, sparsity_of
 
 PLOTS_DIR = "plots"
@@ -177,11 +178,8 @@ def _integer_ticks():
 
 
 def _save_png(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-    return path
+    # 0644: what a plain write would give under the usual umask (the temp file starts private)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), mode=0o644)
 
 
 def _kinds(layers: Sequence[str]) -> dict[str, list[int]]:
@@ -471,8 +469,4 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         md += [f"![{title}]({p.relative_to(run_dir).as_posix()})" + "\n" for title, p in images]
     md += ["## Configuration", "", "```json", json.dumps(run["config"], indent=2, default=str), "```", ""]
 
-    out = run_dir / REPORT_FILE
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(run_dir / REPORT_FILE, "\n".join(md), mode=0o644)

@@ -11,11 +11,9 @@ depend on.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..io import atomic_write_text
 from ..modeling import block_index
 from .fisher import fisher_trace
 from .hessian import hessian_trace
@@ -111,16 +110,7 @@ def cached_scores(
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or foreign file: recompute and overwrite it
     scores = dict(compute())
-    directory.mkdir(parents=True, exist_ok=True)
     payload = {"kind": kind, "settings": expected, "scores": [[k, float(v)] for k, v in scores.items()]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=1))
     return scores
 
