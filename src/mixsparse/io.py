@@ -38,18 +38,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | No
             os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
