@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -50,7 +51,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "allocation"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite the Markdown and plots from the JSON")
     args = ap.parse_args()
+    if args.render_only:
+        render(Results(Path(args.out + ".json"), None), args.out)
+        return
 
     from mixsparse.config import parse_override
 
@@ -138,10 +143,22 @@ def _search_cell(msp: dict | None) -> str:
     return fmt(msp["allocation_seconds"], 0)
 
 
+def _sensitivities(out: str) -> dict[str, dict[str, float]]:
+    """Sensitivity scores cached by the runs (one file per kind), for the per-layer plot."""
+    sens = {}
+    for f in sorted(Path(out + "_work", "scores").glob("*.json")):
+        data = json.loads(f.read_text())
+        if data.get("kind") in ("fisher", "hessian"):
+            sens[data["kind"]] = {k: abs(float(v)) for k, v in data["scores"]}
+    return sens
+
+
 def render(res: Results, out: str) -> None:
     e, meta = res.data["entries"], res.data["meta"]
     dense = e["dense"]["ppl"]
-    lines = ["# Per-layer sparsity allocation: test perplexity", "", f"Command: `{meta['command']}`", "",
+    commands = meta.get("commands") or [meta["command"]]
+    lines = ["# Per-layer sparsity allocation: test perplexity", "",
+             "Commands (entries from all of them, in order):", "", *[f"- `{c}`" for c in commands], "",
              f"Model: {meta['model']}; calibration: {meta['calibration']}; evaluation: {meta['evaluation']}; "
              f"search fitness: {meta['search_fitness']}; overrides: {meta['overrides']}.", "",
              f"Dense perplexity: **{fmt(dense)}**", ""]
@@ -169,7 +186,8 @@ def render(res: Results, out: str) -> None:
                   if k != "dense" and v["target"] == t and ":" not in t}
         if allocs:
             allocs = {k: {n: float(s) for n, s in v.items()} for k, v in allocs.items()}
-            plot_allocations(allocs, None, Path(f"{out}_{t}.png"), f"per-layer sparsity at {t}")
+            plot_allocations(allocs, _sensitivities(out) or None, Path(f"{out}_{t}.png"),
+                             f"per-layer sparsity at {t} (sensitivity: |trace| per layer)")
 
 
 if __name__ == "__main__":

@@ -59,13 +59,18 @@ class Results:
     """A JSON file of named entries, rewritten atomically after each entry (a killed benchmark keeps
     what it measured, and a rerun skips entries already there unless --fresh)."""
 
-    def __init__(self, path: Path, meta: dict, fresh: bool = False):
+    def __init__(self, path: Path, meta: dict | None, fresh: bool = False):
+        """``meta=None`` keeps the file's own metadata (for re-rendering)."""
         self.path = path
         self.data = {"meta": meta, "entries": {}}
         if path.exists() and not fresh:
             old = json.loads(path.read_text())
             self.data["entries"] = old.get("entries", {})
-        self.data["meta"] = meta
+            if meta is None:
+                self.data["meta"] = old.get("meta")
+            else:  # entries measured by earlier invocations keep the commands that made them
+                earlier = (old.get("meta") or {}).get("commands") or [(old.get("meta") or {}).get("command")]
+                meta["commands"] = [c for c in earlier if c and c != meta.get("command")] + [meta.get("command")]
 
     def has(self, key: str) -> bool:
         return key in self.data["entries"]
