@@ -122,7 +122,7 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
 
         with timer("sensitivity"):
             ids = _calib(tokenizer, cfg, cfg.data.calibration_samples, cfg.data.seqlen)
-            ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device)
+            ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device, progress=progress)
         sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda), counts)
         sens = {n: float(ratios[block_index_map(model, [n])[n]]) for n in counts}
         return Allocation(method, sm, sens, "owl")
