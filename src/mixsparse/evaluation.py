@@ -79,6 +79,13 @@ def perplexity(
     return math.exp(total / count)
 
 
+def mean_kl(ref_logprobs: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
+    """Summed per-token KL(reference || model) and the number of tokens, in float32."""
+    logq = F.log_softmax(logits.float(), dim=-1)
+    logp = ref_logprobs.to(logq.device, torch.float32)[: logq.shape[0]]
+    return float((logp.exp() * (logp - logq)).sum()), logq.shape[0] * logq.shape[1]
+
+
 class DenseReference:
     """The dense model's next-token log-probabilities on fixed windows, kept for KL fitness.
 
@@ -98,10 +105,9 @@ class DenseReference:
         windows = self.windows if upto is None else self.windows[:upto]
         total, count = 0.0, 0
         for (ids, logits), ref in zip(iter_logits(model, windows, batch_size=self.batch_size, device=device), self.logprobs):
-            logq = F.log_softmax(logits.float(), dim=-1)
-            logp = ref.to(logq.device, torch.float32)[: logq.shape[0]]
-            total += float((logp.exp() * (logp - logq)).sum())
-            count += logq.shape[0] * logq.shape[1]
+            s, n = mean_kl(ref, logits)
+            total += s
+            count += n
         if not math.isfinite(total):
             return math.inf
         return total / count

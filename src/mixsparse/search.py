@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .engine import prune_layerwise
 from .errors import ConfigError, SparsityError
-from .evaluation import DenseReference, iter_logits, nll_sum
+from .evaluation import DenseReference, iter_logits, mean_kl, nll_sum
 from .io import atomic_write_json
 from .modeling import find_decoder_blocks, prunable_linears
 from .pruners import get_pruner
@@ -213,9 +212,8 @@ class Fitness:
         if self.kind == "ppl":
             s, n = nll_sum(logits, ids)
             return s / n
-        logq = F.log_softmax(logits.float(), dim=-1)
-        logp = self.reference.logprobs[i].to(logq.device, torch.float32)
-        return float((logp.exp() * (logp - logq)).sum(-1).mean())
+        s, n = mean_kl(self.reference.logprobs[i], logits)
+        return s / n
 
     def __call__(self, offsets: Offsets, n_windows: int) -> float:
         scores = self.memo.setdefault(self.key(offsets), [])
