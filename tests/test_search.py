@@ -179,6 +179,18 @@ def test_resumed_search_equals_uninterrupted(tmp_path):
     assert [h["best_fitness"] for h in resumed.history] == [h["best_fitness"] for h in full.history]
 
 
+def test_raising_generations_extends_a_finished_search(tmp_path):
+    space, fit = _setup()
+    init = {n: 0 for n in space.param_counts}
+    full = evolutionary_search(fit, space, [init], SearchConfig(generations=4, **CFG), progress=False)
+    ck = tmp_path / "state.json"
+    space2, fit2 = _setup()
+    evolutionary_search(fit2, space2, [init], SearchConfig(generations=2, **CFG), checkpoint=ck, progress=False)
+    space3, fit3 = _setup()
+    longer = evolutionary_search(fit3, space3, [init], SearchConfig(generations=4, **CFG), checkpoint=ck, progress=False)
+    assert longer.offsets == full.offsets and longer.fitness == full.fitness and longer.generations == 4
+
+
 def test_checkpoint_from_other_settings_is_refused(tmp_path):
     space, fit = _setup()
     init = {n: 0 for n in space.param_counts}

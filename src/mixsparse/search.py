@@ -307,7 +307,8 @@ def crossover(a: Offsets, b: Offsets, space: LevelSpace, blocks_of: dict[str, in
 def _config_fingerprint(space: LevelSpace, config: SearchConfig, init: list[Offsets], extra: dict) -> str:
     payload = {
         "space": [str(space.target), space.step, space.min_offset, space.max_offset, sorted(space.param_counts.items())],
-        "config": dataclasses.asdict(config),
+        # stopping criteria are left out: raising them continues the same trajectory (extends a search)
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("generations", "patience")},
         "init": [sorted(o.items()) for o in init],
         "extra": extra,
     }
