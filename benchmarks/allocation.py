@@ -140,7 +140,9 @@ def _search_cell(msp: dict | None) -> str:
         return "—"
     if msp.get("searched_with"):
         return f"map searched with {msp['searched_with']}"
-    return fmt(msp["allocation_seconds"], 0)
+    search = msp.get("search") or {}
+    # search seconds span resumed runs (an extended search); allocation_seconds covers one invocation
+    return f"{fmt(search.get('seconds', msp['allocation_seconds']), 0)} ({search.get('generations', '?')} gen.)"
 
 
 def _sensitivities(out: str) -> dict[str, dict[str, float]]:
