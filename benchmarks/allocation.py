@@ -185,7 +185,14 @@ def render(res: Results, out: str) -> None:
     write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
     for t in targets:
         allocs = {f"{v['method']}/{v['pruner']}": v["per_layer"] for k, v in e.items()
-                  if k != "dense" and v["target"] == t and ":" not in t}
+                  if k != "dense" and "/" in k and v["target"] == t and ":" not in t}
+        # one line per method when every pruner got the same map (allocation never depends on the pruner)
+        for method in METHODS:
+            same = [k for k in allocs if k.startswith(method + "/")]
+            if len(same) > 1 and all(allocs[k] == allocs[same[0]] for k in same):
+                allocs[method] = allocs[same[0]]
+                for k in same:
+                    del allocs[k]
         if allocs:
             allocs = {k: {n: float(s) for n, s in v.items()} for k, v in allocs.items()}
             plot_allocations(allocs, _sensitivities(out) or None, Path(f"{out}_{t}.png"),
