@@ -124,7 +124,8 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
             ids = _calib(tokenizer, cfg, cfg.data.calibration_samples, cfg.data.seqlen)
             ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device, progress=progress)
         sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda), counts)
-        sens = {n: float(ratios[block_index_map(model, [n])[n]]) for n in counts}
+        block_of = block_index_map(model, list(counts))  # one look-up of the blocks, not one per layer
+        sens = {n: float(ratios[block_of[n]]) for n in counts}
         return Allocation(method, sm, sens, "owl")
     if method == "hessian":
         from .sensitivity.hessian import hessian_trace
@@ -286,7 +287,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         if model is None:
             model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
     counts = param_counts(model)
-    blocks_name, blocks = find_decoder_blocks(model)
+    _, blocks = find_decoder_blocks(model)
     record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
                        "prunable_params": sum(counts.values()), "blocks": len(blocks)}
 
@@ -302,7 +303,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                 ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=device, progress=progress)
         record["perplexity"] = ppl
         save()
-    model.to("cpu") if device.type != "cpu" else None
+    model.to("cpu")  # pruning moves one block at a time to the device itself
 
     result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
     alloc: Allocation = result.pop("_allocation")

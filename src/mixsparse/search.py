@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import snap_to_grid
 from .engine import prune_layerwise
 from .errors import ConfigError, SparsityError
 from .evaluation import DenseReference, iter_logits, mean_kl, nll_sum
@@ -110,8 +111,6 @@ class LevelSpace:
 
     def snap(self, sparsities: Mapping[str, float]) -> Offsets:
         """Nearest exact-budget offsets for a continuous allocation."""
-        from .allocation import snap_to_grid
-
         return snap_to_grid(dict(sparsities), self.target_sparsity(), self.step, dict(self.param_counts),
                             self.min_offset, self.max_offset)
 
