@@ -28,7 +28,7 @@ from mixsparse.loading import load_model
 from mixsparse.modeling import param_counts, prunable_linears
 from mixsparse.pipeline import allocate
 from mixsparse.report import plot_allocations
-from mixsparse.sparsity import SparsityMap, measured_sparsity
+from mixsparse.sparsity import measured_sparsity
 
 METHODS = ["uniform", "owl", "hessian", "fisher", "msp"]
 

@@ -15,7 +15,7 @@ from mixsparse.search import (
     LevelCache,
     LevelSpace,
     SearchConfig,
-    _groups,
+    _has_move,
     crossover,
     evolutionary_search,
     mutate,
@@ -59,12 +59,35 @@ def _space_strategy():
 def test_mutation_keeps_budget_exact(space, seed, moves):
     rng = random.Random(seed)
     offsets = {n: 0 for n in space.param_counts}
-    groups = _groups(space, list(offsets))
     for _ in range(5):
-        offsets = mutate(offsets, space, groups, rng, moves)
+        offsets = mutate(offsets, space, rng, moves)
         assert space.residual(offsets) == 0
         assert all(space.min_offset <= k <= space.max_offset for k in offsets.values())
         assert space.to_map(offsets).average() == pytest.approx(space.target, abs=1e-12)
+
+
+def test_mutation_moves_sparsity_between_layers_of_different_sizes():
+    # LLaMA-like block: one MLP layer (8 units) equals q + o + k + v (3 + 3 + 1 + 1)
+    counts = {"mlp": 8, "q": 3, "o": 3, "k": 1, "v": 1}
+    space = LevelSpace.unstructured(0.5, counts, step=0.1, max_shift=0.2)
+    rng = random.Random(0)
+    seen_mlp = set()
+    for _ in range(200):
+        child = mutate({n: 0 for n in counts}, space, rng, 1)
+        assert space.residual(child) == 0
+        seen_mlp.add(child["mlp"])
+        if child["mlp"]:  # the only 8-unit layer: paid by all four attention layers
+            assert child == {"mlp": child["mlp"], **{n: -child["mlp"] for n in ("q", "o", "k", "v")}}
+    assert seen_mlp == {-1, 0, 1}
+
+
+def test_no_budget_preserving_move_is_a_clear_error():
+    assert _has_move(LevelSpace.unstructured(0.5, {"a": 4, "b": 1, "c": 3}, step=0.1))
+    assert not _has_move(LevelSpace.unstructured(0.5, {"a": 4, "b": 1, "c": 2}, step=0.1))
+    space = LevelSpace.unstructured(0.5, {"a": 4, "b": 1, "c": 2}, step=0.1)
+    with pytest.raises(SparsityError, match="no budget-preserving move"):
+        evolutionary_search(lambda o, w: 0.0, space, [{"a": 0, "b": 0, "c": 0}], SearchConfig(generations=1),
+                            progress=False)
 
 
 @settings(max_examples=60, deadline=None)
@@ -72,9 +95,8 @@ def test_mutation_keeps_budget_exact(space, seed, moves):
 def test_crossover_repairs_budget_exactly(space, seed):
     rng = random.Random(seed)
     names = list(space.param_counts)
-    groups = _groups(space, names)
-    a = mutate({n: 0 for n in names}, space, groups, rng, 8)
-    b = mutate({n: 0 for n in names}, space, groups, rng, 8)
+    a = mutate({n: 0 for n in names}, space, rng, 8)
+    b = mutate({n: 0 for n in names}, space, rng, 8)
     blocks_of = {n: i % 3 for i, n in enumerate(names)}
     child = crossover(a, b, space, blocks_of, rng)
     assert space.residual(child) == 0

@@ -379,6 +379,17 @@ def calibration_ids(tokenizer, text: str | torch.Tensor, n_samples: int, seqlen:
     return ids[starts[:, None] + torch.arange(seqlen)]
 
 
+def batches(ids: torch.Tensor, batch_size: int, what: str = "calibration ids", min_len: int = 1) -> list[torch.Tensor]:
+    """Split a ``(n, seqlen)`` token tensor into batches of ``batch_size`` rows (the last may be
+    shorter), after checking the shape so a bad input fails here and not deep inside a model."""
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] < min_len:
+        need = f"seqlen>={min_len}" if min_len > 1 else "seqlen"
+        raise DataError(f"{what} must be a non-empty (n, {need}) tensor, got shape {tuple(ids.shape)}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    return [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+
+
 def eval_windows(tokenizer, text: str | torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping ``seqlen``-token windows from the start of ``text`` (at most ``max_tokens``
     tokens; a trailing partial window is dropped), ``LongTensor[n, seqlen]``."""

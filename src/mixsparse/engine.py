@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import batches as split_batches
 from .errors import DataError, SparsityError
 from .modeling import block_linears, find_decoder_blocks
 from .pruners import LayerPruner, get_pruner
@@ -220,12 +221,6 @@ class PruneReport:
         return sum(self.achieved[n] * param_counts[n] for n in self.achieved) / max(1, total)
 
 
-def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    if ids.dim() != 2 or ids.shape[0] == 0:
-        raise DataError(f"calibration ids must be a non-empty (samples, seq_len) tensor, got shape {tuple(ids.shape)}")
-    return [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-
-
 def prune_layerwise(
     model: nn.Module,
     calib_ids: torch.Tensor | None,
@@ -262,7 +257,7 @@ def prune_layerwise(
     needs_data = cls.needs_inputs or on_layer is not None
     if needs_data and calib_ids is None:
         raise DataError(f"pruner {pruner!r} needs calibration data")
-    state = runner.catch(_batches(calib_ids, batch_size)) if needs_data else None
+    state = runner.catch(split_batches(calib_ids, batch_size)) if needs_data else None
 
     bar = tqdm(list(enumerate(runner.blocks)), desc=f"prune[{pruner}]", disable=not progress)
     for i, block in bar:

@@ -14,16 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import batches as split_batches
 from .engine import LayerwiseRunner
-from .errors import DataError, NumericalError
-
-
-def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise DataError(f"evaluation windows must be a (n, seqlen>=2) tensor, got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    return [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+from .errors import NumericalError
 
 
 def iter_logits(
@@ -37,7 +30,7 @@ def iter_logits(
     desc: str = "eval",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(input_ids, logits)`` per batch, full-model or layer by layer."""
-    batches = _batches(windows, batch_size)
+    batches = split_batches(windows, batch_size, "evaluation windows", min_len=2)
     if layerwise:
         runner = LayerwiseRunner(model, device=device)
         yield from runner.forward_all(batches, progress=progress)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .allocation import linear_rank_allocation, owl_allocation, score_allocation, uniform
+from .allocation import linear_rank_allocation, owl_allocation, score_allocation
 from .config import RunConfig
-from .data import calibration_ids, eval_windows, load_corpus
+from .data import calibration_ids, eval_windows, load_corpus, tokenize
 from .engine import prune_layerwise
 from .errors import ConfigError
 from .evaluation import perplexity
@@ -77,8 +77,18 @@ class Allocation:
     cache: LevelCache | None = None  # kept for search.final == "stitched"
 
 
-def _calib(tokenizer, cfg: RunConfig, n: int, seqlen: int) -> torch.Tensor:
-    return calibration_ids(tokenizer, load_corpus(cfg.data.calibration, "calibration"), n, seqlen, cfg.data.seed)
+class Calibration:
+    """Calibration windows for every stage of one run. The corpus is read and tokenised once (a few
+    seconds on the wiki split), then each stage draws its ``(n, seqlen)`` windows from the same ids."""
+
+    def __init__(self, tokenizer, cfg: RunConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self._tokens: torch.Tensor | None = None
+
+    def ids(self, n: int, seqlen: int) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = tokenize(self.tokenizer, load_corpus(self.cfg.data.calibration, "calibration"))
+        return calibration_ids(self.tokenizer, self._tokens, n, seqlen, self.cfg.data.seed)
 
 
 def _score_cache(cfg: RunConfig, kind: str, model: nn.Module, settings: dict, compute: Callable[[], dict],
@@ -89,22 +99,25 @@ def _score_cache(cfg: RunConfig, kind: str, model: nn.Module, settings: dict, co
     return cached_scores(kind, settings, compute, cache_dir)
 
 
-def fisher_scores(model, tokenizer, cfg: RunConfig, device, cache_dir: Path | None, progress=True) -> dict[str, float]:
+def fisher_scores(model, calib: Calibration, cfg: RunConfig, device, cache_dir: Path | None,
+                  progress=True) -> dict[str, float]:
     a = cfg.allocation
     from .sensitivity.fisher import fisher_trace
 
-    ids = _calib(tokenizer, cfg, a.sensitivity_samples, a.sensitivity_seqlen)
     return _score_cache(cfg, "fisher", model,
                         {"samples": a.sensitivity_samples, "seqlen": a.sensitivity_seqlen, "normalize": a.fisher_normalize},
-                        lambda: fisher_trace(model, ids, device=device, normalize=a.fisher_normalize, progress=progress),
+                        lambda: fisher_trace(model, calib.ids(a.sensitivity_samples, a.sensitivity_seqlen), device=device,
+                                             normalize=a.fisher_normalize, progress=progress),
                         cache_dir)
 
 
 def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Path | None = None,
-             cache_dir: Path | None = None, progress: bool = True, timer: Timer | None = None) -> Allocation:
+             cache_dir: Path | None = None, progress: bool = True, timer: Timer | None = None,
+             calib: Calibration | None = None) -> Allocation:
     """Per-layer sparsity for ``cfg.prune.allocation``; never looks at the test split. Sensitivity
     scores are cached in ``cache_dir`` (default ``run_dir/cache``), the search state in ``run_dir``."""
     timer = timer or Timer()
+    calib = calib or Calibration(tokenizer, cfg)
     method, target, a = cfg.prune.allocation, cfg.prune.sparsity, cfg.allocation
     counts = param_counts(model)
     blocks_name, _ = find_decoder_blocks(model)
@@ -121,7 +134,7 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
         from .sensitivity.owl import owl_outlier_ratios
 
         with timer("sensitivity"):
-            ids = _calib(tokenizer, cfg, cfg.data.calibration_samples, cfg.data.seqlen)
+            ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
             ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device, progress=progress)
         sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda), counts)
         block_of = block_index_map(model, list(counts))  # one look-up of the blocks, not one per layer
@@ -131,10 +144,9 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
         from .sensitivity.hessian import hessian_trace
 
         with timer("sensitivity"):
-            ids = _calib(tokenizer, cfg, a.hessian_samples, a.sensitivity_seqlen)
             scores = _score_cache(cfg, "hessian", model,
                                   {"samples": a.hessian_samples, "seqlen": a.sensitivity_seqlen, "probes": a.hessian_probes},
-                                  lambda: hessian_trace(model, ids, n_probes=a.hessian_probes, seed=cfg.data.seed,
+                                  lambda: hessian_trace(model, calib.ids(a.hessian_samples, a.sensitivity_seqlen), n_probes=a.hessian_probes, seed=cfg.data.seed,
                                                         device=device, progress=progress),
                                   cache_dir)
         sm = SparsityMap(linear_rank_allocation(scores, target, counts, a.alpha, blocks_name=blocks_name,
@@ -142,7 +154,7 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
         return Allocation(method, sm, scores, "hessian")
     if method in ("fisher", "msp"):
         with timer("sensitivity"):
-            scores = fisher_scores(model, tokenizer, cfg, device, cache_dir, progress)
+            scores = fisher_scores(model, calib, cfg, device, cache_dir, progress)
         if isinstance(target, NM):
             continuous = score_allocation(scores, target.sparsity, counts, mode=a.fisher_mode, alpha=a.fisher_alpha)
         else:
@@ -151,7 +163,8 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
         if method == "fisher":
             return Allocation(method, SparsityMap(continuous, counts), scores, "fisher")
         with timer("search"):
-            return _msp_search(model, tokenizer, cfg, continuous, scores, device=device, run_dir=run_dir, progress=progress)
+            return _msp_search(model, tokenizer, calib, cfg, continuous, scores, device=device, run_dir=run_dir,
+                               progress=progress)
     raise ConfigError(f"unknown allocation {method!r}")
 
 
@@ -166,14 +179,14 @@ def level_space(cfg: RunConfig, counts: dict[str, int]) -> LevelSpace:
                                    min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity)
 
 
-def _msp_search(model, tokenizer, cfg: RunConfig, continuous: dict[str, float], scores: dict[str, float], *, device,
+def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous: dict[str, float], scores: dict[str, float], *, device,
                 run_dir: Path | None, progress: bool) -> Allocation:
     s = cfg.search
     counts = param_counts(model)
     space = level_space(cfg, counts)
     init = space.snap(continuous)
     n_cal = s.calibration_samples or cfg.data.calibration_samples
-    ids = _calib(tokenizer, cfg, n_cal, cfg.data.seqlen)
+    ids = calib.ids(n_cal, cfg.data.seqlen)
     cache = LevelCache.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=device, progress=progress)
     windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
                            s.fitness_windows * s.fitness_seqlen)
@@ -238,12 +251,13 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
     timer = Timer()
     rd = Path(run_dir) if run_dir is not None else None
     counts = param_counts(model)
-    alloc = allocate(model, tokenizer, cfg, device=device, run_dir=rd, progress=progress, timer=timer)
+    calib = Calibration(tokenizer, cfg)
+    alloc = allocate(model, tokenizer, cfg, device=device, run_dir=rd, progress=progress, timer=timer, calib=calib)
     with timer("prune"):
         if alloc.cache is not None:  # stitched: the searched candidate is already in the model
             seconds = 0.0
         else:
-            ids = _calib(tokenizer, cfg, cfg.data.calibration_samples, cfg.data.seqlen)
+            ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
             rep = prune_layerwise(model, ids, alloc.sparsity_map, cfg.prune.pruner, cfg.prune.options, device=device,
                                   batch_size=cfg.data.batch_size, offload=cfg.prune.offload,
                                   sequential=cfg.prune.sequential, progress=progress)

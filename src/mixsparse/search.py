@@ -4,7 +4,8 @@ Genotype: one integer *offset* per prunable layer; the layer's sparsity is ``tar
 (or, for mixed N:M, the pattern ``(target.n - offset):M``). The budget is exact when
 ``sum(param_count * offset) == 0``, which integer arithmetic keeps exactly:
 
-* mutation moves one level up in one layer and one level down in another layer *of the same size*;
+* mutation moves one layer one level up (down) and layers whose parameter counts sum exactly to its
+  count one level down (up): one layer of the same size or several smaller ones;
 * crossover takes each block from one of two parents, then repairs the budget with
   :func:`mixsparse.allocation.snap_to_grid`.
 
@@ -271,26 +272,62 @@ class SearchResult:
     generations: int
 
 
-def _groups(space: LevelSpace, names: list[str]) -> list[list[str]]:
-    by_size: dict[int, list[str]] = {}
-    for n in names:
-        by_size.setdefault(space.param_counts[n], []).append(n)
-    return [g for g in by_size.values() if len(g) > 1]
+def _level_move(child: Offsets, space: LevelSpace, names: list[str], rng: random.Random) -> bool:
+    """One budget-preserving move, in place: a pivot layer goes one level up (or down) and a random set
+    of other layers whose parameter counts sum *exactly* to the pivot's goes one level the other way.
+
+    The set is one layer of the same size, or several smaller ones (on a LLaMA block an MLP layer's
+    level is paid by q, k, v and o together), so sparsity can flow between attention and MLP and not
+    only between layers of equal shape. Returns False when this draw found no exact set."""
+    counts = space.param_counts
+    pivot = rng.choice(names)
+    d = rng.choice((1, -1))
+
+    def movable(n: str, step: int) -> bool:
+        return space.min_offset <= child[n] + step <= space.max_offset
+
+    if not movable(pivot, d):
+        return False
+    need, taken = counts[pivot], []
+    order = [n for n in names if n != pivot]
+    rng.shuffle(order)
+    for n in order:  # random greedy subset sum: exact, cheap, and any exact set can be drawn
+        if counts[n] <= need and movable(n, -d):
+            taken.append(n)
+            need -= counts[n]
+            if need == 0:
+                break
+    if need:
+        return False
+    child[pivot] += d
+    for n in taken:
+        child[n] -= d
+    return True
 
 
-def mutate(offsets: Offsets, space: LevelSpace, groups: list[list[str]], rng: random.Random, moves: int) -> Offsets:
-    """``moves`` budget-preserving level moves: +1 in one layer, -1 in another of the same size."""
+def mutate(offsets: Offsets, space: LevelSpace, rng: random.Random, moves: int) -> Offsets:
+    """``moves`` budget-preserving level moves (see :func:`_level_move`); a move that finds no exact
+    compensation is drawn again (up to 20 times)."""
     child = dict(offsets)
-    weights = [len(g) for g in groups]
+    names = list(child)
     for _ in range(moves):
         for _attempt in range(20):
-            g = rng.choices(groups, weights=weights)[0]
-            up, down = rng.sample(g, 2)
-            if child[up] < space.max_offset and child[down] > space.min_offset:
-                child[up] += 1
-                child[down] -= 1
+            if _level_move(child, space, names, rng):
                 break
     return child
+
+
+def _has_move(space: LevelSpace) -> bool:
+    """True when some pair of layers shares a size or some layer's size is a sum of others'."""
+    sizes = sorted(space.param_counts.values())
+    if len(sizes) != len(set(sizes)):
+        return True
+    reachable = {0}  # subset sums of the smaller layers (sizes are distinct here, so few layers)
+    for s in sizes:
+        if s in reachable:
+            return True
+        reachable |= {r + s for r in reachable if r + s <= sizes[-1]}
+    return False
 
 
 def crossover(a: Offsets, b: Offsets, space: LevelSpace, blocks_of: dict[str, int], rng: random.Random) -> Offsets:
@@ -310,6 +347,7 @@ def _config_fingerprint(space: LevelSpace, config: SearchConfig, init: list[Offs
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("generations", "patience")},
         "init": [sorted(o.items()) for o in init],
         "extra": extra,
+        "operators": 2,  # bumped when mutation/crossover change: an old checkpoint must not resume
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -334,9 +372,8 @@ def evolutionary_search(
             raise ConfigError("initial allocation does not cover exactly the prunable layers")
         if space.residual(o) != 0:
             raise SparsityError("initial allocation breaks the global budget")
-    groups = _groups(space, names)
-    if not groups:
-        raise SparsityError("no two prunable layers share a size: no budget-preserving move exists")
+    if not _has_move(space):
+        raise SparsityError("no budget-preserving move exists: no prunable layer's size equals another's or a sum of others'")
     blocks_of = blocks_of or {n: i for i, n in enumerate(names)}
     fp = _config_fingerprint(space, config, init, fingerprint_extra or {})
     ckpt = Path(checkpoint) if checkpoint else None
@@ -365,7 +402,7 @@ def evolutionary_search(
         tries = 0
         while len(population) < config.population and tries < 50 * config.population:
             tries += 1
-            cand = mutate(init[0], space, groups, rng, config.init_perturbations)
+            cand = mutate(init[0], space, rng, config.init_perturbations)
             if Fitness.key(cand) not in seen:
                 population.append(cand)
                 seen.add(Fitness.key(cand))
@@ -394,7 +431,7 @@ def evolutionary_search(
                     child = crossover(pa, pb, space, blocks_of, rng)
                 else:
                     child = dict(rng.choice(population))
-                child = mutate(child, space, groups, rng, rng.randint(1, config.max_mutations))
+                child = mutate(child, space, rng, rng.randint(1, config.max_mutations))
                 if Fitness.key(child) not in keys:
                     keys.add(Fitness.key(child))
                     children.append(child)
