@@ -26,3 +26,40 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "sparsegpt" in out and "msp" in out
+
+
+def _search_argv(model_dir, corpus, out):
+    return ["search", "--model", str(model_dir), "--calibration", str(corpus), "--sparsity", "0.5",
+            "--calib-samples", "2", "--seqlen", "32", "--device", "cpu", "--quiet",
+            "--set", f"data.validation={corpus}", "--set", "search.fitness_seqlen=32",
+            "--set", "search.fitness_windows=2", "--set", "search.stages=[[1,2],[2,1]]",
+            "--set", "search.generations=2", "--set", "search.offspring=3", "--set", "search.population=2",
+            "--set", "allocation.sensitivity_samples=2", "--set", "allocation.sensitivity_seqlen=32",
+            "--set", "search.step=0.1", "--set", "search.max_shift=0.2", "--out", str(out)]
+
+
+def test_search_under_torchrun_matches_one_process(tiny_llama_dir, tmp_path):
+    """`torchrun -m mixsparse search` with 2 CPU processes (gloo) finds the one-process allocation."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = ["the", "river", "model", "quiet", "stone", "light", "paper", "north", "green", "seven"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mixsparse", *_search_argv(tiny_llama_dir, corpus, tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mixsparse", *_search_argv(tiny_llama_dir, corpus, tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("one", "two"))
+    assert b["processes"] == 2 and a["processes"] == 1
+    assert a["per_layer"] == b["per_layer"]
+    assert a["search"]["evaluations"] == b["search"]["evaluations"]
+    assert (tmp_path / "two" / "allocation.yaml").exists() and (tmp_path / "two" / "search_state.json").exists()

@@ -242,3 +242,45 @@ def test_search_config_validation():
         SearchConfig(stages=[[0, 1]])
     with pytest.raises(ConfigError):
         SearchConfig(crossover_rate=2)
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        space, fit = _setup()
+        fit.group = dist.group.WORLD
+        init = {n: 0 for n in space.param_counts}
+        res = evolutionary_search(fit, space, [init], SearchConfig(generations=3, **CFG), progress=False,
+                                  checkpoint=f"{out_dir}/state.json", write_checkpoint=rank == 0)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump({"offsets": res.offsets, "fitness": res.fitness, "evaluations": res.evaluations,
+                       "local": fit.local_evaluations}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_search_shared_over_two_processes_equals_one_process(tmp_path):
+    """Data-parallel fitness (torch.distributed, gloo on CPU here, NCCL on GPUs): the ranks split the
+    window evaluations and all take the single-process search path."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    space, fit = _setup()
+    init = {n: 0 for n in space.param_counts}
+    single = evolutionary_search(fit, space, [init], SearchConfig(generations=3, **CFG), progress=False)
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["offsets"] == single.offsets
+        assert r["fitness"] == pytest.approx(single.fitness, rel=1e-6)
+        assert r["evaluations"] == single.evaluations
+    # each rank forwarded about half of the windows, together all of them
+    assert sum(r["local"] for r in ranks) == single.evaluations
+    assert min(r["local"] for r in ranks) >= single.evaluations // 2 - 8
+    assert (tmp_path / "state.json").exists()  # written by rank 0 only

@@ -65,7 +65,14 @@ def _load(args: argparse.Namespace, extra: dict | None = None):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    import os
+
+    from .errors import ConfigError
     from .pipeline import run
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("`mixsparse prune` runs in one process; share a search over GPUs with "
+                          "`torchrun --standalone --nproc_per_node=N -m mixsparse search ...`, then prune with --allocation-file")
 
     extra = {}
     if args.no_zeroshot:
@@ -79,19 +86,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from .distributed import from_env, shutdown
+    from .io import atomic_write_json
     from .loading import load_model
     from .modeling import param_counts
     from .pipeline import allocate, resolve_device, save_allocation
-    from .io import atomic_write_json
 
     cfg = _load(args, {"prune.allocation": args.allocation or "msp"})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
-    alloc = allocate(model, tok, cfg, device=resolve_device(cfg.model.device), run_dir=out, progress=not args.quiet)
-    path = save_allocation(out / "allocation.yaml", alloc, cfg, param_counts(model))
-    atomic_write_json(out / "search.json", {"command": _command(), "config": cfg.to_dict(), "search": alloc.search,
-                                            "sensitivity": alloc.sensitivity, "per_layer": alloc.sparsity_map.to_dict()})
+    workers = from_env()  # under torchrun: the ranks share the search's fitness evaluations
+    try:
+        main = workers is None or workers.is_main
+        device = workers.device if workers and workers.device is not None else resolve_device(cfg.model.device)
+        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+        alloc = allocate(model, tok, cfg, device=device, run_dir=out, progress=main and not args.quiet, workers=workers)
+        if not main:
+            return 0
+        path = save_allocation(out / "allocation.yaml", alloc, cfg, param_counts(model))
+        atomic_write_json(out / "search.json", {
+            "command": _command(), "config": cfg.to_dict(), "search": alloc.search, "sensitivity": alloc.sensitivity,
+            "per_layer": alloc.sparsity_map.to_dict(), "processes": workers.world if workers else 1})
+    finally:
+        shutdown(workers)
     print(f"allocation ({alloc.method}, average {alloc.sparsity_map.average():.4f}) saved to {path}")
     print(f"reuse it with any pruner: mixsparse prune --allocation-file {path} --pruner sparsegpt --out RUN_DIR")
     return 0

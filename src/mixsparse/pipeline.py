@@ -113,9 +113,10 @@ def fisher_scores(model, calib: Calibration, cfg: RunConfig, device, cache_dir: 
 
 def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Path | None = None,
              cache_dir: Path | None = None, progress: bool = True, timer: Timer | None = None,
-             calib: Calibration | None = None) -> Allocation:
+             calib: Calibration | None = None, workers=None) -> Allocation:
     """Per-layer sparsity for ``cfg.prune.allocation``; never looks at the test split. Sensitivity
-    scores are cached in ``cache_dir`` (default ``run_dir/cache``), the search state in ``run_dir``."""
+    scores are cached in ``cache_dir`` (default ``run_dir/cache``), the search state in ``run_dir``.
+    ``workers`` (:func:`mixsparse.distributed.from_env`) shares the search's evaluations over ranks."""
     timer = timer or Timer()
     calib = calib or Calibration(tokenizer, cfg)
     method, target, a = cfg.prune.allocation, cfg.prune.sparsity, cfg.allocation
@@ -164,7 +165,7 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
             return Allocation(method, SparsityMap(continuous, counts), scores, "fisher")
         with timer("search"):
             return _msp_search(model, tokenizer, calib, cfg, continuous, scores, device=device, run_dir=run_dir,
-                               progress=progress)
+                               progress=progress, workers=workers)
     raise ConfigError(f"unknown allocation {method!r}")
 
 
@@ -179,8 +180,8 @@ def level_space(cfg: RunConfig, counts: dict[str, int]) -> LevelSpace:
                                    min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity)
 
 
-def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous: dict[str, float], scores: dict[str, float], *, device,
-                run_dir: Path | None, progress: bool) -> Allocation:
+def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous: dict[str, float],
+                scores: dict[str, float], *, device, run_dir: Path | None, progress: bool, workers=None) -> Allocation:
     s = cfg.search
     counts = param_counts(model)
     space = level_space(cfg, counts)
@@ -190,12 +191,13 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
     cache = LevelCache.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=device, progress=progress)
     windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
                            s.fitness_windows * s.fitness_seqlen)
-    fitness = Fitness(cache, windows, s.fitness, device=device)
+    fitness = Fitness(cache, windows, s.fitness, device=device, group=workers.group if workers else None)
     uniform_offsets = {n: 0 for n in counts}
     result = evolutionary_search(
         fitness, space, [init, uniform_offsets], s.core(),
         blocks_of=block_index_map(model, list(counts)),
         checkpoint=(run_dir / "search_state.json") if run_dir is not None else None,
+        write_checkpoint=workers is None or workers.is_main,
         fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
                            "calibration": [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed],
                            "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen]},

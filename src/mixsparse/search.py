@@ -191,10 +191,14 @@ class Fitness:
     """Mean per-window KL(dense || candidate) (or NLL for ``ppl``) on held-out windows; per-window
     results are memoised per candidate so a later stage only evaluates the windows it adds."""
 
-    def __init__(self, cache: LevelCache, windows: torch.Tensor, kind: str = "kl", device=None):
+    def __init__(self, cache: LevelCache, windows: torch.Tensor, kind: str = "kl", device=None, group=None):
+        """``group``: a ``torch.distributed`` process group whose ranks share the evaluations (see
+        :meth:`prefetch`); every rank must run the same search with the same seed."""
         if kind not in ("kl", "ppl"):
             raise ConfigError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
         self.cache, self.windows, self.kind, self.device = cache, windows, kind, device
+        self.group = group
+        self.local_evaluations = 0  # windows this process forwarded itself (a share of ``evaluations``)
         self.reference: DenseReference | None = None
         if kind == "kl":
             cache.restore_dense()
@@ -215,6 +219,44 @@ class Fitness:
         s, n = mean_kl(self.reference.logprobs[i], logits)
         return s / n
 
+    def prefetch(self, candidates: list[Offsets], n_windows: int) -> None:
+        """Score every (candidate, window) pair the memo lacks. In a process group the pairs are dealt
+        out round-robin over the ranks and the scores all-gathered, so every rank ends with the same
+        memo and therefore takes the same search path (data-parallel fitness, no extra protocol)."""
+        todo, queued = [], set()
+        for offsets in candidates:
+            key = self.key(offsets)
+            if key in queued:
+                continue
+            queued.add(key)
+            todo += [(key, offsets, i) for i in range(len(self.memo.get(key, [])), n_windows)]
+        if not todo:
+            return
+        rank, world = 0, 1
+        if self.group is not None:
+            import torch.distributed as dist
+
+            rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        mine = {}
+        for j in range(rank, len(todo), world):
+            _, offsets, i = todo[j]
+            self.cache.apply(offsets)
+            s = self._window_score(i)
+            mine[j] = s if math.isfinite(s) else math.inf
+            self.local_evaluations += 1
+        if world > 1:
+            import torch.distributed as dist
+
+            parts: list = [None] * world
+            dist.all_gather_object(parts, mine, group=self.group)
+            for p in parts:
+                mine.update(p)
+        for j, (key, _, i) in enumerate(todo):  # windows of one key are queued in order
+            scores = self.memo.setdefault(key, [])
+            assert len(scores) == i
+            scores.append(mine[j])
+        self.evaluations += len(todo)
+
     def __call__(self, offsets: Offsets, n_windows: int) -> float:
         scores = self.memo.setdefault(self.key(offsets), [])
         if len(scores) < n_windows:
@@ -223,6 +265,7 @@ class Fitness:
                 s = self._window_score(i)
                 scores.append(s if math.isfinite(s) else math.inf)
                 self.evaluations += 1
+                self.local_evaluations += 1
         vals = scores[:n_windows]
         return sum(vals) / len(vals)
 
@@ -360,12 +403,14 @@ def evolutionary_search(
     *,
     blocks_of: dict[str, int] | None = None,
     checkpoint: str | Path | None = None,
+    write_checkpoint: bool = True,
     fingerprint_extra: dict | None = None,
     progress: bool = True,
     on_generation: Callable[[int, dict], None] | None = None,
 ) -> SearchResult:
     """Run the EA from ``init`` (first entry: the sensitivity-derived allocation). Resumes from
-    ``checkpoint`` when it exists and was written by the same settings."""
+    ``checkpoint`` when it exists and was written by the same settings. In a process group every rank
+    reads the checkpoint but only one writes it (``write_checkpoint``)."""
     names = list(space.param_counts)
     for o in init:
         if set(o) != set(names):
@@ -411,6 +456,11 @@ def evolutionary_search(
     def score(o: Offsets) -> float:
         return fitness(o, final_w)
 
+    def prefetch(cands: list[Offsets], windows: int) -> None:
+        if hasattr(fitness, "prefetch"):  # batch of evaluations: shared out over ranks in a process group
+            fitness.prefetch(cands, windows)
+
+    prefetch(population, final_w)
     population.sort(key=score)
     best = score(population[0])
     if not history:
@@ -437,7 +487,9 @@ def evolutionary_search(
                     children.append(child)
             survivors = children
             for windows, keep in config.stages:
+                prefetch(survivors, windows)
                 survivors = sorted(survivors, key=lambda c, w=windows: fitness(c, w))[:keep]
+            prefetch(population + survivors, final_w)
             population = sorted(population + survivors, key=score)[: config.population]
             gen += 1
             new_best = score(population[0])
@@ -447,12 +499,12 @@ def evolutionary_search(
             history.append(rec)
             if on_generation is not None:
                 on_generation(gen, rec)
-            if ckpt:
+            if ckpt and write_checkpoint:
                 _save_checkpoint(ckpt, fp, population, rng, history, gen, best_streak, rec["seconds"], fitness)
             bar.update(1)
             bar.set_postfix(best=f"{best:.4g}")
     except KeyboardInterrupt:
-        if ckpt:
+        if ckpt and write_checkpoint:
             log.warning("search interrupted: state of generation %d kept in %s (run again to resume)", gen, ckpt)
         raise
     finally:
