@@ -120,3 +120,36 @@ def test_magnitude_needs_no_data():
     counts = param_counts(model)
     report = prune_layerwise(model, None, SparsityMap.uniform(0.5, counts), "magnitude", progress=False)
     assert report.overall(counts) == pytest.approx(0.5)
+
+
+def test_device_map_dispatched_model_is_taken_over(tiny_llama):
+    """A model dispatched by accelerate (hooks, hf_device_map) prunes like a plain one."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    model, _ = tiny_llama
+    plain = copy.deepcopy(model)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    dispatched = dispatch_model(model, device_map={"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                                                   "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    assert hasattr(dispatched, "hf_device_map")
+    smap = SparsityMap.uniform(0.5, param_counts(plain))
+    prune_layerwise(plain, ids, smap, "wanda", progress=False)
+    prune_layerwise(dispatched, ids, smap, "wanda", progress=False)
+    assert not hasattr(dispatched, "hf_device_map")
+    for (n, a), (_, b) in zip(plain.named_parameters(), dispatched.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_offloaded_meta_weights_are_a_clear_error(tiny_llama, tmp_path):
+    from accelerate import dispatch_model
+
+    from mixsparse.errors import ConfigError
+
+    model, _ = tiny_llama
+    offloaded = dispatch_model(model, device_map={"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                                                  "model.rotary_emb": "cpu", "lm_head": "cpu"},
+                               offload_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="offloaded by accelerate"):
+        LayerwiseRunner(offloaded)

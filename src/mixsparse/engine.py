@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import batches as split_batches
 from .errors import DataError, SparsityError
-from .modeling import block_linears, find_decoder_blocks
+from .modeling import block_linears, find_decoder_blocks, take_placement
 from .pruners import LayerPruner, get_pruner
 from .sparsity import SparsityMap, sparsity_of
 
@@ -109,6 +109,7 @@ class BlockInputs:
 class LayerwiseRunner:
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, offload: bool = True):
         self.model = model
+        take_placement(model)  # a device_map-dispatched model is gathered on the CPU; offloaded weights are refused
         self.blocks_name, self.blocks = find_decoder_blocks(model)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.store = torch.device("cpu") if offload else self.device

@@ -92,3 +92,30 @@ def layer_kind(layer_name: str, blocks_name: str) -> str:
     """Name inside the block ('self_attn.q_proj'): layers of one kind share a shape."""
     rest = layer_name[len(blocks_name) + 1 :]
     return rest.split(".", 1)[1]
+
+
+def take_placement(model: nn.Module) -> None:
+    """Make a model dispatched by accelerate (``device_map=...``) safe for the layer-wise engine,
+    which places blocks itself (one on the device at a time).
+
+    accelerate's hooks move each block's inputs to the device the map gave it, which would fight the
+    engine's placement; they are removed and the model is gathered on the CPU. Weights offloaded to
+    disk or CPU maps (parameters on the ``meta`` device) cannot be pruned in place: that is a clear
+    error, not a device-mismatch traceback from inside a forward pass.
+    """
+    if not hasattr(model, "hf_device_map") and not any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{len(meta)} parameters (e.g. {meta[0]}) are offloaded by accelerate's device_map (meta tensors); "
+            "load the model on the CPU instead (mixsparse.load_model, or from_pretrained without device_map): "
+            "the engine moves one decoder block at a time to the device itself")
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(model, recurse=True)
+    model.to("cpu")
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map
