@@ -14,7 +14,6 @@ import copy
 import json
 from pathlib import Path
 
-import torch
 
 from common import RESULTS, Results, command_line, fmt, measure, write_markdown
 from mixsparse.data import calibration_ids, eval_windows, load_corpus
