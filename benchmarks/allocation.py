@@ -182,6 +182,40 @@ def render(res: Results, out: str) -> None:
     lines += ["", "MSP search time includes the Fisher trace (cached after the first run), the level cache and the "
               "evolutionary search. Measured overall sparsity (counted zeros), allocation time and the search curve of "
               "each run are in the JSON file.", ""]
+    # time each method took to allocate, as measured in this run (sensitivity scores are computed by the
+    # first run that needs them and read from the cache afterwards, so later cells show ~0 for them)
+    lines += ["## Allocation time (seconds, measured when each cell ran)", "",
+              "| target | pruner | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for t in targets:
+        for p in pruners:
+            row = [e.get(f"{m}/{p}@{t}") for m in METHODS]
+            if any(row):
+                cells = ["—" if r is None else ("reused map" if r.get("searched_with") else fmt(r["allocation_seconds"], 0))
+                         for r in row]
+                lines.append(f"| {t} | {p} | " + " | ".join(cells) + " |")
+    lines += ["", "A cell of ~0-2 s for Fisher/Hessian means the scores came from the cache filled by an earlier cell "
+              "(the first computation is the largest number in its column).", ""]
+    older = sorted(k for k in e if k.startswith("msp-sameshape/"))
+    if older:
+        lines += ["## Search operators: same-shape moves vs moves between any layer sizes", "",
+                  "`msp-sameshape` entries come from an earlier search whose mutation moved a level only between "
+                  "two layers of the same shape (so the attention/MLP split stayed as the Fisher mapping set it); "
+                  "the current mutation pays a level of one layer with layers whose sizes sum exactly to it "
+                  "(an MLP layer with q, k, v, o).", "",
+                  "| cell | same-shape moves | any-size moves |", "|---|---|---|"]
+        for k in older:
+            cell = k.split("/", 1)[1]
+            old, new = e[k], e.get(f"msp/{cell}")
+
+            def desc(r):
+                if r is None:
+                    return "—"
+                if r.get("searched_with"):
+                    return f"{fmt(r['ppl'])} (map searched with {r['searched_with']})"
+                return f"{fmt(r['ppl'])} ({(r.get('search') or {}).get('generations', '?')} gen.)"
+
+            lines.append(f"| {cell} | {desc(old)} | {desc(new)} |")
+        lines.append("")
     write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
     for t in targets:
         allocs = {f"{v['method']}/{v['pruner']}": v["per_layer"] for k, v in e.items()
