@@ -1,8 +1,10 @@
-"""How the searched allocation is turned into the final model: "stitched" (exactly the candidate the
-search scored: every layer's pruned weights from the level cache, computed on dense activations) vs
-"sequential" (prune again layer by layer, each layer calibrated on the already-pruned model's
-activations; the default). Reads the MSP maps from allocation.json; test perplexity on the same
-windows as allocation.py.
+"""One-shot vs sequential pruning for every allocation method's per-layer map.
+
+"sequential" (the engine's default, as in the Wanda/SparseGPT reference code) calibrates each block on
+the outputs of the already-pruned blocks before it; "one-shot" calibrates every block on dense
+activations. For MSP, one-shot is exactly the "stitched" candidate the search scored (its level cache
+is pruned on dense activations), which is why ``search.final: stitched`` is the default. Maps come
+from allocation.json; same calibration and test windows as allocation.py.
 
     python final_mode.py --targets 0.7,0.8 --calib-samples 8 --eval-tokens 8192
 """
@@ -14,15 +16,16 @@ import copy
 import json
 from pathlib import Path
 
-
 from common import RESULTS, Results, command_line, fmt, measure, write_markdown
 from mixsparse.data import calibration_ids, eval_windows, load_corpus
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
 from mixsparse.loading import load_model
 from mixsparse.modeling import param_counts
-from mixsparse.search import LevelCache, LevelSpace
 from mixsparse.sparsity import SparsityMap
+
+METHODS = ["uniform", "owl", "hessian", "fisher", "msp"]
+MODES = {"sequential": True, "one-shot": False}
 
 
 def main() -> None:
@@ -46,34 +49,39 @@ def main() -> None:
                                              "calibration": f"wiki calibration split, {args.calib_samples}x{args.seqlen}",
                                              "evaluation": f"wiki test split, {test.numel()} tokens"})
     for t in args.targets.split(","):
-        entry = alloc.get(f"msp/{args.pruner}@{t}")
-        if entry is None:
-            print(f"skip {t}: no msp/{args.pruner}@{t} in {args.allocation}")
-            continue
-        smap = SparsityMap(entry["per_layer"], counts)
-        if not res.has(f"sequential@{t}"):
-            model.load_state_dict(pristine)
-            with measure() as m:
-                prune_layerwise(model, calib, smap, args.pruner, progress=False)
-            res.add(f"sequential@{t}", {"target": t, "mode": "sequential", "ppl": perplexity(model, test, progress=False),
-                                        "seconds": m["seconds"]})
-        if not res.has(f"stitched@{t}"):
-            model.load_state_dict(pristine)
-            space = LevelSpace.unstructured(float(t), counts, step=0.05, max_shift=0.25)
-            with measure() as m:
-                cache = LevelCache.build(model, space, calib, args.pruner, progress=False)
-                cache.apply(space.snap({n: float(v) for n, v in entry["per_layer"].items()}))
-            res.add(f"stitched@{t}", {"target": t, "mode": "stitched", "ppl": perplexity(model, test, progress=False),
-                                      "seconds": m["seconds"]})
-        print(t, {k: round(v["ppl"], 1) for k, v in res.data["entries"].items() if k.endswith(t)}, flush=True)
-    e = res.data["entries"]
-    lines = ["# Final model from a searched allocation: sequential re-pruning vs the stitched candidate", "",
-             f"Command: `{res.data['meta']['command']}`; pruner {args.pruner}; {res.data['meta']['calibration']}; "
-             f"{res.data['meta']['evaluation']}. Maps: `msp/{args.pruner}@target` of allocation.json.", "",
-             "| target | sequential (default) | stitched |", "|---|---|---|"]
+        for method in METHODS:
+            entry = alloc.get(f"{method}/{args.pruner}@{t}")
+            if entry is None:
+                print(f"skip {method}@{t}: not in {args.allocation}")
+                continue
+            smap = SparsityMap(entry["per_layer"], counts)
+            for mode, sequential in MODES.items():
+                key = f"{method}/{mode}@{t}"
+                if res.has(key):
+                    continue
+                model.load_state_dict(pristine)
+                with measure() as m:
+                    prune_layerwise(model, calib, smap, args.pruner, sequential=sequential, progress=False)
+                ppl = perplexity(model, test, progress=False)
+                res.add(key, {"target": t, "method": method, "mode": mode, "ppl": ppl, "prune_seconds": m["seconds"]})
+                print(f"{key}: {ppl:.1f}", flush=True)
+    render(res, args.out)
+
+
+def render(res: Results, out: str) -> None:
+    e, meta = res.data["entries"], res.data["meta"]
+    lines = ["# One-shot vs sequential pruning of each method's per-layer map", "",
+             f"Command: `{meta['command']}`; pruner {meta['pruner']}; {meta['calibration']}; {meta['evaluation']}. "
+             "Maps: `METHOD/PRUNER@TARGET` of allocation.json (MSP: the searched map; its one-shot model is the "
+             "stitched candidate the search scored).", "",
+             "| target | mode | " + " | ".join(METHODS) + " | MSP / uniform (same mode) |", "|---|---|" + "---|" * (len(METHODS) + 1)]
     for t in sorted({v["target"] for v in e.values()}):
-        lines.append(f"| {t} | {fmt(e.get(f'sequential@{t}', {}).get('ppl'))} | {fmt(e.get(f'stitched@{t}', {}).get('ppl'))} |")
-    write_markdown(Path(args.out + ".md"), "\n".join(lines) + "\n")
+        for mode in MODES:
+            row = {m: e.get(f"{m}/{mode}@{t}") for m in METHODS}
+            ratio = fmt(row["msp"]["ppl"] / row["uniform"]["ppl"], 3) if row["msp"] and row["uniform"] else "—"
+            lines.append(f"| {t} | {mode} | " + " | ".join(fmt(r["ppl"]) if r else "—" for r in row.values())
+                         + f" | {ratio} |")
+    write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
