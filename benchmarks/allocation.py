@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "allocation"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--variant", help="store MSP cells as msp-VARIANT/... (e.g. a longer search: copy msp/PRUNER_TARGET/"
+                                      "search_state.json into the variant's work dir first to extend that search)")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the Markdown and plots from the JSON")
     args = ap.parse_args()
     if args.render_only:
@@ -115,7 +117,7 @@ def main() -> None:
         entry = {"target": str(target), "method": method, "pruner": pruner, "ppl": ppl, "sparsity": overall,
                  "requested_average": alloc.sparsity_map.average(counts), "allocation_seconds": round(alloc_s, 1),
                  "prune_seconds": m["seconds"], "per_layer": alloc.sparsity_map.to_dict(),
-                 "sensitivity_kind": alloc.sensitivity_kind, "searched_with": searched_with}
+                 "sensitivity_kind": alloc.sensitivity_kind, "searched_with": searched_with, "command": command_line()}
         if alloc.search:
             entry["search"] = {k: v for k, v in alloc.search.items() if k != "history"}
             entry["search_history"] = alloc.search["history"]
@@ -126,7 +128,8 @@ def main() -> None:
         for target in args.targets.split(","):
             for pruner in args.pruners.split(","):
                 for method in args.methods.split(","):
-                    run(f"{method}/{pruner}@{target}", float(target), method, pruner)
+                    tag = f"{method}-{args.variant}" if args.variant and method == "msp" else method
+                    run(f"{tag}/{pruner}@{target}", float(target), method, pruner)
             render(res, args.out)
     if args.nm or args.nm_only:
         for pruner in args.pruners.split(","):
@@ -195,6 +198,15 @@ def render(res: Results, out: str) -> None:
                 lines.append(f"| {t} | {p} | " + " | ".join(cells) + " |")
     lines += ["", "A cell of ~0-2 s for Fisher/Hessian means the scores came from the cache filled by an earlier cell "
               "(the first computation is the largest number in its column).", ""]
+    variants = sorted(k for k in e if k.startswith("msp-") and not k.startswith(("msp-sameshape", "msp-seqfinal")))
+    if variants:
+        lines += ["## Other MSP search settings", "", "| cell | test perplexity | generations | search (s) | command |",
+                  "|---|---|---|---|---|"]
+        for k in variants:
+            r = e[k]
+            lines.append(f"| {k} | {fmt(r['ppl'])} | {(r.get('search') or {}).get('generations', '—')} | "
+                         f"{fmt((r.get('search') or {}).get('seconds'), 0)} | `{r.get('command', '—')}` |")
+        lines.append("")
     older = sorted(k for k in e if k.startswith("msp-sameshape/"))
     if older:
         lines += ["## Search operators: same-shape moves vs moves between any layer sizes", "",
