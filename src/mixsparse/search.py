@@ -277,7 +277,7 @@ class Fitness:
 class SearchConfig:
     """Knobs of the search; every field is a YAML key of the ``search`` section."""
 
-    generations: int = 30  # upper bound; ~18 s each on the embedded model on 2 CPU cores (4 x 512-token windows)
+    generations: int = 30  # upper bound; ~22 s each on the embedded model on 2 CPU cores (8 children: 17 windows of 512 tokens)
     population: int = 4  # parents kept (elitism: the best always survive)
     offspring: int = 8  # children per generation
     stages: list = field(default_factory=lambda: [[1, 3], [4, 1]])  # [[windows, survivors], ...]
