@@ -200,7 +200,11 @@ def render(res: Results, out: str) -> None:
               "(the first computation is the largest number in its column).", ""]
     variants = sorted(k for k in e if k.startswith("msp-") and not k.startswith(("msp-sameshape", "msp-seqfinal")))
     if variants:
-        lines += ["## Other MSP search settings", "", "| cell | test perplexity | generations | search (s) | command |",
+        lines += ["## Other MSP search settings", "",
+                  "A variant whose work directory was seeded with the default cell's `search_state.json` continues that "
+                  "search along the same trajectory (msp-g100: the 50-generation search at 80% run on to 100), so its "
+                  "generations and seconds include the default cell's.", "",
+                  "| cell | test perplexity | generations | search (s) | command |",
                   "|---|---|---|---|---|"]
         for k in variants:
             r = e[k]

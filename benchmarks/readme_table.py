@@ -36,7 +36,10 @@ def table(entries: dict) -> str:
     for p in ["wanda", "sparsegpt"]:
         u, m = entries.get(f"uniform/{p}@2:4"), entries.get(f"msp/{p}@2:4")
         if u:
-            mixed = f"{m['ppl']:,.0f} (mixed 1:4/2:4/3:4)" if m else "—"
+            mixed = "—"
+            if m:
+                how = f", map searched with {m['searched_with']}" if m.get("searched_with") else ""
+                mixed = f"{m['ppl']:,.0f} (mixed 1:4/2:4/3:4{how})"
             ratio = f"{m['ppl'] / u['ppl']:.2f}x" if m else "—"
             rows.append(f"| 2:4 avg | {p} | {u['ppl']:,.0f} (uniform 2:4) | | | | {mixed} | {ratio} | |")
     return "\n".join(rows)
