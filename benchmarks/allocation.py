@@ -234,8 +234,9 @@ def render(res: Results, out: str) -> None:
         lines.append("")
     write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
     for t in targets:
+        # the main table's cells only (variants and superseded entries share method/pruner names)
         allocs = {f"{v['method']}/{v['pruner']}": v["per_layer"] for k, v in e.items()
-                  if k != "dense" and "/" in k and v["target"] == t and ":" not in t}
+                  if k != "dense" and k.split("/")[0] in METHODS and v["target"] == t and ":" not in t}
         # one line per method when every pruner got the same map (allocation never depends on the pruner)
         for method in METHODS:
             same = [k for k in allocs if k.startswith(method + "/")]
