@@ -258,15 +258,9 @@ class Fitness:
         self.evaluations += len(todo)
 
     def __call__(self, offsets: Offsets, n_windows: int) -> float:
-        scores = self.memo.setdefault(self.key(offsets), [])
-        if len(scores) < n_windows:
-            self.cache.apply(offsets)
-            for i in range(len(scores), n_windows):
-                s = self._window_score(i)
-                scores.append(s if math.isfinite(s) else math.inf)
-                self.evaluations += 1
-                self.local_evaluations += 1
-        vals = scores[:n_windows]
+        # the memo is filled by prefetch alone (in a process group every rank makes the same calls)
+        self.prefetch([offsets], n_windows)
+        vals = self.memo[self.key(offsets)][:n_windows]
         return sum(vals) / len(vals)
 
 
