@@ -5,6 +5,7 @@
   ``add_special_tokens`` is on).
 - ``tiny_llama``: ``(model, tokenizer)``, a tiny random Llama (vocab 128, 2 layers) in eval mode.
 - ``tiny_llama_dir``: that pair saved as a Hugging Face directory (safetensors).
+- ``word_corpus``: a small .txt corpus (40 paragraphs of seeded random words) for the text-file loader.
 - ``embedded``: ``(model, tokenizer)`` of the real embedded SmolLM2, loaded once per session; for
   tests marked ``@pytest.mark.integration`` only. Do not modify it in place (prune a deep copy).
 """
@@ -52,6 +53,17 @@ def tiny_llama_dir(tiny_llama, tmp_path):
     path = tmp_path / "tiny-llama"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def word_corpus(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "river", "model", "quiet", "stone", "light", "paper", "north", "green", "seven"]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
     return path
 
 

@@ -38,18 +38,14 @@ def _search_argv(model_dir, corpus, out):
             "--set", "search.step=0.1", "--set", "search.max_shift=0.2", "--out", str(out)]
 
 
-def test_search_under_torchrun_matches_one_process(tiny_llama_dir, tmp_path):
+def test_search_under_torchrun_matches_one_process(tiny_llama_dir, word_corpus, tmp_path):
     """`torchrun -m mixsparse search` with 2 CPU processes (gloo) finds the one-process allocation."""
     import json
     import os
-    import random
     import subprocess
     import sys
 
-    rng = random.Random(0)
-    words = ["the", "river", "model", "quiet", "stone", "light", "paper", "north", "green", "seven"]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
+    corpus = word_corpus
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "mixsparse", *_search_argv(tiny_llama_dir, corpus, tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=180)

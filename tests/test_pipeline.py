@@ -2,7 +2,6 @@
 sequential re-pruning of its map, exactly."""
 
 import copy
-import random
 
 import pytest
 import torch
@@ -12,15 +11,6 @@ from mixsparse.engine import prune_layerwise
 from mixsparse.modeling import param_counts
 from mixsparse.pipeline import Calibration, prune
 from mixsparse.sparsity import SparsityMap
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = random.Random(0)
-    words = ["the", "river", "model", "quiet", "stone", "light", "paper", "north", "green", "seven"]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
-    return path
 
 
 def _cfg(corpus, final):
@@ -34,10 +24,10 @@ def _cfg(corpus, final):
 
 
 @pytest.mark.parametrize("final", ["stitched", "sequential"])
-def test_final_model_is_the_searched_map_pruned_one_shot_or_sequentially(tiny_llama, corpus, final):
+def test_final_model_is_the_searched_map_pruned_one_shot_or_sequentially(tiny_llama, word_corpus, final):
     model, tok = tiny_llama
     dense = copy.deepcopy(model)
-    cfg = _cfg(corpus, final)
+    cfg = _cfg(word_corpus, final)
     rec = prune(model, tok, cfg, progress=False)
     smap = SparsityMap(rec["allocation"]["per_layer"], param_counts(model))
     assert smap.average() == pytest.approx(0.5, abs=1e-12)
