@@ -12,19 +12,16 @@ pruned model, for the reported perplexity. Sensitivity scores are computed once 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, measure, write_markdown
+from common import RESULTS, Results, command_line, fmt, load_setup, measure, write_markdown
 from mixsparse.config import load_config
-from mixsparse.data import calibration_ids, eval_windows, load_corpus
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.loading import load_model
 from mixsparse.modeling import param_counts, prunable_linears
 from mixsparse.pipeline import allocate
 from mixsparse.report import plot_allocations
@@ -66,11 +63,8 @@ def main() -> None:
         base["search.generations"] = args.generations
     base.update(dict(parse_override(s) for s in args.set))
 
-    model, tok = load_model(args.model)
-    pristine = copy.deepcopy(model.state_dict())
+    model, tok, pristine, calib, test = load_setup(args.model, args.calib_samples, args.seqlen, args.eval_tokens)
     counts = param_counts(model)
-    test = eval_windows(tok, load_corpus("wiki", "test"), args.seqlen, args.eval_tokens)
-    calib = calibration_ids(tok, load_corpus("wiki", "calibration"), args.calib_samples, args.seqlen, 0)
     cache_dir = Path(args.out + "_work")
     meta = {"command": command_line(), "model": args.model,
             "calibration": f"wiki calibration split, {args.calib_samples}x{args.seqlen}",

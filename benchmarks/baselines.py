@@ -10,16 +10,13 @@ memory of each run). Uniform allocation; the engine prunes layer by layer, seque
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, measure, write_markdown
-from mixsparse.data import calibration_ids, eval_windows, load_corpus
+from common import RESULTS, Results, command_line, fmt, load_setup, measure, write_markdown
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.loading import load_model
 from mixsparse.modeling import param_counts, prunable_linears
 from mixsparse.sparsity import SparsityMap, measured_sparsity
 
@@ -41,11 +38,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model)
-    pristine = copy.deepcopy(model.state_dict())
+    model, tok, pristine, calib, test = load_setup(args.model, args.calib_samples, args.seqlen, args.eval_tokens, args.seed)
     counts = param_counts(model)
-    calib = calibration_ids(tok, load_corpus("wiki", "calibration"), args.calib_samples, args.seqlen, args.seed)
-    test = eval_windows(tok, load_corpus("wiki", "test"), args.seqlen, args.eval_tokens)
     meta = {"command": command_line(), "model": args.model, "calibration": f"wiki calibration split, {args.calib_samples}x{args.seqlen}",
             "evaluation": f"wiki test split, {test.numel()} tokens in {test.shape[0]} windows of {args.seqlen}",
             "threads": torch.get_num_threads(), "torch": torch.__version__}

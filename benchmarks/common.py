@@ -18,6 +18,21 @@ from mixsparse.io import atomic_write_json, atomic_write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def load_setup(model_name: str, calib_samples: int, seqlen: int, eval_tokens: int, seed: int = 0):
+    """What every perplexity benchmark starts from: the model, its tokenizer, a copy of the dense weights
+    to restore between cells, wiki calibration windows and wiki test windows."""
+    import copy
+
+    from mixsparse.data import calibration_ids, eval_windows, load_corpus
+    from mixsparse.loading import load_model
+
+    model, tok = load_model(model_name)
+    pristine = copy.deepcopy(model.state_dict())
+    calib = calibration_ids(tok, load_corpus("wiki", "calibration"), calib_samples, seqlen, seed)
+    test = eval_windows(tok, load_corpus("wiki", "test"), seqlen, eval_tokens)
+    return model, tok, pristine, calib, test
+
+
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 

@@ -12,15 +12,12 @@ from allocation.json; same calibration and test windows as allocation.py.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
-from common import RESULTS, Results, command_line, fmt, measure, write_markdown
-from mixsparse.data import calibration_ids, eval_windows, load_corpus
+from common import RESULTS, Results, command_line, fmt, load_setup, measure, write_markdown
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.loading import load_model
 from mixsparse.modeling import param_counts
 from mixsparse.sparsity import SparsityMap
 
@@ -44,11 +41,8 @@ def main() -> None:
         return
 
     alloc = json.loads(Path(args.allocation).read_text())["entries"]
-    model, tok = load_model("embedded")
-    pristine = copy.deepcopy(model.state_dict())
+    model, tok, pristine, calib, test = load_setup("embedded", args.calib_samples, args.seqlen, args.eval_tokens)
     counts = param_counts(model)
-    test = eval_windows(tok, load_corpus("wiki", "test"), args.seqlen, args.eval_tokens)
-    calib = calibration_ids(tok, load_corpus("wiki", "calibration"), args.calib_samples, args.seqlen, 0)
     res = Results(Path(args.out + ".json"), {"command": command_line(), "pruner": args.pruner,
                                              "calibration": f"wiki calibration split, {args.calib_samples}x{args.seqlen}",
                                              "evaluation": f"wiki test split, {test.numel()} tokens"})
