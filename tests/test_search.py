@@ -12,7 +12,7 @@ from mixsparse.modeling import param_counts, prunable_linears
 from mixsparse.pruners import get_pruner
 from mixsparse.search import (
     Fitness,
-    LevelCache,
+    LevelDatabase,
     LevelSpace,
     SearchConfig,
     _has_move,
@@ -109,7 +109,7 @@ def test_level_cache_equals_direct_pruning(pruner):
     counts = param_counts(model)
     space = LevelSpace.unstructured(0.5, counts, step=0.1, max_shift=0.2)
     ids = tiny_ids()
-    cache = LevelCache.build(model, space, ids, pruner, progress=False)
+    cache = LevelDatabase.build(model, space, ids, pruner, progress=False)
     assert cache.masks_only == (pruner == "wanda")
     # the first block sees the same (dense) inputs as a direct one-shot pruner would
     name = next(n for n in counts if ".layers.0.mlp.down_proj" in n)
@@ -127,22 +127,20 @@ def test_level_cache_equals_direct_pruning(pruner):
         hn = block.post_attention_layernorm(h)
         p.add_batch(m.act_fn(m.gate_proj(hn)) * m.up_proj(hn))
     for k in space.offsets:
-        offsets = {n: 0 for n in counts}
-        offsets[name] = k
-        cache.apply(offsets)
         expected = p.compute(space.level(k)).weight
-        torch.testing.assert_close(lin.weight.data, expected, rtol=1e-4, atol=1e-5)
-    cache.restore_dense()
-    assert torch.equal(lin.weight.data, dense)
+        torch.testing.assert_close(cache.weight(name, k), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(lin.weight.data, dense)  # the model stays dense: levels live in the database
+    cache.write({name: space.max_offset})
+    assert torch.equal(lin.weight.data, cache.weight(name, space.max_offset))
+    cache.free()
 
 
 def test_dense_candidate_has_zero_kl_and_fitness_is_memoised():
     model = tiny_model("llama")
     counts = param_counts(model)
     space = LevelSpace.unstructured(0.5, counts, step=0.1, max_shift=0.2)
-    cache = LevelCache.build(model, space, tiny_ids(), "wanda", progress=False)
+    cache = LevelDatabase.build(model, space, tiny_ids(), "wanda", progress=False)
     fit = Fitness(cache, tiny_ids(3, 16, seed=5), "kl")
-    cache.restore_dense()
     assert fit.reference is not None
     zero = {n: 0 for n in counts}
     f1 = fit(zero, 1)
@@ -157,7 +155,7 @@ def _setup(pruner="wanda", target=0.6):
     model = tiny_model("llama")
     counts = param_counts(model)
     space = LevelSpace.unstructured(target, counts, step=0.1, max_shift=0.2)
-    cache = LevelCache.build(model, space, tiny_ids(), pruner, progress=False)
+    cache = LevelDatabase.build(model, space, tiny_ids(), pruner, progress=False)
     return space, Fitness(cache, tiny_ids(3, 16, seed=7), "kl")
 
 
@@ -227,7 +225,7 @@ def test_mixed_nm_search_keeps_patterns_and_budget():
     model = tiny_model("llama")
     counts = param_counts(model)
     space = LevelSpace.mixed_nm("2:4", ["1:4", "2:4", "3:4"], counts)
-    cache = LevelCache.build(model, space, tiny_ids(), "wanda", progress=False)
+    cache = LevelDatabase.build(model, space, tiny_ids(), "wanda", progress=False)
     fit = Fitness(cache, tiny_ids(3, 16, seed=7), "kl")
     init = {n: 0 for n in counts}
     res = evolutionary_search(fit, space, [init], SearchConfig(generations=3, **CFG), progress=False)

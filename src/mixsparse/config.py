@@ -47,6 +47,13 @@ class ModelConfig:
     name: str = "embedded"  # "embedded", a local HF directory, or a hub id (needs internet)
     dtype: str = "float32"
     device: str = "auto"  # "auto": cuda if available, else cpu
+    # "whole": stages move the whole model to the device; "blockwise": one decoder block at a time (models
+    # larger than the device); "auto": whole when the model fits in the device's free memory
+    placement: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.placement not in ("auto", "whole", "blockwise"):
+            raise ConfigError(f"model.placement must be auto, whole or blockwise, got {self.placement!r}")
     allow_pickle: bool = False  # load pytorch_model.bin checkpoints (can execute code)
 
 
@@ -129,9 +136,21 @@ class SearchSection(SearchConfig):
     # dense activations), i.e. exactly what the fitness scored; "sequential": prune again layer by layer on
     # the pruned model's activations. Stitched measured better here (benchmarks/results/final_mode.md).
     final: str = "stitched"
+    # fitness cost cutters (benchmarks/results/search_speed.md measures each)
+    fitness_dtype: str = "auto"  # "auto": bfloat16 where bf16 matmuls are native (AMX CPUs, GPUs), else the model's
+    kl_topk: int = 64  # dense reference keeps the top-k log-probs + rest mass per token; 0 = exact full-vocabulary KL
+    incremental: bool = True  # start a candidate at the first block whose levels differ from a kept candidate (exact)
+    state_cache_mb: float = 256.0  # bound on the block inputs kept for incremental evaluation
+    db_ram_mb: float = 0.0  # RAM for recently read SparseGPT level weights (the rest stays on disk, memory-mapped)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kl_topk < 0:
+            raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact KL), got {self.kl_topk}")
+        if self.fitness_dtype not in ("auto", "model", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"search.fitness_dtype must be auto, model, float32, bfloat16 or float16, got {self.fitness_dtype!r}")
+        if self.state_cache_mb < 0 or self.db_ram_mb < 0:
+            raise ConfigError("search.state_cache_mb and search.db_ram_mb must be >= 0")
         if self.fitness not in ("kl", "ppl"):
             raise ConfigError(f"search.fitness must be 'kl' or 'ppl', got {self.fitness!r}")
         if self.fitness_windows < self.final_windows:

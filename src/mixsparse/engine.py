@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import batches as split_batches
 from .errors import DataError, SparsityError
 from .modeling import block_linears, find_decoder_blocks, take_placement
+from .placement import Placement
 from .pruners import LayerPruner, get_pruner
 from .sparsity import SparsityMap, sparsity_of
 
@@ -107,12 +108,18 @@ class BlockInputs:
 
 
 class LayerwiseRunner:
-    def __init__(self, model: nn.Module, device: str | torch.device | None = None, offload: bool = True):
+    """Runs a model block by block. The caller holds :meth:`Placement.stage` around the whole use, so
+    whatever this moves to the device goes back home when the stage ends."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None, offload: bool = True,
+                 placement: Placement | None = None):
         self.model = model
         take_placement(model)  # a device_map-dispatched model is gathered on the CPU; offloaded weights are refused
         self.blocks_name, self.blocks = find_decoder_blocks(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.store = torch.device("cpu") if offload else self.device
+        self.placement = placement or Placement(
+            torch.device(device) if device is not None else next(model.parameters()).device, "blockwise", offload)
+        self.device = self.placement.device
+        self.store = self.placement.store
         self.block_returns_tuple: bool | None = None
 
     # --- placement -------------------------------------------------------------------------
@@ -138,19 +145,31 @@ class LayerwiseRunner:
                 self.blocks[i] = b
 
     # --- steps -----------------------------------------------------------------------------
+    def _call_model(self, params: dict | None, **kwargs):
+        """The model's forward; with ``params`` (device tensors by qualified name) through
+        ``functional_call``, so nothing of the model moves."""
+        if params is None:
+            return self.model(**kwargs)
+        return torch.func.functional_call(self.model, params, (), kwargs, strict=False)
+
     @torch.no_grad()
-    def catch(self, batches: Sequence[torch.Tensor]) -> BlockInputs:
-        """Run the model up to the first block for every batch of token ids; keep what enters it."""
+    def catch(self, batches: Sequence[torch.Tensor], params: dict | None = None,
+              attention_masks: Sequence[torch.Tensor] | None = None) -> BlockInputs:
+        """Run the model up to the first block for every batch of token ids; keep what enters it.
+        ``params``: the non-block tensors already on the device (else the non-block modules are moved
+        there; the caller's :meth:`Placement.stage` moves them back)."""
         if len(batches) == 0:
             raise DataError("no calibration/evaluation batches were given")
-        self._place_non_blocks(self.device)
+        if params is None:
+            self._place_non_blocks(self.device)
         sink: list = []
         state = BlockInputs([], [], [])
         with self._swapped_blocks(lambda i, b: _Catcher(b, sink) if i == 0 else b):
-            for ids in batches:
+            for j, ids in enumerate(batches):
                 sink.clear()
+                extra = {} if attention_masks is None else {"attention_mask": attention_masks[j].to(self.device)}
                 try:
-                    self.model(input_ids=ids.to(self.device), use_cache=False)
+                    self._call_model(params, input_ids=ids.to(self.device), use_cache=False, **extra)
                 except _InputsCaught:
                     pass
                 if not sink:
@@ -180,33 +199,31 @@ class LayerwiseRunner:
         for ids, h in zip(state.input_ids, state.hidden):
             yield ids, self.head_logits(ids, h)
 
-    def head_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, params: dict | None = None) -> torch.Tensor:
         """Logits of one batch from its final hidden states, under the caller's grad mode.
 
         Unlike :meth:`logits` this does not disable autograd, so a loss on the result can be
         differentiated with respect to ``hidden`` (the Fisher computation needs d loss / d h_final).
         """
-        self._place_non_blocks(self.device)
+        if params is None:
+            self._place_non_blocks(self.device)
         as_tuple = bool(self.block_returns_tuple)
         with self._swapped_blocks(lambda i, b: _Replay(b, hidden.to(self.device) if i == 0 else None, as_tuple)):
-            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+            return self._call_model(params, input_ids=input_ids.to(self.device), use_cache=False).logits
 
-    @contextlib.contextmanager
     def on_device(self, block: nn.Module):
-        home = next(block.parameters()).device
-        block.to(self.device)
-        try:
-            yield block
-        finally:
-            block.to(home)
+        return self.placement.block(block)
 
-    def forward_all(self, batches: Sequence[torch.Tensor], progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Layer-by-layer forward of whole batches: ``(input_ids, logits)`` per batch."""
-        state = self.catch(batches)
-        for block in tqdm(self.blocks, desc="blocks", disable=not progress, leave=False):
-            with self.on_device(block):
-                state.hidden = self.run_block(block, state)
-        yield from self.logits(state)
+    def forward_all(self, batches: Sequence[torch.Tensor], progress: bool = False,
+                    attention_masks: Sequence[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Layer-by-layer forward of whole batches: ``(input_ids, logits)`` per batch (the model is
+        back at its home when the generator finishes or is closed)."""
+        with Placement.stage(self.model):
+            state = self.catch(batches, attention_masks=attention_masks)
+            for block in tqdm(self.blocks, desc="blocks", disable=not progress, leave=False):
+                with self.on_device(block):
+                    state.hidden = self.run_block(block, state)
+            yield from self.logits(state)
 
 
 @dataclass
@@ -243,9 +260,17 @@ def prune_layerwise(
     before it; otherwise on dense activations. ``on_layer(name, pruner)`` is called once a layer's
     statistics are complete and before it is pruned (the search uses it to cache every level).
     """
+    with Placement.stage(model):
+        return _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, device=device, batch_size=batch_size,
+                                offload=offload, sequential=sequential, on_layer=on_layer, progress=progress)
+
+
+def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, device, batch_size, offload, sequential,
+                     on_layer, progress) -> PruneReport:
     cls = get_pruner(pruner)
     options = cls.make_options(pruner_options)
-    runner = LayerwiseRunner(model, device=device, offload=offload)
+    placement = device if isinstance(device, Placement) else None
+    runner = LayerwiseRunner(model, device=None if placement else device, offload=offload, placement=placement)
     blocks_name = runner.blocks_name
     known = {f"{blocks_name}.{i}.{n}": lin for i, b in enumerate(runner.blocks) for n, lin in block_linears(b).items()}
     unknown = sorted(set(targets) - set(known))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .data import batches as split_batches
 from .engine import LayerwiseRunner
 from .errors import NumericalError
+from .placement import Placement
 
 
 def iter_logits(
@@ -24,19 +25,20 @@ def iter_logits(
     windows: torch.Tensor,
     *,
     batch_size: int = 1,
-    device: str | torch.device | None = None,
+    device: str | torch.device | Placement | None = None,
     layerwise: bool = False,
     progress: bool = False,
     desc: str = "eval",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(input_ids, logits)`` per batch, full-model or layer by layer."""
+    """Yield ``(input_ids, logits)`` per batch, full-model or layer by layer. With a
+    :class:`~mixsparse.placement.Placement` its mode decides; the model is back home afterwards."""
     batches = split_batches(windows, batch_size, "evaluation windows", min_len=2)
-    if layerwise:
-        runner = LayerwiseRunner(model, device=device)
+    placement = Placement.resolve(device, "blockwise" if layerwise else "whole", model)
+    if placement.mode == "blockwise":
+        runner = LayerwiseRunner(model, placement=placement)
         yield from runner.forward_all(batches, progress=progress)
         return
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    with torch.no_grad():
+    with placement.whole(model) as dev, torch.no_grad():
         for ids in tqdm(batches, desc=desc, disable=not progress, leave=False):
             ids = ids.to(dev)
             yield ids, model(input_ids=ids, use_cache=False).logits
@@ -55,7 +57,7 @@ def perplexity(
     windows: torch.Tensor,
     *,
     batch_size: int = 1,
-    device: str | torch.device | None = None,
+    device: str | torch.device | Placement | None = None,
     layerwise: bool = False,
     progress: bool = True,
 ) -> float:
@@ -77,30 +79,3 @@ def mean_kl(ref_logprobs: torch.Tensor, logits: torch.Tensor) -> tuple[float, in
     logq = F.log_softmax(logits.float(), dim=-1)
     logp = ref_logprobs.to(logq.device, torch.float32)[: logq.shape[0]]
     return float((logp.exp() * (logp - logq)).sum()), logq.shape[0] * logq.shape[1]
-
-
-class DenseReference:
-    """The dense model's next-token log-probabilities on fixed windows, kept for KL fitness.
-
-    Stored in float16 to halve memory (vocab x tokens can be large); KL is computed in float32.
-    """
-
-    def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, device=None):
-        self.windows = windows
-        self.batch_size = batch_size
-        self.logprobs = [
-            F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu()
-            for _, logits in iter_logits(model, windows, batch_size=batch_size, device=device)
-        ]
-
-    def kl(self, model: nn.Module, *, upto: int | None = None, device=None) -> float:
-        """Mean per-token KL(dense || model) over the first ``upto`` windows (all by default)."""
-        windows = self.windows if upto is None else self.windows[:upto]
-        total, count = 0.0, 0
-        for (ids, logits), ref in zip(iter_logits(model, windows, batch_size=self.batch_size, device=device), self.logprobs):
-            s, n = mean_kl(ref, logits)
-            total += s
-            count += n
-        if not math.isfinite(total):
-            return math.inf
-        return total / count

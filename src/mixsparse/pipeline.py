@@ -29,7 +29,8 @@ from .errors import ConfigError
 from .evaluation import perplexity
 from .io import atomic_write_json, atomic_write_yaml
 from .modeling import find_decoder_blocks, param_counts, prunable_linears
-from .search import Fitness, LevelCache, LevelSpace, block_index_map, evolutionary_search
+from .placement import Placement, check_device
+from .search import Fitness, LevelDatabase, LevelSpace, block_index_map, evolutionary_search
 from .sensitivity import cached_scores, model_fingerprint
 from .sparsity import NM, SparsityMap, measured_sparsity
 
@@ -37,12 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"model.device: unknown device {name!r}") from None
+    return check_device(name)
+
+
+def placement_for(cfg: RunConfig, model: nn.Module) -> Placement:
+    """The run's one placement policy (device, whole/blockwise), from ``model.device``/``model.placement``."""
+    return Placement.resolve(check_device(cfg.model.device), cfg.model.placement, model, offload=cfg.prune.offload)
 
 
 def peak_memory() -> dict:
@@ -74,7 +75,7 @@ class Allocation:
     sensitivity: dict[str, float] | None = None
     sensitivity_kind: str | None = None
     search: dict | None = None
-    cache: LevelCache | None = None  # kept for search.final == "stitched"
+    stitched: bool = False  # the searched candidate is already written into the model (search.final == "stitched")
 
 
 class Calibration:
@@ -188,10 +189,21 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
     init = space.snap(continuous)
     n_cal = s.calibration_samples or cfg.data.calibration_samples
     ids = calib.ids(n_cal, cfg.data.seqlen)
-    cache = LevelCache.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=device, progress=progress)
+    calib_fp = [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed]
+    db_fp = _fingerprint({"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
+                          "calibration": calib_fp, "space": [str(space.target), space.step, space.min_offset,
+                                                             space.max_offset]})
+    store = None
+    if run_dir is not None:
+        store = run_dir / "cache" / f"levels-{db_fp}"
+    cache = LevelDatabase.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=device,
+                                store_dir=store, fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20),
+                                progress=progress)
     windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
                            s.fitness_windows * s.fitness_seqlen)
-    fitness = Fitness(cache, windows, s.fitness, device=device, group=workers.group if workers else None)
+    fitness = Fitness(cache, windows, s.fitness, device=device, group=workers.group if workers else None,
+                      placement=cfg.model.placement, dtype=s.fitness_dtype, kl_topk=s.kl_topk,
+                      incremental=s.incremental, state_cache_mb=s.state_cache_mb)
     uniform_offsets = {n: 0 for n in counts}
     result = evolutionary_search(
         fitness, space, [init, uniform_offsets], s.core(),
@@ -199,21 +211,34 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
         checkpoint=(run_dir / "search_state.json") if run_dir is not None else None,
         write_checkpoint=workers is None or workers.is_main,
         fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
-                           "calibration": [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed],
-                           "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen]},
+                           "calibration": calib_fp,
+                           "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
+                           "fitness": [str(fitness.dtype), s.kl_topk]},
         progress=progress,
     )
     init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
     search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
               "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
               "generations": result.generations, "best_fitness": result.fitness,
-              "init_fitness": init_fit, "uniform_fitness": uni_fit}
+              "init_fitness": init_fit, "uniform_fitness": uni_fit,
+              "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
+              "incremental": s.incremental, "blocks_run": fitness.blocks_run,
+              "placement": fitness.forward.placement.mode,
+              "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
+                           "reused": cache.reused},
+              "reference_bytes_per_token": fitness.reference_bytes_per_token()}
+    del fitness  # device replica, block states and dense reference go before the model is touched
     if s.final == "stitched":
-        cache.apply(result.offsets)
-    else:
-        cache.restore_dense()
-        cache = None
-    return Allocation("msp", result.sparsity_map, scores, "fisher", search, cache)
+        cache.write(result.offsets)
+    cache.free()  # the level database is not needed by evaluation or export
+    return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
+
+
+def _fingerprint(payload: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_allocation(path: str | Path, counts: dict[str, int]) -> SparsityMap:
@@ -256,7 +281,7 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
     calib = Calibration(tokenizer, cfg)
     alloc = allocate(model, tokenizer, cfg, device=device, run_dir=rd, progress=progress, timer=timer, calib=calib)
     with timer("prune"):
-        if alloc.cache is not None:  # stitched: the searched candidate is already in the model
+        if alloc.stitched:  # the searched candidate is already in the model
             seconds = 0.0
         else:
             ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
@@ -306,6 +331,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
     _, blocks = find_decoder_blocks(model)
     record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
                        "prunable_params": sum(counts.values()), "blocks": len(blocks)}
+    placement = placement_for(cfg, model)
+    record["placement"] = {"device": str(placement.device), "mode": placement.mode}
 
     test_windows = None
     ppl: dict[str, Any] = {}
@@ -315,11 +342,10 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         ppl = {"split": "test", "tokens": int(test_windows.numel()), "seqlen": cfg.data.seqlen, "dense": None}
         if cfg.eval.dense_baseline:
             with timer("eval_dense"):
-                model.to(device)
-                ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=device, progress=progress)
+                ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                          progress=progress)
         record["perplexity"] = ppl
         save()
-    model.to("cpu")  # pruning moves one block at a time to the device itself
 
     result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
     alloc: Allocation = result.pop("_allocation")
@@ -331,24 +357,24 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
 
     if cfg.eval.perplexity:
         with timer("eval_pruned"):
-            model.to(device)
-            ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=device, progress=progress)
+            ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                       progress=progress)
         save()
     if cfg.eval.zeroshot:
         from .zeroshot import evaluate_zeroshot
 
         with timer("zeroshot"):
             record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot), n=cfg.eval.zeroshot_n,
-                                                   device=device, seed=cfg.data.seed, progress=progress)
+                                                   device=placement, seed=cfg.data.seed, progress=progress)
         save()
     if cfg.eval.lm_eval_tasks:
         from .lmeval import run_lm_eval
 
         with timer("lm_eval"):
-            record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks), device=device)
+            record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
+                                            device=placement.device if placement.mode == "whole" else "cpu")
         save()
 
-    model.to("cpu")
     metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": str(cfg.prune.sparsity),
                 "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
     artifacts = {}

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .engine import LayerwiseRunner
 from .errors import ConfigError, DataError, UnknownNameError
+from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -241,25 +243,24 @@ def _max_positions(model: nn.Module) -> int | None:
 
 
 @contextlib.contextmanager
-def model_on_device(model: nn.Module, device: str | torch.device | None) -> Iterator[torch.device]:
+def model_on_device(model: nn.Module, device: "str | torch.device | Placement | None") -> Iterator[torch.device | None]:
     """Run a block with the model on ``device`` (default: where it already is), in eval mode.
 
-    The model is moved back and its train/eval mode restored afterwards, so evaluating never leaves the
-    caller's model somewhere else.
+    Follows the run's :class:`~mixsparse.placement.Placement`: ``whole`` moves the model there and back
+    home afterwards; ``blockwise`` (a model larger than the device) yields ``None`` and leaves the model
+    where it is, for callers that then run it block by block. The train/eval mode is restored too.
     """
-    param = next(model.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
-    target = torch.device(device) if device is not None else home
+    placement = Placement.resolve(device, "whole" if not isinstance(device, Placement) else device.mode, model)
     was_training = model.training
-    moved = target != home
-    if moved:
-        model.to(target)
     model.eval()
     try:
-        yield target
+        if placement.mode == "blockwise":
+            with Placement.stage(model):
+                yield None
+        else:
+            with placement.whole(model) as dev:
+                yield dev
     finally:
-        if moved:
-            model.to(home)
         model.train(was_training)
 
 
@@ -306,16 +307,26 @@ def _score(
     unique = sorted(inputs, key=len, reverse=True)
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    with model_on_device(model, device) as dev, torch.inference_mode():
-        batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            width = len(batch[0])
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):  # right padding: real tokens keep positions 0..len-1
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+    batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
+    padded = []
+    for batch in batches:
+        width = len(batch[0])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):  # right padding: real tokens keep positions 0..len-1
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        padded.append((ids, mask))
+    # no_grad, not inference_mode: a blockwise run moves blocks inside, and parameters re-made under
+    # inference_mode become inference tensors that later in-place writes (pruning, recovery) refuse
+    with model_on_device(model, device) as dev, torch.no_grad():
+        if dev is None:  # blockwise placement: every batch goes through one block at a time
+            runner = LayerwiseRunner(model, placement=device)
+            outputs = (lg for _, lg in runner.forward_all([i for i, _ in padded], attention_masks=[m for _, m in padded]))
+        else:
+            outputs = (model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+                       for ids, mask in padded)
+        for batch, logits in tqdm(zip(batches, outputs), total=len(batches), desc=desc, disable=not progress, leave=False):
             for row, seq in enumerate(batch):
                 for i in inputs[seq]:
                     ctx, cont = requests[i]

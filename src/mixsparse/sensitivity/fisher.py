@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..engine import LayerwiseRunner, _first_output, _to
 from ..errors import DataError, NumericalError
 from ..modeling import block_linears, prunable_linears
+from ..placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def fisher_trace(
     names = list(prunable_linears(model))
     wanted = set(names)
     per_sample = [calib_ids[i : i + 1] for i in range(calib_ids.shape[0])]
-    with eval_mode(model):
+    with eval_mode(model), Placement.stage(model):  # back home afterwards, also on error
         # forward: keep what enters each block (the backward pass recomputes each block from it)
         state = runner.catch(per_sample)
         block_inputs: list[list[torch.Tensor] | None] = []
@@ -140,7 +141,7 @@ def fisher_trace(
                         if g_w:
                             sums += torch.stack([(g.double() ** 2).sum() for g in g_w])
                         grads[s] = g_in.to(runner.store)
-                for (short, lin), total in zip(linears.items(), sums.tolist()):
+                for (short, lin), total in zip(linears.items(), sums.cpu().tolist()):
                     scores[prefix + short] = total / lin.weight.numel() if normalize else total
             block_inputs[i] = None  # free this block's activations as soon as they are used
     return {name: scores[name] for name in names}

@@ -9,7 +9,6 @@ from a double backward.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericalError
 from ..modeling import prunable_linears
+from ..placement import Placement
 from .fisher import check_calib_ids, eval_mode, sequence_loss, weights_require_grad
 
 
@@ -26,17 +26,14 @@ def rademacher(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).float().mul_(2).sub_(1)
 
 
-@contextlib.contextmanager
-def _placed(model: nn.Module, device: str | torch.device | None):
-    home = next(model.parameters()).device
-    target = torch.device(device) if device is not None else home
-    if target != home:
-        model.to(target)
-    try:
-        yield target
-    finally:
-        if target != home:
-            model.to(home)
+def _placed(model: nn.Module, device):
+    """The Hutchinson estimate needs a double backward through the whole model: it runs with the whole
+    model on the device (placement ``whole``); a blockwise placement is refused with what to do instead."""
+    placement = Placement.resolve(device, "whole" if not isinstance(device, Placement) else device.mode, model)
+    if placement.mode == "blockwise":
+        raise ConfigError("the Hessian trace needs the whole model on the device (double backward through every block); "
+                          "set model.placement=whole, use model.device=cpu, or choose allocation fisher/msp/owl")
+    return placement.whole(model)
 
 
 def hessian_trace(
@@ -76,13 +73,17 @@ def hessian_trace(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     linears = prunable_linears(model)
-    weights = [lin.weight for lin in linears.values()]
-    totals = torch.zeros(len(weights), dtype=torch.float64)
+    totals = torch.zeros(len(linears), dtype=torch.float64)
     chunks = [calib_ids[i : i + batch_size] for i in range(0, n, batch_size)]
 
-    with _placed(model, device) as dev, eval_mode(model), weights_require_grad(weights), torch.enable_grad(), sdpa_kernel(
-        [SDPBackend.MATH]
-    ):
+    with _placed(model, device) as dev:
+        weights = [lin.weight for lin in linears.values()]  # the placed parameters, whatever .to() made of them
+        _hutchinson(model, weights, chunks, n, n_probes, seed, dev, totals, progress)
+    return {name: t / n_probes for name, t in zip(linears, totals.tolist())}
+
+
+def _hutchinson(model, weights, chunks, n, n_probes, seed, dev, totals, progress) -> None:
+    with eval_mode(model), weights_require_grad(weights), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         bar = tqdm(total=len(chunks) * n_probes, desc="hessian", disable=not progress, leave=False)
         for chunk in chunks:
             logits = model(input_ids=chunk.to(dev), use_cache=False).logits
@@ -101,4 +102,3 @@ def hessian_trace(
                 bar.update()
             del grads, logits, loss
         bar.close()
-    return {name: t / n_probes for name, t in zip(linears, totals.tolist())}

@@ -1,0 +1,106 @@
+"""Search speed, old path vs new path: seconds per generation and final test perplexity of the MSP
+search (Wanda, embedded model) at 70% and 80%, same seed and settings.
+
+"before" is measured by running this script with an older mixsparse on PYTHONPATH (a git worktree of
+the commit before the change), "after" with the current one; both land in one results file:
+
+    git worktree add /tmp/ms_before <old commit>
+    PYTHONPATH=/tmp/ms_before/src python benchmarks/search_speed.py --label before
+    python benchmarks/search_speed.py --label after
+
+Seconds per generation exclude the Fisher trace and the level cache (built once per run): they are
+the search history's time from the scored initial population to the last generation, divided by the
+number of generations. Test perplexity is measured on the final (stitched) model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, command_line, load_setup, measure, write_markdown
+from mixsparse.io import atomic_write_json
+
+
+def git_commit(path: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--label", required=True, help="'before' or 'after' (or another name)")
+    ap.add_argument("--targets", default="0.7,0.8")
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--out", default=str(RESULTS / "search_speed"))
+    ap.add_argument("--note", default="", help="free text stored with the entry (e.g. measured under contention)")
+    args = ap.parse_args()
+
+    import mixsparse
+    from mixsparse.config import load_config, parse_override
+    from mixsparse.evaluation import perplexity
+    from mixsparse.pipeline import allocate
+
+    overrides = {"data.calibration_samples": args.calib_samples, "data.seqlen": args.seqlen, "model.device": "cpu"}
+    overrides.update(dict(parse_override(s) for s in args.set))
+    model, tok, pristine, _, test = load_setup("embedded", args.calib_samples, args.seqlen, args.eval_tokens)
+    path = Path(args.out + ".json")
+    data = json.loads(path.read_text()) if path.exists() else {}
+    src = Path(mixsparse.__file__).resolve().parent
+    for target in [t.strip() for t in args.targets.split(",") if t.strip()]:
+        model.load_state_dict(pristine)
+        cfg = load_config(None, {**overrides, "prune.sparsity": float(target), "prune.allocation": "msp",
+                                 "prune.pruner": "wanda"})
+        with tempfile.TemporaryDirectory() as run_dir, measure() as m:
+            alloc = allocate(model, tok, cfg, device=torch.device("cpu"), run_dir=Path(run_dir),
+                             cache_dir=Path(args.out + "_work"), progress=False)
+        hist = alloc.search["history"]
+        gens = alloc.search["generations"]
+        spg = (hist[-1]["seconds"] - hist[0]["seconds"]) / max(1, gens)
+        ppl = perplexity(model, test, progress=False)
+        entry = {"seconds_per_generation": round(spg, 3), "test_ppl": round(ppl, 3), "generations": gens,
+                 "best_fitness": alloc.search["best_fitness"], "search_seconds": alloc.search["seconds"],
+                 "cache_seconds": alloc.search.get("cache_seconds"), "peak_rss_mb": m["peak_rss_mb"],
+                 "evaluations": alloc.search["evaluations"], "mixsparse_commit": git_commit(src),
+                 "command": command_line(), "overrides": {k: str(v) for k, v in overrides.items()},
+                 "torch": torch.__version__, "threads": torch.get_num_threads(), "note": args.note}
+        data.setdefault(target, {})[args.label] = entry
+        atomic_write_json(path, data)
+        print(target, args.label, entry["seconds_per_generation"], entry["test_ppl"], flush=True)
+    render(data, Path(args.out + ".md"))
+
+
+def render(data: dict, path: Path) -> None:
+    lines = ["# Search speed: old vs new evaluation path (MSP, Wanda, embedded model, 2 CPU cores)", "",
+             "Seconds per generation exclude the Fisher trace and level-cache build; test perplexity on the final "
+             "(stitched) model. Same seed and settings in both columns.", "",
+             "| target | path | s / generation | test ppl | generations | best fitness | peak RSS (MB) | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for target, rows in sorted(data.items()):
+        for label, e in rows.items():
+            lines.append(f"| {target} | {label} | {e['seconds_per_generation']:.2f} | {e['test_ppl']:.1f} | "
+                         f"{e['generations']} | {e['best_fitness']:.4f} | {e['peak_rss_mb']:.0f} | {e['mixsparse_commit']} |")
+        if "before" in rows and "after" in rows:
+            b, a = rows["before"], rows["after"]
+            lines.append(f"| {target} | speed-up | {b['seconds_per_generation'] / a['seconds_per_generation']:.2f}x | "
+                         f"{a['test_ppl'] / b['test_ppl']:.2f}x ppl | | | | |")
+    lines += ["", "Commands:", ""]
+    for target, rows in sorted(data.items()):
+        for label, e in rows.items():
+            lines.append(f"- {target} {label}: `{e['command']}` {e.get('note') or ''}")
+    write_markdown(path, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The evolutionary algorithm of Mixed Sparsity Pruning over a :class:`~mixsparse.search.space.LevelSpace`.
+
+Population seeded from the sensitivity allocation (plus perturbations of it, plus uniform); each
+generation makes children by block-wise crossover and budget-exact mutation, selects them in stages
+(all children on few windows, the best few on more), and keeps the best (elitism). The whole state
+of a search is one :class:`SearchState`, checkpointed atomically after every generation (and on
+Ctrl-C); a search resumes from it to identical results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, SparsityError
+from ..io import atomic_write_json
+from ..sparsity import SparsityMap
+from .space import LevelSpace, Offsets, _has_move, crossover, mutate, offsets_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchConfig:
+    """Knobs of the search; every field is a YAML key of the ``search`` section."""
+
+    generations: int = 30  # upper bound; ~22 s each on the embedded model on 2 CPU cores (8 children: 17 windows of 512 tokens)
+    population: int = 4  # parents kept (elitism: the best always survive)
+    offspring: int = 8  # children per generation
+    stages: list = field(default_factory=lambda: [[1, 3], [4, 1]])  # [[windows, survivors], ...]
+    max_mutations: int = 3  # level moves per child: 1..max_mutations
+    crossover_rate: float = 0.5  # share of children made by crossover of two parents before mutation
+    init_perturbations: int = 4  # level moves applied to the sensitivity allocation for other initial parents
+    patience: int = 15  # stop after this many generations without improvement
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.generations < 0 or self.population < 1 or self.offspring < 1:
+            raise ConfigError("search: generations >= 0, population >= 1 and offspring >= 1 are required")
+        stages = [list(s) for s in self.stages]
+        if not stages or any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in stages):
+            raise ConfigError(f"search.stages must be a list of [windows, survivors] pairs >= 1, got {self.stages!r}")
+        if any(b[0] < a[0] for a, b in zip(stages, stages[1:])):
+            raise ConfigError("search.stages: windows must not decrease from one stage to the next")
+        self.stages = stages
+        if not 0 <= self.crossover_rate <= 1:
+            raise ConfigError(f"search.crossover_rate must be in [0, 1], got {self.crossover_rate}")
+
+    @property
+    def final_windows(self) -> int:
+        return self.stages[-1][0]
+
+
+@dataclass
+class SearchResult:
+    offsets: Offsets
+    sparsity_map: SparsityMap
+    fitness: float
+    history: list[dict]
+    evaluations: int
+    seconds: float
+    generations: int
+
+
+def _tuplify(x):
+    return tuple(_tuplify(i) for i in x) if isinstance(x, list) else x
+
+
+@dataclass
+class SearchState:
+    """Everything a search needs to continue: population, random state, history, memoised scores."""
+
+    fingerprint: str
+    population: list[Offsets]
+    rng: random.Random
+    history: list[dict] = field(default_factory=list)
+    generation: int = 0
+    since_improved: int = 0
+    seconds: float = 0.0
+
+    def state_dict(self, fitness=None) -> dict:
+        memo = [[list(map(list, k)), v] for k, v in getattr(fitness, "memo", {}).items()]
+        return {"fingerprint": self.fingerprint, "generation": self.generation, "population": self.population,
+                "rng": self.rng.getstate(), "history": self.history, "since_improved": self.since_improved,
+                "seconds": self.seconds, "memo": memo, "evaluations": getattr(fitness, "evaluations", 0)}
+
+    def load_state_dict(self, d: dict, fitness=None) -> None:
+        if d.get("fingerprint") != self.fingerprint:
+            raise ConfigError("search state was written with different settings")
+        self.population = [dict(p) for p in d["population"]]
+        self.rng.setstate(_tuplify(d["rng"]))
+        self.history, self.generation = d["history"], d["generation"]
+        self.since_improved, self.seconds = d["since_improved"], d["seconds"]
+        if fitness is not None and hasattr(fitness, "memo"):
+            fitness.memo.update({tuple(tuple(p) for p in k): v for k, v in d["memo"]})
+            fitness.evaluations = d["evaluations"]
+
+    def save(self, path: Path, fitness=None) -> None:
+        atomic_write_json(path, self.state_dict(fitness))
+
+    def load(self, path: Path, fitness=None) -> bool:
+        """Resume from ``path`` if it exists; a state of other settings is an error that says what to do."""
+        if not path.exists():
+            return False
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"search checkpoint {path} is unreadable ({e}); delete it to start over") from None
+        if d.get("fingerprint") != self.fingerprint:
+            raise ConfigError(
+                f"search checkpoint {path} was written with different settings; delete it or choose another run directory")
+        self.load_state_dict(d, fitness)
+        return True
+
+
+def _config_fingerprint(space: LevelSpace, config: SearchConfig, init: list[Offsets], extra: dict) -> str:
+    payload = {
+        "space": [str(space.target), space.step, space.min_offset, space.max_offset, sorted(space.param_counts.items())],
+        # stopping criteria are left out: raising them continues the same trajectory (extends a search)
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("generations", "patience")},
+        "init": [sorted(o.items()) for o in init],
+        "extra": extra,
+        "operators": 3,  # bumped when operators or memo keys change: an old checkpoint must not resume
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _initial_population(space: LevelSpace, init: list[Offsets], config: SearchConfig, rng: random.Random) -> list[Offsets]:
+    population = [dict(init[0])]
+    seen = {offsets_key(population[0])}
+    for o in init[1:]:
+        if offsets_key(o) not in seen and len(population) < config.population:
+            population.append(dict(o))
+            seen.add(offsets_key(o))
+    tries = 0
+    while len(population) < config.population and tries < 50 * config.population:
+        tries += 1
+        cand = mutate(init[0], space, rng, config.init_perturbations)
+        if offsets_key(cand) not in seen:
+            population.append(cand)
+            seen.add(offsets_key(cand))
+    return population
+
+
+def _children(population: list[Offsets], space: LevelSpace, blocks_of: dict[str, int], config: SearchConfig,
+              rng: random.Random) -> list[Offsets]:
+    children: list[Offsets] = []
+    keys = {offsets_key(p) for p in population}
+    attempts = 0
+    while len(children) < config.offspring and attempts < 50 * config.offspring:
+        attempts += 1
+        if len(population) > 1 and rng.random() < config.crossover_rate:
+            pa, pb = rng.sample(population, 2)
+            child = crossover(pa, pb, space, blocks_of, rng)
+        else:
+            child = dict(rng.choice(population))
+        child = mutate(child, space, rng, rng.randint(1, config.max_mutations))
+        if offsets_key(child) not in keys:
+            keys.add(offsets_key(child))
+            children.append(child)
+    return children
+
+
+def evolutionary_search(
+    fitness: Callable[[Offsets, int], float],
+    space: LevelSpace,
+    init: list[Offsets],
+    config: SearchConfig,
+    *,
+    blocks_of: dict[str, int] | None = None,
+    checkpoint: str | Path | None = None,
+    write_checkpoint: bool = True,
+    fingerprint_extra: dict | None = None,
+    progress: bool = True,
+    on_generation: Callable[[int, dict], None] | None = None,
+) -> SearchResult:
+    """Run the EA from ``init`` (first entry: the sensitivity-derived allocation). Resumes from
+    ``checkpoint`` when it exists and was written by the same settings. In a process group every rank
+    reads the checkpoint but only one writes it (``write_checkpoint``). ``fitness(offsets, windows)``
+    is a :class:`~mixsparse.search.fitness.Fitness` or any callable; ``prefetch`` and ``retain`` are used
+    when it has them."""
+    names = list(space.param_counts)
+    for o in init:
+        if set(o) != set(names):
+            raise ConfigError("initial allocation does not cover exactly the prunable layers")
+        if space.residual(o) != 0:
+            raise SparsityError("initial allocation breaks the global budget")
+    if not _has_move(space):
+        raise SparsityError("no budget-preserving move exists: no prunable layer's size equals another's or a sum of others'")
+    blocks_of = blocks_of or {n: i for i, n in enumerate(names)}
+    ckpt = Path(checkpoint) if checkpoint else None
+    t_start = time.perf_counter()
+    final_w = config.final_windows
+    state = SearchState(_config_fingerprint(space, config, init, fingerprint_extra or {}), [], random.Random(config.seed))
+    if ckpt is not None and state.load(ckpt, fitness):
+        log.info("resumed search at generation %d from %s", state.generation, ckpt)
+    else:
+        state.population = _initial_population(space, init, config, state.rng)
+    elapsed_before = state.seconds
+
+    def score(o: Offsets) -> float:
+        return fitness(o, final_w)
+
+    def prefetch(cands: list[Offsets], windows: int) -> None:
+        if hasattr(fitness, "prefetch"):  # batch of evaluations: shared out over ranks in a process group
+            fitness.prefetch(cands, windows)
+
+    prefetch(state.population, final_w)
+    state.population.sort(key=score)
+    best = score(state.population[0])
+    if not state.history:
+        state.history.append(_record(0, fitness, best, time.perf_counter() - t_start + elapsed_before))
+
+    bar = tqdm(total=config.generations, initial=state.generation, desc="search", disable=not progress)
+    bar.set_postfix(best=f"{best:.4g}")
+    try:
+        while state.generation < config.generations and state.since_improved < config.patience:
+            survivors = _children(state.population, space, blocks_of, config, state.rng)
+            for windows, keep in config.stages:
+                prefetch(survivors, windows)
+                survivors = sorted(survivors, key=lambda c, w=windows: fitness(c, w))[:keep]
+            prefetch(state.population + survivors, final_w)
+            state.population = sorted(state.population + survivors, key=score)[: config.population]
+            if hasattr(fitness, "retain"):
+                fitness.retain(state.population)
+            state.generation += 1
+            new_best = score(state.population[0])
+            state.since_improved = 0 if new_best < best else state.since_improved + 1
+            best = min(best, new_best)
+            rec = _record(state.generation, fitness, best, time.perf_counter() - t_start + elapsed_before)
+            state.history.append(rec)
+            state.seconds = rec["seconds"]
+            if on_generation is not None:
+                on_generation(state.generation, rec)
+            if ckpt and write_checkpoint:
+                state.save(ckpt, fitness)
+            bar.update(1)
+            bar.set_postfix(best=f"{best:.4g}")
+    except KeyboardInterrupt:
+        if ckpt and write_checkpoint:
+            log.warning("search interrupted: state of generation %d kept in %s (run again to resume)",
+                        state.generation, ckpt)
+        raise
+    finally:
+        bar.close()
+    top = state.population[0]
+    return SearchResult(top, space.to_map(top), best, state.history, getattr(fitness, "evaluations", 0),
+                        time.perf_counter() - t_start + elapsed_before, state.generation)
+
+
+def _record(gen: int, fitness, best: float, seconds: float) -> dict:
+    return {"generation": gen, "evaluations": getattr(fitness, "evaluations", 0), "best_fitness": best,
+            "seconds": round(seconds, 3)}

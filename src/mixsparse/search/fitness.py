@@ -1,0 +1,354 @@
+"""Fitness of a candidate allocation: KL(dense || candidate) (or NLL) on held-out windows.
+
+A candidate is never written into the model. :class:`CandidateForward` calls each decoder block with
+device copies of its tensors (``torch.func.functional_call``) in which the prunable linears carry the
+candidate's level weights from the :class:`~mixsparse.search.database.LevelDatabase`:
+
+* ``whole`` placement: a *replica* of every block's tensors stays on the device in the fitness dtype;
+  a candidate rewrites only the layers whose level changed since the last one.
+* ``blockwise`` placement (a model larger than the device): each block's tensors are built on the device
+  when the block runs and dropped after it; device memory is one block plus activations.
+
+Cost cutters, each a setting (``search.*``):
+
+* ``incremental`` (exact): the inputs of every block are kept for recently scored candidates (the
+  population); a candidate starts at the first block whose levels differ from the best-matching kept
+  one. Bounded by ``state_cache_mb``; per candidate and window ``(blocks+1) x seqlen x hidden x bytes``
+  (shared prefixes are stored once).
+* ``kl_topk`` (approximate unless 0): the dense reference keeps the top-k log-probabilities per token
+  plus the log of the remaining mass (``8k + 4`` bytes per token instead of ``2 x vocab``); the KL is the
+  exact KL of the (top-k + rest) coarse-graining, a lower bound of the full KL.
+* ``fitness_dtype`` (approximate unless the model's own): dense reference and candidates are both
+  computed in this dtype (bf16 runs on AMX/tensor cores).
+
+Scores are memoised per (candidate, window) so a later selection stage only adds windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..engine import LayerwiseRunner, _first_output, _to
+from ..errors import ConfigError
+from ..evaluation import mean_kl, nll_sum
+from ..modeling import block_linears
+from ..placement import Placement
+from .database import LevelDatabase
+from .space import Offsets, offsets_key
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_dtype(name: str | torch.dtype | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "model"):
+        return model_dtype
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else model_dtype
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ConfigError(f"search.fitness_dtype must be auto, model, float32, bfloat16 or float16, got {name!r}")
+    return dt
+
+
+# ---------------------------------------------------------------------------------------------
+# KL against a stored dense reference
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TopK:
+    """Top-k log-probabilities of the dense model per token, and the log of the mass outside them."""
+
+    logp: torch.Tensor  # (tokens, k) float32
+    idx: torch.Tensor  # (tokens, k) int64
+    log_rest: torch.Tensor  # (tokens,) float32
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> "TopK":
+        logp = F.log_softmax(logits.float(), dim=-1)
+        k = min(k, logp.shape[-1])
+        top, idx = torch.topk(logp, k, dim=-1)
+        rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1) if k < logp.shape[-1] \
+            else torch.full(logp.shape[:-1], float("-inf"))
+        return cls(top.cpu(), idx.cpu(), rest.cpu())
+
+    def bytes_per_token(self) -> int:
+        return self.logp.shape[-1] * (4 + 8) + 4
+
+
+def topk_kl(ref: TopK, logits: torch.Tensor) -> tuple[float, int]:
+    """Summed per-token KL between the (top-k, rest) coarse-grainings of the dense and candidate
+    distributions, and the number of tokens."""
+    logits = logits.float()
+    idx = ref.idx.to(logits.device)
+    lse = torch.logsumexp(logits, dim=-1)
+    logq = logits.gather(-1, idx) - lse.unsqueeze(-1)
+    logq_rest = torch.logsumexp(logits.scatter(-1, idx, float("-inf")), dim=-1) - lse
+    logp, logp_rest = ref.logp.to(logits.device), ref.log_rest.to(logits.device)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    p_rest = logp_rest.exp()
+    kl = kl + torch.where(p_rest > 0, p_rest * (logp_rest - logq_rest), torch.zeros_like(p_rest))
+    return float(kl.sum()), kl.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate forward, block by block, without touching the model
+# ---------------------------------------------------------------------------------------------
+class CandidateForward:
+    def __init__(self, db: LevelDatabase, placement: Placement, dtype: torch.dtype):
+        self.db, self.placement, self.dtype = db, placement, dtype
+        model = db.model
+        self.runner = LayerwiseRunner(model, placement=placement)
+        self.blocks = self.runner.blocks
+        dev = placement.device
+        inside = {id(t) for t in list(self.blocks.parameters()) + list(self.blocks.buffers())}
+        converted: dict[int, torch.Tensor] = {}  # tied tensors (embeddings = head) convert once
+
+        def conv(t: torch.Tensor, param: bool) -> torch.Tensor:
+            if id(t) not in converted:
+                cast = param and t.is_floating_point()
+                converted[id(t)] = t.detach().to(device=dev, dtype=self.dtype if cast else t.dtype)
+            return converted[id(t)]
+
+        self.head_tensors = {n: conv(t, True) for n, t in model.named_parameters(remove_duplicate=False)
+                             if id(t) not in inside}
+        self.head_tensors.update({n: conv(t, False) for n, t in model.named_buffers(remove_duplicate=False)
+                                  if id(t) not in inside})
+        prefix = self.runner.blocks_name
+        self.layers_of: list[dict[str, str]] = []  # per block: local name of the weight -> qualified layer
+        for i, b in enumerate(self.blocks):
+            self.layers_of.append({f"{short}.weight": f"{prefix}.{i}.{short}" for short in block_linears(b)
+                                   if f"{prefix}.{i}.{short}" in db.layers})
+        self.replica: list[dict[str, torch.Tensor] | None] = [None] * len(self.blocks)
+        self.replica_levels: list[dict[str, int | None]] = [{} for _ in self.blocks]
+        self.keep_replica = placement.mode == "whole"
+
+    def _dense_block(self, i: int, skip: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+        b, dev = self.blocks[i], self.placement.device
+        out = {n: p.detach().to(device=dev, dtype=self.dtype if p.is_floating_point() else p.dtype)
+               for n, p in b.named_parameters() if n not in skip}
+        out.update({n: t.to(dev) for n, t in b.named_buffers()})
+        return out
+
+    def block_tensors(self, i: int, offsets: Offsets | None) -> dict[str, torch.Tensor]:
+        """Block ``i``'s tensors on the device for a candidate (``None``: the dense model)."""
+        want = {local: (None if offsets is None else offsets.get(full)) for local, full in self.layers_of[i].items()}
+        if self.keep_replica:
+            if self.replica[i] is None:
+                self.replica[i] = self._dense_block(i)
+                self.replica_levels[i] = {local: None for local in want}
+            t, have = self.replica[i], self.replica_levels[i]
+        else:
+            # streamed: the prunable weights are built from the database below, not converted twice
+            t, have = self._dense_block(i, frozenset(want)), {local: "absent" for local in want}
+        for local, k in want.items():
+            if have[local] != k:  # only layers whose level changed are rebuilt
+                full = self.layers_of[i][local]
+                t[local] = (self.db.layers[full].weight.detach().to(self.placement.device, self.dtype) if k is None
+                            else self.db.weight(full, k, self.placement.device, self.dtype))
+                have[local] = k
+        return t
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        state = self.runner.catch([ids], params=self.head_tensors)
+        return state.hidden[0], state.kwargs[0]
+
+    @torch.no_grad()
+    def run_block(self, i: int, tensors: dict, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        dev = self.placement.device
+        out = functional_call(self.blocks[i], tensors, (hidden.to(dev),), _to(kwargs, dev), strict=False)
+        self.runner.block_returns_tuple = isinstance(out, (tuple, list))
+        return _first_output(out).to(self.placement.store)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.runner.head_logits(ids, hidden, params=self.head_tensors)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitness
+# ---------------------------------------------------------------------------------------------
+class Fitness:
+    """Mean per-window KL(dense || candidate) (or NLL for ``ppl``) on held-out windows; per-window
+    results are memoised per candidate so a later stage only evaluates the windows it adds."""
+
+    def __init__(self, db: LevelDatabase, windows: torch.Tensor, kind: str = "kl", device=None, group=None, *,
+                 placement: str = "auto", dtype: str | torch.dtype | None = "model", kl_topk: int = 0,
+                 incremental: bool = True, state_cache_mb: float = 256.0):
+        """``group``: a ``torch.distributed`` process group whose ranks share the evaluations (see
+        :meth:`prefetch`); every rank must run the same search with the same seed. ``dtype="model"``,
+        ``kl_topk=0`` give exactly the full-forward fitness of the model's dtype."""
+        if kind not in ("kl", "ppl"):
+            raise ConfigError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
+        if kl_topk < 0:
+            raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact full-vocabulary KL), got {kl_topk}")
+        self.db, self.cache, self.windows, self.kind, self.group = db, db, windows, kind, group
+        model = db.model
+        pl = Placement.resolve(device, placement, model)
+        model_dtype = next(model.parameters()).dtype
+        self.dtype = resolve_dtype(dtype, model_dtype, pl.device)
+        self.forward = CandidateForward(db, pl, self.dtype)
+        self.kl_topk, self.incremental = kl_topk, incremental
+        self.state_cache_bytes = int(state_cache_mb * 2**20)
+        self.local_evaluations = 0  # windows this process forwarded itself (a share of ``evaluations``)
+        self.blocks_run = 0  # block forwards done (incremental evaluation skips some)
+        self.memo: dict[tuple, list[float]] = {}
+        self.evaluations = 0  # windows scored
+        self.blocks_of = [set(layers.values()) for layers in self.forward.layers_of]
+        with Placement.stage(model):
+            self.inputs = [self.forward.embed(windows[i : i + 1]) for i in range(windows.shape[0])]
+            self.states: dict[tuple, dict[int, list[torch.Tensor]]] = {}
+            self.reference: list | None = None
+            if kind == "kl":
+                self.reference = []
+                for i in range(windows.shape[0]):
+                    logits = self._final_logits(None, i, store=False)
+                    # exact: the full distribution in fp16 (half the memory of fp32), KL computed in fp32
+                    self.reference.append(TopK.from_logits(logits, kl_topk) if kl_topk else
+                                          F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu().unsqueeze(0))
+
+    @staticmethod
+    def key(offsets: Offsets) -> tuple:
+        return offsets_key(offsets)
+
+    def reference_bytes_per_token(self) -> int:
+        if self.reference is None:
+            return 0
+        r = self.reference[0]
+        return r.bytes_per_token() if isinstance(r, TopK) else r.shape[-1] * r.element_size()
+
+    # --- incremental state cache ------------------------------------------------------------
+    def _signature(self, offsets: Offsets | None) -> list[tuple]:
+        if offsets is None:
+            return [tuple() for _ in self.blocks_of]
+        return [tuple(sorted((n, offsets[n]) for n in names)) for names in self.blocks_of]
+
+    def _start(self, sig: list[tuple], w: int) -> tuple[int, list[torch.Tensor] | None]:
+        """First block to compute for window ``w`` and the kept states it continues from."""
+        best, states = 0, None
+        if not self.incremental:
+            return 0, None
+        for key, per_window in self.states.items():
+            if w not in per_window:
+                continue
+            ref_sig = per_window["sig"] if "sig" in per_window else None
+            same = 0
+            while same < len(sig) and ref_sig[same] == sig[same]:
+                same += 1
+            if same > best:
+                best, states = same, per_window[w]
+        return best, states
+
+    def _state_bytes(self) -> int:
+        seen, total = set(), 0
+        for per_window in self.states.values():
+            for w, hs in per_window.items():
+                if w == "sig":
+                    continue
+                for h in hs:
+                    p = h.untyped_storage().data_ptr()
+                    if p not in seen:
+                        seen.add(p)
+                        total += h.numel() * h.element_size()
+        return total
+
+    def retain(self, candidates: list[Offsets]) -> None:
+        """Keep block states only for these candidates (the population)."""
+        keep = {self.key(o) for o in candidates}
+        self.states = {k: v for k, v in self.states.items() if k in keep}
+
+    # --- scoring ----------------------------------------------------------------------------
+    def _final_logits(self, offsets: Offsets | None, w: int, store: bool = True) -> torch.Tensor:
+        sig = self._signature(offsets)
+        start, kept = self._start(sig, w)
+        h0, kwargs = self.inputs[w]
+        hs = list(kept[: start + 1]) if kept is not None else [h0]
+        h = hs[-1]
+        for i in range(start, len(self.forward.blocks)):
+            h = self.forward.run_block(i, self.forward.block_tensors(i, offsets), h, kwargs)
+            hs.append(h)
+            self.blocks_run += 1
+        if store and self.incremental and offsets is not None:
+            key = self.key(offsets)
+            entry = self.states.get(key)
+            if entry is None:
+                entry = {"sig": sig}
+            entry[w] = hs
+            self.states[key] = entry
+            if self._state_bytes() > self.state_cache_bytes:
+                entry.pop(w)  # over the bound: this one is not kept
+                if len(entry) == 1:
+                    self.states.pop(key)
+        return self.forward.logits(self.windows[w : w + 1], h)
+
+    def _window_score(self, offsets: Offsets, w: int) -> float:
+        ids = self.windows[w : w + 1]
+        logits = self._final_logits(offsets, w).unsqueeze(0)
+        if self.kind == "ppl":
+            s, n = nll_sum(logits, ids)
+        elif isinstance(self.reference[w], TopK):
+            s, n = topk_kl(self.reference[w], logits[0])
+        else:
+            s, n = mean_kl(self.reference[w], logits)
+        return s / n
+
+    def prefetch(self, candidates: list[Offsets], n_windows: int) -> None:
+        """Score every (candidate, window) pair the memo lacks. In a process group the pairs are dealt
+        out round-robin over the ranks and the scores all-gathered, so every rank ends with the same
+        memo and therefore takes the same search path (data-parallel fitness, no extra protocol)."""
+        todo, queued = [], set()
+        for offsets in candidates:
+            key = self.key(offsets)
+            if key in queued:
+                continue
+            queued.add(key)
+            todo += [(key, offsets, i) for i in range(len(self.memo.get(key, [])), n_windows)]
+        if not todo:
+            return
+        rank, world = 0, 1
+        if self.group is not None:
+            import torch.distributed as dist
+
+            rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        mine = {}
+        with Placement.stage(self.db.model):
+            for j in range(rank, len(todo), world):
+                _, offsets, i = todo[j]
+                s = self._window_score(offsets, i)
+                mine[j] = s if math.isfinite(s) else math.inf
+                self.local_evaluations += 1
+        if world > 1:
+            import torch.distributed as dist
+
+            parts: list = [None] * world
+            dist.all_gather_object(parts, mine, group=self.group)
+            for p in parts:
+                mine.update(p)
+        for j, (key, _, i) in enumerate(todo):  # windows of one key are queued in order
+            scores = self.memo.setdefault(key, [])
+            assert len(scores) == i
+            scores.append(mine[j])
+        self.evaluations += len(todo)
+
+    def __call__(self, offsets: Offsets, n_windows: int) -> float:
+        # the memo is filled by prefetch alone (in a process group every rank makes the same calls)
+        self.prefetch([offsets], n_windows)
+        vals = self.memo[self.key(offsets)][:n_windows]
+        return sum(vals) / len(vals)
