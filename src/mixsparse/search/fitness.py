@@ -95,11 +95,17 @@ class TopK:
 def topk_kl(ref: TopK, logits: torch.Tensor) -> tuple[float, int]:
     """Summed per-token KL between the (top-k, rest) coarse-grainings of the dense and candidate
     distributions, and the number of tokens."""
-    logits = logits.float()
+    # One fused pass over the vocabulary (log_softmax upcasts inside: no fp32 copy of bf16 logits); the
+    # rest mass is 1 - sum(top-k q) in float64, exact to ~1e-7 absolute. Rows where that is not enough
+    # (the candidate puts almost all its mass on the dense top-k) get the masked sum over the vocabulary.
     idx = ref.idx.to(logits.device)
-    lse = torch.logsumexp(logits, dim=-1)
-    logq = logits.gather(-1, idx) - lse.unsqueeze(-1)
-    logq_rest = torch.logsumexp(logits.scatter(-1, idx, float("-inf")), dim=-1) - lse
+    logq_all = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logq = logq_all.gather(-1, idx)
+    q_rest = 1.0 - logq.double().exp().sum(-1)
+    logq_rest = q_rest.clamp_min(1e-300).log().float()
+    tight = q_rest < 1e-4
+    if bool(tight.any()):
+        logq_rest[tight] = torch.logsumexp(logq_all[tight].scatter(-1, idx[tight], float("-inf")), dim=-1)
     logp, logp_rest = ref.logp.to(logits.device), ref.log_rest.to(logits.device)
     kl = (logp.exp() * (logp - logq)).sum(-1)
     p_rest = logp_rest.exp()
