@@ -198,3 +198,35 @@ def test_search_leaves_the_model_dense():
     evolutionary_search(fit, space, [{n: 0 for n in space.param_counts}], SearchConfig(generations=2, **CFG),
                         progress=False)
     assert all(torch.equal(before[n], l.weight) for n, l in prunable_linears(model).items())
+
+
+def test_cheap_stage_scores_window_prefixes_exactly():
+    """A stage with a tokens entry scores the first tokens of each window; with causal attention that is
+    the KL on those positions of a full-window forward."""
+    model, space, db = _db()
+    windows = tiny_ids(2, 16, seed=5)
+    fit = Fitness(db, windows, "kl", dtype="model", kl_topk=0)
+    cand = _candidates(space, 1, seed=3)[0]
+    short = fit(cand, 2, tokens=6)
+    dense, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for n, k in cand.items():
+            prunable_linears(pruned)[n].weight.copy_(db.weight(n, k))
+        per_window = []
+        for i in range(2):
+            ids = windows[i : i + 1]
+            ref = F.log_softmax(dense(input_ids=ids).logits.float(), -1)[:, :6].to(torch.float16)
+            s, n = mean_kl(ref, pruned(input_ids=ids).logits[:, :6])
+            per_window.append(s / n)
+    assert short == pytest.approx(sum(per_window) / 2, rel=1e-4)
+    assert fit.key(cand) not in fit.memo  # short scores never stand in for whole-window ones
+
+
+def test_search_with_a_cheap_first_stage_keeps_the_budget():
+    model, space, db = _db()
+    fit = Fitness(db, tiny_ids(3, 16, seed=7), "kl", dtype="model")
+    cfg = SearchConfig(generations=3, population=3, offspring=6, stages=[[1, 3, 8], [3, 1]], seed=3)
+    res = evolutionary_search(fit, space, [{n: 0 for n in space.param_counts}], cfg, progress=False)
+    assert space.residual(res.offsets) == 0 and res.generations == 3
+    with pytest.raises(Exception, match="last stage"):
+        SearchConfig(stages=[[1, 3], [3, 1, 8]])

@@ -36,7 +36,9 @@ class SearchConfig:
     generations: int = 30  # upper bound; ~22 s each on the embedded model on 2 CPU cores (8 children: 17 windows of 512 tokens)
     population: int = 4  # parents kept (elitism: the best always survive)
     offspring: int = 8  # children per generation
-    stages: list = field(default_factory=lambda: [[1, 3], [4, 1]])  # [[windows, survivors], ...]
+    # [[windows, survivors], ...]; a stage may add a third number, tokens: score on each window's first
+    # ``tokens`` tokens only (a cheaper first stage, EvoPress's "super-fast" idea); the last stage uses whole windows
+    stages: list = field(default_factory=lambda: [[1, 3], [4, 1]])
     max_mutations: int = 3  # level moves per child: 1..max_mutations
     crossover_rate: float = 0.5  # share of children made by crossover of two parents before mutation
     init_perturbations: int = 4  # level moves applied to the sensitivity allocation for other initial parents
@@ -47,8 +49,11 @@ class SearchConfig:
         if self.generations < 0 or self.population < 1 or self.offspring < 1:
             raise ConfigError("search: generations >= 0, population >= 1 and offspring >= 1 are required")
         stages = [list(s) for s in self.stages]
-        if not stages or any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in stages):
-            raise ConfigError(f"search.stages must be a list of [windows, survivors] pairs >= 1, got {self.stages!r}")
+        if not stages or any(len(s) not in (2, 3) or any(not isinstance(v, int) or v < 1 for v in s) for s in stages):
+            raise ConfigError(f"search.stages must be a list of [windows, survivors] (or [windows, survivors, tokens]) "
+                              f"with integers >= 1, got {self.stages!r}")
+        if len(stages[-1]) == 3:
+            raise ConfigError("search.stages: the last stage scores whole windows (no tokens entry)")
         if any(b[0] < a[0] for a, b in zip(stages, stages[1:])):
             raise ConfigError("search.stages: windows must not decrease from one stage to the next")
         self.stages = stages
@@ -210,9 +215,9 @@ def evolutionary_search(
     def score(o: Offsets) -> float:
         return fitness(o, final_w)
 
-    def prefetch(cands: list[Offsets], windows: int) -> None:
+    def prefetch(cands: list[Offsets], windows: int, **tokens) -> None:
         if hasattr(fitness, "prefetch"):  # batch of evaluations: shared out over ranks in a process group
-            fitness.prefetch(cands, windows)
+            fitness.prefetch(cands, windows, **tokens)
 
     prefetch(state.population, final_w)
     state.population.sort(key=score)
@@ -225,7 +230,11 @@ def evolutionary_search(
     try:
         while state.generation < config.generations and state.since_improved < config.patience:
             survivors = _children(state.population, space, blocks_of, config, state.rng)
-            for windows, keep in config.stages:
+            for windows, keep, *tokens in config.stages:
+                if tokens:  # a cheap stage: only the first tokens of each window
+                    prefetch(survivors, windows, tokens=tokens[0])
+                    survivors = sorted(survivors, key=lambda c, w=windows, t=tokens[0]: fitness(c, w, tokens=t))[:keep]
+                    continue
                 prefetch(survivors, windows)
                 survivors = sorted(survivors, key=lambda c, w=windows: fitness(c, w))[:keep]
             prefetch(state.population + survivors, final_w)

@@ -215,8 +215,9 @@ class Fitness:
         self.state_cache_bytes = int(state_cache_mb * 2**20)
         self.local_evaluations = 0  # windows this process forwarded itself (a share of ``evaluations``)
         self.blocks_run = 0  # block forwards done (incremental evaluation skips some)
-        self.memo: dict[tuple, list[float]] = {}
+        self.memo: dict[tuple, list[float]] = {}  # whole windows; keyed (tokens, candidate) for cheap stages
         self.evaluations = 0  # windows scored
+        self._short_inputs: dict[tuple[int, int], tuple] = {}
         self.blocks_of = [set(layers.values()) for layers in self.forward.layers_of]
         with Placement.stage(model):
             self.inputs = [self.forward.embed(windows[i : i + 1]) for i in range(windows.shape[0])]
@@ -281,6 +282,16 @@ class Fitness:
         self.states = {k: v for k, v in self.states.items() if k in keep}
 
     # --- scoring ----------------------------------------------------------------------------
+    def _short_logits(self, offsets: Offsets, w: int, tokens: int) -> torch.Tensor:
+        """The candidate's logits on the first ``tokens`` tokens of window ``w`` (no kept states)."""
+        if (w, tokens) not in self._short_inputs:
+            self._short_inputs[(w, tokens)] = self.forward.embed(self.windows[w : w + 1, :tokens])
+        h, kwargs = self._short_inputs[(w, tokens)]
+        for i in range(len(self.forward.blocks)):
+            h = self.forward.run_block(i, self.forward.block_tensors(i, offsets), h, kwargs)
+            self.blocks_run += 1
+        return self.forward.logits(self.windows[w : w + 1, :tokens], h)
+
     def _final_logits(self, offsets: Offsets | None, w: int, store: bool = True) -> torch.Tensor:
         sig = self._signature(offsets)
         start, kept = self._start(sig, w)
@@ -304,24 +315,33 @@ class Fitness:
                     self.states.pop(key)
         return self.forward.logits(self.windows[w : w + 1], h)
 
-    def _window_score(self, offsets: Offsets, w: int) -> float:
-        ids = self.windows[w : w + 1]
-        logits = self._final_logits(offsets, w).unsqueeze(0)
+    def _window_score(self, offsets: Offsets, w: int, tokens: int | None = None) -> float:
+        if tokens is not None and tokens < self.windows.shape[1]:
+            ids = self.windows[w : w + 1, :tokens]
+            logits = self._short_logits(offsets, w, tokens).unsqueeze(0)
+        else:
+            tokens = self.windows.shape[1]
+            ids = self.windows[w : w + 1]
+            logits = self._final_logits(offsets, w).unsqueeze(0)
         if self.kind == "ppl":
             s, n = nll_sum(logits, ids)
-        elif isinstance(self.reference[w], TopK):
-            s, n = topk_kl(self.reference[w], logits[0])
+        elif isinstance(self.reference[w], TopK):  # causal: the prefix's reference is the reference's prefix
+            r = self.reference[w]
+            s, n = topk_kl(TopK(r.logp[:tokens], r.idx[:tokens], r.log_rest[:tokens]), logits[0])
         else:
-            s, n = mean_kl(self.reference[w], logits)
+            s, n = mean_kl(self.reference[w][:, :tokens], logits)
         return s / n
 
-    def prefetch(self, candidates: list[Offsets], n_windows: int) -> None:
+    def _memo_key(self, offsets: Offsets, tokens: int | None) -> tuple:
+        return self.key(offsets) if tokens is None else (("tokens", tokens),) + self.key(offsets)
+
+    def prefetch(self, candidates: list[Offsets], n_windows: int, tokens: int | None = None) -> None:
         """Score every (candidate, window) pair the memo lacks. In a process group the pairs are dealt
         out round-robin over the ranks and the scores all-gathered, so every rank ends with the same
         memo and therefore takes the same search path (data-parallel fitness, no extra protocol)."""
         todo, queued = [], set()
         for offsets in candidates:
-            key = self.key(offsets)
+            key = self._memo_key(offsets, tokens)
             if key in queued:
                 continue
             queued.add(key)
@@ -337,7 +357,7 @@ class Fitness:
         with Placement.stage(self.db.model):
             for j in range(rank, len(todo), world):
                 _, offsets, i = todo[j]
-                s = self._window_score(offsets, i)
+                s = self._window_score(offsets, i, tokens)
                 mine[j] = s if math.isfinite(s) else math.inf
                 self.local_evaluations += 1
         if world > 1:
@@ -353,8 +373,8 @@ class Fitness:
             scores.append(mine[j])
         self.evaluations += len(todo)
 
-    def __call__(self, offsets: Offsets, n_windows: int) -> float:
+    def __call__(self, offsets: Offsets, n_windows: int, tokens: int | None = None) -> float:
         # the memo is filled by prefetch alone (in a process group every rank makes the same calls)
-        self.prefetch([offsets], n_windows)
-        vals = self.memo[self.key(offsets)][:n_windows]
+        self.prefetch([offsets], n_windows, tokens)
+        vals = self.memo[self._memo_key(offsets, tokens)][:n_windows]
         return sum(vals) / len(vals)
