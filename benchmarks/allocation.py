@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "allocation"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--redo", default="", help="comma-separated entry keys to measure again (e.g. msp/wanda@0.8)")
     ap.add_argument("--variant", help="store MSP cells as msp-VARIANT/... (e.g. a longer search: copy msp/PRUNER_TARGET/"
                                       "search_state.json into the variant's work dir first to extend that search)")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the Markdown and plots from the JSON")
@@ -75,9 +76,15 @@ def main() -> None:
     if not res.has("dense"):
         res.add("dense", {"ppl": perplexity(model, test, progress=False)})
 
+    redo = {k for k in args.redo.split(",") if k}
+
     def run(key: str, target, method: str, pruner: str, extra: dict | None = None) -> None:
-        if res.has(key):
+        if res.has(key) and key not in redo:
             return
+        if key in redo:  # a fresh search: its old resumable state must not be picked up
+            import shutil
+
+            shutil.rmtree(cache_dir / key.replace("@", "_").replace(":", "-"), ignore_errors=True)
         model.load_state_dict(pristine)
         cfg = load_config(None, {**base, "prune.sparsity": target, "prune.allocation": method, "prune.pruner": pruner,
                                  **(extra or {})})
@@ -100,7 +107,7 @@ def main() -> None:
         alloc = allocate(model, tok, cfg, device=torch.device("cpu"), run_dir=work, cache_dir=cache_dir / "scores",
                          progress=False)
         alloc_s = time.perf_counter() - t0
-        if alloc.cache is None:
+        if not alloc.stitched:
             model.load_state_dict(pristine)
             with measure() as m:
                 prune_layerwise(model, calib, alloc.sparsity_map, pruner, progress=False)
