@@ -23,7 +23,7 @@ from torch import nn
 from . import __version__
 from .allocation import linear_rank_allocation, owl_allocation, score_allocation
 from .config import RunConfig
-from .data import calibration_ids, eval_windows, load_corpus, tokenize
+from .data import calibration_ids, eval_windows, load_corpus, tokenize, window_prefix
 from .engine import prune_layerwise
 from .errors import ConfigError
 from .evaluation import perplexity
@@ -89,7 +89,12 @@ class Calibration:
     def ids(self, n: int, seqlen: int) -> torch.Tensor:
         if self._tokens is None:
             self._tokens = tokenize(self.tokenizer, load_corpus(self.cfg.data.calibration, "calibration"))
-        return calibration_ids(self.tokenizer, self._tokens, n, seqlen, self.cfg.data.seed)
+        return calibration_ids(self.tokenizer, self._tokens, n, seqlen, self.cfg.data.seed, prefix=self.prefix)
+
+    @property
+    def prefix(self) -> list[int]:
+        """What every window of this run starts with (``data.bos``)."""
+        return window_prefix(self.tokenizer, self.cfg.data.bos)
 
 
 def _score_cache(cfg: RunConfig, kind: str, model: nn.Module, settings: dict, compute: Callable[[], dict],
@@ -131,14 +136,20 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
     if method == "uniform":
         return Allocation(method, SparsityMap.uniform(target, counts))
     if method == "file":
-        return Allocation(method, load_allocation(cfg.prune.allocation_file, counts))
+        sm = load_allocation(cfg.prune.allocation_file, counts)
+        avg = sm.average(counts)
+        if cfg.prune.sparsity_given and not isinstance(target, NM) and abs(avg - float(target)) > 5e-4:
+            raise ConfigError(f"allocation file {cfg.prune.allocation_file} averages {avg:.4f} but --sparsity is {target}; "
+                              "drop --sparsity (the file decides) or search a map for that target")
+        return Allocation(method, sm)
     if method == "owl":
         from .sensitivity.owl import owl_outlier_ratios
 
         with timer("sensitivity"):
             ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
             ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device, progress=progress)
-        sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda), counts)
+        sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda,
+                                        min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity), counts)
         block_of = block_index_map(model, list(counts))  # one look-up of the blocks, not one per layer
         sens = {n: float(ratios[block_of[n]]) for n in counts}
         return Allocation(method, sm, sens, "owl")
@@ -152,7 +163,8 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
                                                         device=device, progress=progress),
                                   cache_dir)
         sm = SparsityMap(linear_rank_allocation(scores, target, counts, a.alpha, blocks_name=blocks_name,
-                                                per_block=a.per_block), counts)
+                                                per_block=a.per_block, min_sparsity=a.min_sparsity,
+                                                max_sparsity=a.max_sparsity), counts)
         return Allocation(method, sm, scores, "hessian")
     if method in ("fisher", "msp"):
         with timer("sensitivity"):
@@ -200,7 +212,7 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
                                 store_dir=store, fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20),
                                 progress=progress)
     windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
-                           s.fitness_windows * s.fitness_seqlen)
+                           s.fitness_windows * s.fitness_seqlen, prefix=calib.prefix)
     fitness = Fitness(cache, windows, s.fitness, device=device, group=workers.group if workers else None,
                       placement=cfg.model.placement, dtype=s.fitness_dtype, kl_topk=s.kl_topk,
                       incremental=s.incremental, state_cache_mb=s.state_cache_mb)
@@ -234,6 +246,16 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
     return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
 
 
+def _clear_outputs(out: Path) -> None:
+    """Remove a previous run's outputs before an overwrite (the sensitivity/level caches stay)."""
+    import shutil
+
+    for name in ("run.json", "config.yaml", "allocation.yaml", "search_state.json", "report.md"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("model", "compressed", "plots"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
 def _fingerprint(payload: dict) -> str:
     import hashlib
     import json
@@ -242,20 +264,15 @@ def _fingerprint(payload: dict) -> str:
 
 
 def load_allocation(path: str | Path, counts: dict[str, int]) -> SparsityMap:
-    import yaml
+    """The map of an allocation file; it must name every prunable layer of this model (a layer left out
+    would silently stay dense)."""
+    from .preflight import read_allocation_file
 
-    from .config import yaml_load
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"allocation file {p} does not exist")
-    try:
-        data = yaml_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"allocation file {p} is not valid YAML: {e}") from None
-    layers = data.get("per_layer") if isinstance(data, dict) and "per_layer" in data else data
-    if not isinstance(layers, dict):
-        raise ConfigError(f"allocation file {p} must map layer names to sparsities (or hold a 'per_layer' mapping)")
+    layers = read_allocation_file(path)
+    missing = [n for n in counts if n not in layers]
+    if missing:
+        raise ConfigError(f"allocation file {path} has no sparsity for {len(missing)} of {len(counts)} prunable layers "
+                          f"(e.g. {missing[0]}); it was made for another model? Regenerate it with `mixsparse search`")
     return SparsityMap(layers, counts)
 
 
@@ -303,19 +320,27 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
 
 
 def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, progress: bool = True,
-        model: nn.Module | None = None, tokenizer=None) -> dict:
-    """Load, prune, evaluate, export and report; everything lands in ``out_dir``."""
-    from .loading import load_model
+        model: nn.Module | None = None, tokenizer=None, overwrite: bool = False) -> dict:
+    """Load, prune, evaluate, export and report; everything lands in ``out_dir``.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.model.device)
+    The configuration, the files it names, the device and ``out_dir`` are checked before the model is
+    loaded. A directory holding a finished run is refused unless ``overwrite``; an unfinished one is
+    resumed (search state and sensitivity cache reused). ``run.json`` says ``status``: running, finished,
+    failed or interrupted (with the error)."""
+    from .loading import load_model
+    from .preflight import check_config, check_run_dir, run_status
+
+    check_config(cfg)
+    out = check_run_dir(out_dir, overwrite=overwrite)
+    if overwrite and run_status(out) is not None:
+        _clear_outputs(out)
     timer = Timer()
     record: dict[str, Any] = {
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.to_dict(),
+        "status": "running",
     }
     atomic_write_yaml(out / "config.yaml", cfg.to_dict())
 
@@ -324,75 +349,84 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         record["peak_memory"] = peak_memory()
         atomic_write_json(out / "run.json", record)
 
-    with timer("load"):
-        if model is None:
-            model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
-    counts = param_counts(model)
-    _, blocks = find_decoder_blocks(model)
-    record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
-                       "prunable_params": sum(counts.values()), "blocks": len(blocks)}
-    placement = placement_for(cfg, model)
-    record["placement"] = {"device": str(placement.device), "mode": placement.mode}
+    try:
+        with timer("load"):
+            if model is None:
+                model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+        counts = param_counts(model)
+        _, blocks = find_decoder_blocks(model)
+        record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
+                           "prunable_params": sum(counts.values()), "blocks": len(blocks)}
+        placement = placement_for(cfg, model)
+        record["placement"] = {"device": str(placement.device), "mode": placement.mode}
+        prefix = window_prefix(tokenizer, cfg.data.bos)
+        record["windows"] = {"bos": cfg.data.bos, "prefix_ids": prefix}
 
-    test_windows = None
-    ppl: dict[str, Any] = {}
-    if cfg.eval.perplexity:
-        test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
-                                    cfg.data.eval_tokens or None)
-        ppl = {"split": "test", "tokens": int(test_windows.numel()), "seqlen": cfg.data.seqlen, "dense": None}
-        if cfg.eval.dense_baseline:
-            with timer("eval_dense"):
-                ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                          progress=progress)
-        record["perplexity"] = ppl
+        test_windows = None
+        ppl: dict[str, Any] = {}
+        if cfg.eval.perplexity:
+            test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
+                                        cfg.data.eval_tokens or None, prefix=window_prefix(tokenizer, cfg.data.bos))
+            ppl = {"split": "test", "tokens": int(test_windows.numel()), "seqlen": cfg.data.seqlen, "dense": None}
+            if cfg.eval.dense_baseline:
+                with timer("eval_dense"):
+                    ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                              progress=progress)
+            record["perplexity"] = ppl
+            save()
+
+        result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
+        alloc: Allocation = result.pop("_allocation")
+        for k, v in result.pop("timings").items():
+            timer.timings[k] = v
+        record.update(result)
+        save_allocation(out / "allocation.yaml", alloc, cfg, counts)
         save()
 
-    result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
-    alloc: Allocation = result.pop("_allocation")
-    for k, v in result.pop("timings").items():
-        timer.timings[k] = v
-    record.update(result)
-    save_allocation(out / "allocation.yaml", alloc, cfg, counts)
-    save()
+        if cfg.eval.perplexity:
+            with timer("eval_pruned"):
+                ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                           progress=progress)
+            save()
+        if cfg.eval.zeroshot:
+            from .zeroshot import evaluate_zeroshot
 
-    if cfg.eval.perplexity:
-        with timer("eval_pruned"):
-            ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                       progress=progress)
+            with timer("zeroshot"):
+                record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot), n=cfg.eval.zeroshot_n,
+                                                       device=placement, seed=cfg.data.seed, progress=progress)
+            save()
+        if cfg.eval.lm_eval_tasks:
+            from .lmeval import run_lm_eval
+
+            with timer("lm_eval"):
+                record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
+                                                device=placement.device if placement.mode == "whole" else "cpu")
+            save()
+
+        metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": str(cfg.prune.sparsity),
+                    "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
+        artifacts = {}
+        if cfg.export.checkpoint:
+            from .export import save_hf
+
+            with timer("export"):
+                save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
+            artifacts["checkpoint"] = "model/"
+        if cfg.export.compressed:
+            from .export import save_compressed
+
+            with timer("export_compressed"):
+                record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
+                                                  sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
+                                                  overwrite=True)
+            artifacts["compressed"] = "compressed/"
+        record["artifacts"] = artifacts
+    except BaseException as e:
+        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
         save()
-    if cfg.eval.zeroshot:
-        from .zeroshot import evaluate_zeroshot
-
-        with timer("zeroshot"):
-            record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot), n=cfg.eval.zeroshot_n,
-                                                   device=placement, seed=cfg.data.seed, progress=progress)
-        save()
-    if cfg.eval.lm_eval_tasks:
-        from .lmeval import run_lm_eval
-
-        with timer("lm_eval"):
-            record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
-                                            device=placement.device if placement.mode == "whole" else "cpu")
-        save()
-
-    metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": str(cfg.prune.sparsity),
-                "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
-    artifacts = {}
-    if cfg.export.checkpoint:
-        from .export import save_hf
-
-        with timer("export"):
-            save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
-        artifacts["checkpoint"] = "model/"
-    if cfg.export.compressed:
-        from .export import save_compressed
-
-        with timer("export_compressed"):
-            record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
-                                              sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
-                                              overwrite=True)
-        artifacts["compressed"] = "compressed/"
-    record["artifacts"] = artifacts
+        raise
+    record["status"] = "finished"
     save()
     if cfg.export.report:
         from .report import render_report

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import special_prefix
 from .engine import LayerwiseRunner
 from .errors import ConfigError, DataError, UnknownNameError
 from .placement import Placement
@@ -197,17 +198,7 @@ def _check_n(n: Any) -> None:
 
 
 def _special_prefix(tokenizer: Any) -> list[int]:
-    """Token ids the tokenizer puts *before* text by default (e.g. Llama-2's BOS; none for SmolLM2).
-
-    Found by difference rather than from ``bos_token``, because some tokenizers define a BOS they never
-    add. Suffix tokens (an EOS some tokenizers append) are deliberately ignored: a context goes on.
-    """
-    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    for k in range(len(with_special) - len(plain) + 1):
-        if with_special[k : k + len(plain)] == plain:
-            return list(with_special[:k])
-    return []
+    return special_prefix(tokenizer)
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, prefix: Sequence[int] = ()) -> tuple[list[int], list[int]]:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -106,7 +107,9 @@ class SearchState:
         self.history, self.generation = d["history"], d["generation"]
         self.since_improved, self.seconds = d["since_improved"], d["seconds"]
         if fitness is not None and hasattr(fitness, "memo"):
-            fitness.memo.update({tuple(tuple(p) for p in k): v for k, v in d["memo"]})
+            # scores come back as floats; an infinite one was written as the string "inf"
+            fitness.memo.update({tuple(tuple(p) for p in k): [math.inf if x is None else float(x) for x in v]
+                                 for k, v in d["memo"]})
             fitness.evaluations = d["evaluations"]
 
     def save(self, path: Path, fitness=None) -> None:
