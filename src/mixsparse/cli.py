@@ -101,13 +101,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     cfg = _load(args, {"prune.allocation": args.allocation or "msp"})
     check_config(cfg)
-    out = check_run_dir(args.out, overwrite=True)  # a search directory resumes: its state is reused by design
+    out = check_run_dir(args.out)  # a search directory resumes (its state is reused); a finished prune run is refused
     workers = from_env()  # under torchrun: the ranks share the search's fitness evaluations
     try:
         main = workers is None or workers.is_main
         device = workers.device if workers and workers.device is not None else resolve_device(cfg.model.device)
         model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
-        alloc = allocate(model, tok, cfg, device=device, run_dir=out, progress=main and not args.quiet, workers=workers)
+        from .placement import Placement
+
+        placement = Placement.resolve(device, cfg.model.placement, model, offload=cfg.prune.offload)
+        alloc = allocate(model, tok, cfg, device=placement, run_dir=out, progress=main and not args.quiet,
+                         workers=workers)
         if not main:
             return 0
         path = save_allocation(out / "allocation.yaml", alloc, cfg, param_counts(model))

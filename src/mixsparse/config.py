@@ -184,6 +184,10 @@ class EvalConfig:
     zeroshot_n: int | None = None  # examples per task (task defaults when None)
     lm_eval_tasks: list = field(default_factory=list)  # lm-evaluation-harness tasks (needs internet + lm-eval)
 
+    def __post_init__(self) -> None:
+        if self.zeroshot_n is not None and self.zeroshot_n < 1:
+            raise ConfigError(f"eval.zeroshot_n must be >= 1 (or null for the task defaults), got {self.zeroshot_n}")
+
 
 @dataclass
 class ExportConfig:
@@ -191,6 +195,10 @@ class ExportConfig:
     compressed: bool = True  # bitmask / N:M packed checkpoint
     dtype: str = "float16"  # dtype of the compressed checkpoint
     report: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"export.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
 
 @dataclass
@@ -206,6 +214,8 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["prune"]["sparsity"] = str(self.prune.sparsity) if not isinstance(self.prune.sparsity, float) else self.prune.sparsity
+        if not self.prune.sparsity_given:  # so that config.yaml reloads as "not given" (an allocation file decides)
+            d["prune"]["sparsity"] = None
         return d
 
 

@@ -479,7 +479,9 @@ def eval_windows(tokenizer, text: str | torch.Tensor, seqlen: int, max_tokens: i
         if seqlen <= len(prefix):
             raise ConfigError(f"seqlen {seqlen} leaves no room for text after the {len(prefix)}-token BOS prefix")
         step = seqlen - len(prefix)
-        text_windows = eval_windows(tokenizer, text, step, None if max_tokens is None else max(step, max_tokens // seqlen * step))
+        if max_tokens is not None and max_tokens < seqlen:
+            raise DataError(f"max_tokens={max_tokens} is below the window length {seqlen}: no evaluation window fits")
+        text_windows = eval_windows(tokenizer, text, step, None if max_tokens is None else max_tokens // seqlen * step)
         return _prefixed(text_windows, prefix)
     ids = tokenize(tokenizer, text)
     usable = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)

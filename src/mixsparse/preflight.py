@@ -27,6 +27,7 @@ def check_config(cfg: RunConfig) -> None:
     from .sparsity import NM
 
     check_device(cfg.model.device)
+    check_model_spec(cfg.model.name)
     get_pruner(cfg.prune.pruner).make_options(cfg.prune.options)
     check_corpus(cfg.data.calibration, "calibration")
     if cfg.prune.allocation == "msp":
@@ -55,12 +56,29 @@ def check_config(cfg: RunConfig) -> None:
                 raise ConfigError("search.patterns (mixed N:M) needs an N:M target such as --sparsity 2:4")
             LevelSpace.unstructured(target, probe, step=cfg.search.step, max_shift=cfg.search.max_shift,
                                     min_sparsity=cfg.allocation.min_sparsity, max_sparsity=cfg.allocation.max_sparsity)
+    if cfg.eval.lm_eval_tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ConfigError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'mixsparse[lmeval]'") from None
     if cfg.eval.zeroshot:
         from .zeroshot import TASKS
 
         unknown = [t for t in cfg.eval.zeroshot if t not in TASKS]
         if unknown:
             raise ConfigError(f"eval.zeroshot: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+
+
+def check_model_spec(name: str) -> None:
+    """A local model path must exist (a hub id ``org/name`` is left to the loader)."""
+    from .loading import looks_like_hub_id
+
+    if name == "embedded":
+        return
+    p = Path(name).expanduser()
+    if not p.exists() and not looks_like_hub_id(name):
+        raise ConfigError(f"model {name!r}: no such directory (and not a hub id org/name); use --model embedded or "
+                          "the path of a Hugging Face model directory")
 
 
 def read_allocation_file(path: str | os.PathLike | None) -> dict:

@@ -67,6 +67,7 @@ _SECTIONS: dict[str, type | tuple[type, ...]] = {
     "sizes": dict,
     "artifacts": dict,
     "lm_eval": dict,
+    "windows": dict,
 }
 _NUM = (int, float)
 # fields the report reads, with the types it needs: (section, field) -> types; "*" = every value of the section

@@ -255,6 +255,9 @@ def model_on_device(model: nn.Module, device: "str | torch.device | Placement | 
         model.train(was_training)
 
 
+_BLOCKWISE_CHUNK = 16  # batches whose activations wait between blocks at once (memory ~ chunk x batch x len x hidden)
+
+
 def _score(
     model: nn.Module,
     tokenizer: Any,
@@ -311,9 +314,11 @@ def _score(
     # no_grad, not inference_mode: a blockwise run moves blocks inside, and parameters re-made under
     # inference_mode become inference tensors that later in-place writes (pruning, recovery) refuse
     with model_on_device(model, device) as dev, torch.no_grad():
-        if dev is None:  # blockwise placement: every batch goes through one block at a time
+        if dev is None:  # blockwise placement: batches go through one block at a time, a bounded chunk at once
             runner = LayerwiseRunner(model, placement=device)
-            outputs = (lg for _, lg in runner.forward_all([i for i, _ in padded], attention_masks=[m for _, m in padded]))
+            outputs = (lg for c in range(0, len(padded), _BLOCKWISE_CHUNK)
+                       for _, lg in runner.forward_all([i for i, _ in padded[c : c + _BLOCKWISE_CHUNK]],
+                                                       attention_masks=[m for _, m in padded[c : c + _BLOCKWISE_CHUNK]]))
         else:
             outputs = (model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
                        for ids, mask in padded)
