@@ -23,13 +23,14 @@ def load_setup(model_name: str, calib_samples: int, seqlen: int, eval_tokens: in
     to restore between cells, wiki calibration windows and wiki test windows."""
     import copy
 
-    from mixsparse.data import calibration_ids, eval_windows, load_corpus
+    from mixsparse.data import calibration_ids, eval_windows, load_corpus, window_prefix
     from mixsparse.loading import load_model
 
     model, tok = load_model(model_name)
     pristine = copy.deepcopy(model.state_dict())
-    calib = calibration_ids(tok, load_corpus("wiki", "calibration"), calib_samples, seqlen, seed)
-    test = eval_windows(tok, load_corpus("wiki", "test"), seqlen, eval_tokens)
+    prefix = window_prefix(tok)  # the tokenizer's own convention (none for the embedded SmolLM2)
+    calib = calibration_ids(tok, load_corpus("wiki", "calibration"), calib_samples, seqlen, seed, prefix=prefix)
+    test = eval_windows(tok, load_corpus("wiki", "test"), seqlen, eval_tokens, prefix=prefix)
     return model, tok, pristine, calib, test
 
 

@@ -60,10 +60,11 @@ def register() -> torch.device:
 
 aten = torch.ops.aten
 
-# ops that real torch runs with operands on different devices
-_CROSS_DEVICE = {aten.copy_.default, aten._to_copy.default, aten.index.Tensor, aten.index_put_.default,
-                 aten.index_put.default, aten._index_put_impl_.default, aten.lift_fresh.default,
-                 aten.detach.default, aten.alias.default, aten.set_.source_Tensor}
+# ops that real torch runs with operands on different devices: copies, and index ops whose index tensors
+# (given in a list) may stay on the CPU
+_COPIES = {aten.copy_.default, aten._to_copy.default, aten.lift_fresh.default, aten.detach.default,
+           aten.alias.default, aten.set_.source_Tensor}
+_INDEX_OPS = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 
 
 class MixedDeviceError(RuntimeError):
@@ -104,12 +105,14 @@ def _dispatch(func, args, kwargs):
         # a simulated tensor and a CPU one are different tensor types: Module.to makes new Parameters
         return isinstance(args[0], SimTensor) == isinstance(args[1], SimTensor)
     kinds = set()
-    for x in flat:
+    # index ops take CPU *index* tensors (passed in a list) with device data; values must be on the device
+    direct = list(args) + list(kwargs.values()) if func in _INDEX_OPS else flat
+    for x in direct:
         if isinstance(x, SimTensor):
             kinds.add(NAME)
         elif isinstance(x, torch.Tensor) and not (x.dim() == 0 and x.device.type == "cpu"):
             kinds.add(x.device.type)
-    if len(kinds) > 1 and func not in _CROSS_DEVICE:
+    if len(kinds) > 1 and func not in _COPIES:
         shapes = [(type(x).__name__, tuple(x.shape)) for x in flat if isinstance(x, torch.Tensor)]
         raise MixedDeviceError(f"{func} mixes devices {sorted(kinds)}: {shapes}")
     target = kwargs.get("device")

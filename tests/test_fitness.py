@@ -228,5 +228,76 @@ def test_search_with_a_cheap_first_stage_keeps_the_budget():
     cfg = SearchConfig(generations=3, population=3, offspring=6, stages=[[1, 3, 8], [3, 1]], seed=3)
     res = evolutionary_search(fit, space, [{n: 0 for n in space.param_counts}], cfg, progress=False)
     assert space.residual(res.offsets) == 0 and res.generations == 3
+    short = [k for k in fit.memo if k[0] == ("tokens", 8)]
+    assert len(short) >= 6  # every child was scored on prefixes first
+    full = [k for k in fit.memo if k[0] != ("tokens", 8)]
+    assert len(full) < len(short) + 3  # only the 3 survivors per generation (and the parents) got whole windows
     with pytest.raises(Exception, match="last stage"):
         SearchConfig(stages=[[1, 3], [3, 1, 8]])
+
+
+def test_resumed_search_with_a_cheap_stage_equals_uninterrupted(tmp_path):
+    cfg = SearchConfig(generations=3, population=3, offspring=5, stages=[[1, 3, 8], [3, 1]], seed=4)
+    init = lambda space: [{n: 0 for n in space.param_counts}]  # noqa: E731
+    _, space, db = _db()
+    full = evolutionary_search(Fitness(db, tiny_ids(3, 16, seed=7), "kl"), space, init(space), cfg, progress=False)
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop(gen, rec):
+        if gen == 2:
+            raise Stop
+
+    _, space2, db2 = _db()
+    with pytest.raises(KeyboardInterrupt):
+        evolutionary_search(Fitness(db2, tiny_ids(3, 16, seed=7), "kl"), space2, init(space2), cfg,
+                            checkpoint=tmp_path / "s.json", on_generation=stop, progress=False)
+    _, space3, db3 = _db()
+    fit3 = Fitness(db3, tiny_ids(3, 16, seed=7), "kl")
+    resumed = evolutionary_search(fit3, space3, init(space3), cfg, checkpoint=tmp_path / "s.json", progress=False)
+    assert resumed.offsets == full.offsets and resumed.fitness == full.fitness
+    assert any(k[0] == ("tokens", 8) for k in fit3.memo)  # cheap-stage scores came back from the checkpoint
+
+
+def test_blockwise_builds_each_block_once_per_candidate(monkeypatch):
+    from mixsparse.search import fitness as fitness_mod
+
+    _, space, db = _db()
+    fit = Fitness(db, tiny_ids(3, 16, seed=7), "kl", placement="blockwise")
+    calls = []
+    real = fitness_mod.CandidateForward.block_tensors
+    monkeypatch.setattr(fitness_mod.CandidateForward, "block_tensors",
+                        lambda self, i, o: calls.append(i) or real(self, i, o))
+    fit.prefetch(_candidates(space, 2), 3)  # 2 candidates x 3 windows
+    assert len(calls) == 2 * 3  # blocks x candidates, not x windows (3 blocks)
+
+
+def test_reconstructed_levels_are_stored_in_the_given_dtype_and_disk_is_checked(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from safetensors import safe_open
+
+    from mixsparse.errors import ConfigError
+
+    _, space, db = _db("sparsegpt", store_dir=tmp_path / "s", store_dtype=torch.bfloat16)
+    name = next(iter(db.layers))
+    with safe_open(str(db._path(name)), "pt") as f:
+        assert f.get_tensor("level_0").dtype == torch.bfloat16
+    assert db.weight(name, 0).dtype == torch.float32  # read back in the layer's dtype
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ConfigError, match="GiB are free"):
+        _db("sparsegpt", store_dir=tmp_path / "t")
+    assert not any((tmp_path / "t").glob("*.safetensors"))
+
+
+def test_a_non_finite_dense_reference_is_refused():
+    from mixsparse.errors import NumericalError
+
+    model, space, db = _db()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e30)  # logits overflow
+    with pytest.raises(NumericalError, match="not finite"):
+        Fitness(db, tiny_ids(2, 16), "kl")

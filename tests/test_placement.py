@@ -130,7 +130,7 @@ def test_level_database_fitness_and_search_on_the_device_equal_the_cpu(pruner, m
             db = LevelDatabase.build(model, space, tiny_ids(), pruner, device=DEV, progress=False)
             assert at_home(model)
             fit = Fitness(db, windows, "kl", device=DEV, placement=mode, dtype="model")
-            assert at_home(model)
+            assert at_home(model)  # the fitness works on device copies; it must never move the model itself
             results[where] = evolutionary_search(fit, space, [init], cfg, progress=False)
             assert at_home(model)
             db.write(results[where].offsets)  # the stitched final model, written at home

@@ -45,6 +45,11 @@ def _overrides(args: argparse.Namespace) -> dict:
         "calib_samples": "data.calibration_samples", "seqlen": "data.seqlen", "eval_tokens": "data.eval_tokens",
         "calibration": "data.calibration", "device": "model.device", "dtype": "model.dtype", "seed": "data.seed",
     }
+    sparsity, pattern = getattr(args, "sparsity", None), getattr(args, "pattern", None)
+    if sparsity is not None and pattern is not None and str(sparsity).strip() != str(pattern).strip():
+        from .errors import ConfigError
+
+        raise ConfigError(f"--sparsity {sparsity} and --pattern {pattern} both set the target; give one of them")
     out = {}
     for attr, key in flags.items():
         v = getattr(args, attr, None)
@@ -80,7 +85,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.no_export:
         extra.update({"export.checkpoint": False, "export.compressed": False})
     cfg = _load(args, extra)
-    rec = run(cfg, args.out, command=_command(), progress=not args.quiet)
+    rec = run(cfg, args.out, command=_command(), progress=not args.quiet, overwrite=args.overwrite)
     _summary(rec, Path(args.out))
     return 0
 
@@ -92,15 +97,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .modeling import param_counts
     from .pipeline import allocate, resolve_device, save_allocation
 
+    from .preflight import check_config, check_run_dir
+
     cfg = _load(args, {"prune.allocation": args.allocation or "msp"})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_config(cfg)
+    out = check_run_dir(args.out)  # a search directory resumes (its state is reused); a finished prune run is refused
     workers = from_env()  # under torchrun: the ranks share the search's fitness evaluations
     try:
         main = workers is None or workers.is_main
         device = workers.device if workers and workers.device is not None else resolve_device(cfg.model.device)
         model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
-        alloc = allocate(model, tok, cfg, device=device, run_dir=out, progress=main and not args.quiet, workers=workers)
+        from .placement import Placement
+
+        placement = Placement.resolve(device, cfg.model.placement, model, offload=cfg.prune.offload)
+        alloc = allocate(model, tok, cfg, device=placement, run_dir=out, progress=main and not args.quiet,
+                         workers=workers)
         if not main:
             return 0
         path = save_allocation(out / "allocation.yaml", alloc, cfg, param_counts(model))
@@ -116,12 +127,25 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data import eval_windows, load_corpus
+    from .data import eval_windows, load_corpus, window_prefix
     from .evaluation import perplexity
     from .pipeline import resolve_device
 
+    from .errors import ConfigError
+    from .export import INDEX_FILE
+    from .pipeline import placement_for
+    from .preflight import check_output_file
+
     cfg = load_config(args.config, _overrides(args))
-    device = resolve_device(cfg.model.device)
+    resolve_device(cfg.model.device)
+    if args.json:
+        check_output_file(args.json, "--json")
+    if cfg.eval.perplexity:
+        from .data import check_corpus
+
+        check_corpus(cfg.data.evaluation, "test")
+    if not args.compressed and (Path(cfg.model.name) / INDEX_FILE).is_file():
+        raise ConfigError(f"{cfg.model.name} is a compressed checkpoint (it has {INDEX_FILE}); add --compressed")
     if args.compressed:
         from .export import load_compressed
         from transformers import AutoTokenizer
@@ -136,14 +160,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .modeling import prunable_linears
 
     _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
-    windows = eval_windows(tok, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen, cfg.data.eval_tokens or None)
-    model.to(device)
+    windows = eval_windows(tok, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen, cfg.data.eval_tokens or None,
+                           prefix=window_prefix(tok, cfg.data.bos))
+    placement = placement_for(cfg, model)  # the model stays at home; whole or blockwise as the policy says
     res = {"model": cfg.model.name, "sparsity": overall, "tokens": int(windows.numel()), "seqlen": cfg.data.seqlen,
-           "perplexity": perplexity(model, windows, batch_size=cfg.data.batch_size, device=device, progress=not args.quiet)}
+           "perplexity": perplexity(model, windows, batch_size=cfg.data.batch_size, device=placement,
+                                    progress=not args.quiet)}
     if args.zeroshot:
         from .zeroshot import evaluate_zeroshot
 
-        res["zeroshot"] = evaluate_zeroshot(model, tok, tasks=tuple(args.zeroshot.split(",")), device=device,
+        res["zeroshot"] = evaluate_zeroshot(model, tok, tasks=tuple(args.zeroshot.split(",")), device=placement,
                                             progress=not args.quiet)
     print(json.dumps(res, indent=1))
     if args.json:
@@ -205,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--no-zeroshot", action="store_true")
     p.add_argument("--no-export", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("search", help="find a per-layer allocation (MSP by default) and save it as YAML")
     _common(p)
@@ -226,18 +253,33 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: temporary directories are removed, state is saved
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars too
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except MixsparseError as e:
         print(f"mixsparse: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mixsparse: interrupted; finished stages and the search state are saved — run the same command to resume",
+        print("mixsparse: interrupted. Kept: the search state (search_state.json: the same command resumes the search "
+              "where it stopped) and the sensitivity/level caches (cache/); the other stages will run again.",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class DataConfig:
     evaluation: str = "wiki"  # test split for perplexity
     eval_tokens: int = 20480  # 0 = the whole test split
     batch_size: int = 1
+    # what windows start with: "auto" follows the tokenizer (its BOS if it adds one, e.g. Llama-2, Gemma;
+    # nothing for SmolLM2), "always" the BOS token, "never" nothing
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
         for k in ("calibration_samples", "seqlen", "batch_size"):
@@ -76,25 +79,32 @@ class DataConfig:
             raise ConfigError("data.seqlen must be >= 2")
         if self.eval_tokens < 0:
             raise ConfigError(f"data.eval_tokens must be >= 0, got {self.eval_tokens}")
+        if self.bos not in ("auto", "always", "never"):
+            raise ConfigError(f"data.bos must be auto, always or never, got {self.bos!r}")
 
 
 @dataclass
 class PruneSection:
     pruner: str = "wanda"
     options: dict = field(default_factory=dict)  # pruner options, e.g. {blocksize: 128, percdamp: 0.01}
-    sparsity: Any = 0.5  # global target: a float in [0, 1) or an "N:M" pattern
+    sparsity: Any = None  # global target: a float in [0, 1) or an "N:M" pattern (0.5 when not given)
     allocation: str = "uniform"
     allocation_file: str | None = None  # YAML map from `mixsparse search` (allocation: file)
     sequential: bool = True  # calibrate each block on the outputs of the pruned blocks before it
     offload: bool = True  # keep activations on the CPU between blocks
 
     def __post_init__(self) -> None:
-        self.sparsity = parse_layer_sparsity(self.sparsity, "prune.sparsity")
+        # whether the user gave a target: an allocation file then has to agree with it
+        self.sparsity_given = self.sparsity is not None
+        self.sparsity = parse_layer_sparsity(0.5 if self.sparsity is None else self.sparsity, "prune.sparsity")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"prune.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.allocation == "file" and not self.allocation_file:
             raise ConfigError("prune.allocation 'file' needs prune.allocation_file (a YAML map from `mixsparse search`)")
-        if self.allocation_file and self.allocation != "file":
+        if self.allocation_file and self.allocation not in ("file", "uniform"):  # uniform is the default
+            raise ConfigError(f"prune.allocation_file is given but prune.allocation is {self.allocation!r}; use the file "
+                              f"(--allocation-file alone) or the method (--allocation {self.allocation} without a file)")
+        if self.allocation_file:
             self.allocation = "file"
 
 
@@ -174,6 +184,10 @@ class EvalConfig:
     zeroshot_n: int | None = None  # examples per task (task defaults when None)
     lm_eval_tasks: list = field(default_factory=list)  # lm-evaluation-harness tasks (needs internet + lm-eval)
 
+    def __post_init__(self) -> None:
+        if self.zeroshot_n is not None and self.zeroshot_n < 1:
+            raise ConfigError(f"eval.zeroshot_n must be >= 1 (or null for the task defaults), got {self.zeroshot_n}")
+
 
 @dataclass
 class ExportConfig:
@@ -181,6 +195,10 @@ class ExportConfig:
     compressed: bool = True  # bitmask / N:M packed checkpoint
     dtype: str = "float16"  # dtype of the compressed checkpoint
     report: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"export.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
 
 @dataclass
@@ -196,6 +214,8 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["prune"]["sparsity"] = str(self.prune.sparsity) if not isinstance(self.prune.sparsity, float) else self.prune.sparsity
+        if not self.prune.sparsity_given:  # so that config.yaml reloads as "not given" (an allocation file decides)
+            d["prune"]["sparsity"] = None
         return d
 
 

@@ -296,9 +296,41 @@ def _load_hf(name: str, config: str | None, split: str) -> str:
     return "\n\n".join(texts)
 
 
+def check_corpus(spec: str, split: str = "calibration") -> None:
+    """Raise the error :func:`load_corpus` would raise for a malformed spec, a missing file or a split the
+    corpus lacks, without reading any text (run before the model is loaded)."""
+    _check_split(split)
+    spec = str(spec).strip()
+    if not spec:
+        raise ConfigError("empty corpus spec")
+    path = Path(spec).expanduser()
+    if spec.startswith("hf:"):
+        if not spec[3:].partition(":")[0]:
+            raise ConfigError(f"corpus spec {spec!r} names no dataset; use hf:NAME[:CONFIG]")
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise DataError(f"corpus {spec!r} needs the 'datasets' package (pip install datasets) "
+                            "and internet access") from None
+    elif spec == "lee":
+        if split not in ("calibration", "all"):
+            raise DataError(f"corpus 'lee' has only a calibration split (asked for {split!r}); "
+                            "evaluate on 'wiki', 'botchan' or a file")
+    elif spec in ("wiki", "botchan") or path.is_file():
+        return
+    elif "+" in spec:
+        for part in spec.split("+"):
+            check_corpus(part, split)
+    elif path.suffix or os.sep in spec:
+        raise DataError(f"corpus file {path} does not exist")
+    else:
+        raise UnknownNameError(f"unknown corpus {spec!r}; use one of {', '.join(BUILTIN_CORPORA)}, "
+                               "a path to a text file, hf:NAME[:CONFIG], or A+B")
+
+
 def load_corpus(spec: str, split: str = "calibration", *, cache_dir: str | os.PathLike | None = None) -> str:
     """Text of corpus ``spec`` (see the module docstring) for ``split``."""
-    _check_split(split)
+    check_corpus(spec, split)
     spec = str(spec).strip()
     if not spec:
         raise ConfigError("empty corpus spec")
@@ -356,20 +388,65 @@ def tokenize(tokenizer, text: str | torch.Tensor) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """Token ids the tokenizer puts *before* text by default (e.g. Llama-2's or Gemma's BOS; none for SmolLM2).
+
+    Found by difference rather than from ``bos_token``, because some tokenizers define a BOS they never
+    add. Suffix tokens (an EOS some tokenizers append) are deliberately ignored: a context goes on.
+    """
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    for k in range(len(with_special) - len(plain) + 1):
+        if with_special[k : k + len(plain)] == plain:
+            return list(with_special[:k])
+    return []
+
+
+BOS_MODES = ("auto", "always", "never")
+
+
+def window_prefix(tokenizer, mode: str = "auto") -> list[int]:
+    """What every calibration/fitness/evaluation window starts with: ``auto`` follows the tokenizer's own
+    convention (models such as Gemma are far out of distribution without their BOS), ``always`` forces
+    the BOS token, ``never`` none."""
+    if mode == "auto":
+        return special_prefix(tokenizer)
+    if mode == "always":
+        if tokenizer.bos_token_id is None:
+            raise ConfigError("data.bos=always but the tokenizer has no BOS token; use auto or never")
+        return [int(tokenizer.bos_token_id)]
+    if mode == "never":
+        return []
+    raise ConfigError(f"data.bos must be one of {', '.join(BOS_MODES)}, got {mode!r}")
+
+
+def _prefixed(windows: torch.Tensor, prefix: Sequence[int]) -> torch.Tensor:
+    if not prefix:
+        return windows
+    head = torch.tensor(list(prefix), dtype=windows.dtype).expand(windows.shape[0], len(prefix))
+    return torch.cat([head, windows], dim=1)
+
+
 def _positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
-def calibration_ids(tokenizer, text: str | torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``n_samples`` random windows of ``seqlen`` tokens, ``LongTensor[n_samples, seqlen]``.
+def calibration_ids(tokenizer, text: str | torch.Tensor, n_samples: int, seqlen: int, seed: int,
+                    prefix: Sequence[int] = ()) -> torch.Tensor:
+    """``n_samples`` random windows of ``seqlen`` tokens, ``LongTensor[n_samples, seqlen]``; with a
+    ``prefix`` (see :func:`window_prefix`) each window is the prefix and ``seqlen - len(prefix)`` tokens.
 
     Window starts are uniform over ``[0, n_tokens - seqlen - 1]`` (as in the Wanda/SparseGPT
     loaders), drawn from ``torch.Generator().manual_seed(seed)``: same arguments, same tensor.
     """
     _positive("n_samples", n_samples)
     _positive("seqlen", seqlen)
+    if prefix:
+        if seqlen <= len(prefix):
+            raise ConfigError(f"seqlen {seqlen} leaves no room for text after the {len(prefix)}-token BOS prefix")
+        return _prefixed(calibration_ids(tokenizer, text, n_samples, seqlen - len(prefix), seed), prefix)
     ids = tokenize(tokenizer, text)
     if ids.numel() < seqlen + 1:
         raise DataError(f"calibration text has {ids.numel()} tokens; at least {seqlen + 1} are needed "
@@ -390,12 +467,22 @@ def batches(ids: torch.Tensor, batch_size: int, what: str = "calibration ids", m
     return [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
 
 
-def eval_windows(tokenizer, text: str | torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+def eval_windows(tokenizer, text: str | torch.Tensor, seqlen: int, max_tokens: int | None = None,
+                 prefix: Sequence[int] = ()) -> torch.Tensor:
     """Non-overlapping ``seqlen``-token windows from the start of ``text`` (at most ``max_tokens``
-    tokens; a trailing partial window is dropped), ``LongTensor[n, seqlen]``."""
+    tokens; a trailing partial window is dropped), ``LongTensor[n, seqlen]``; with a ``prefix`` each
+    window is the prefix and the next ``seqlen - len(prefix)`` text tokens (``max_tokens`` counts text)."""
     _positive("seqlen", seqlen)
     if max_tokens is not None:
         _positive("max_tokens", max_tokens)
+    if prefix:
+        if seqlen <= len(prefix):
+            raise ConfigError(f"seqlen {seqlen} leaves no room for text after the {len(prefix)}-token BOS prefix")
+        step = seqlen - len(prefix)
+        if max_tokens is not None and max_tokens < seqlen:
+            raise DataError(f"max_tokens={max_tokens} is below the window length {seqlen}: no evaluation window fits")
+        text_windows = eval_windows(tokenizer, text, step, None if max_tokens is None else max_tokens // seqlen * step)
+        return _prefixed(text_windows, prefix)
     ids = tokenize(tokenizer, text)
     usable = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
     n = usable // seqlen

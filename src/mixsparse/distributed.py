@@ -28,6 +28,15 @@ class Workers:
         return self.rank == 0
 
 
+def share_flag(workers: Workers, flag: bool | None) -> bool:
+    """Rank 0's ``flag``, on every rank (the others pass None and wait for it)."""
+    import torch.distributed as dist
+
+    obj = [flag]
+    dist.broadcast_object_list(obj, src=0, group=workers.group)
+    return bool(obj[0])
+
+
 def from_env() -> Workers | None:
     """Join the process group described by torchrun's environment variables, or return None for a
     single process. NCCL with one GPU per rank (``LOCAL_RANK``) when CUDA is present, else gloo."""
@@ -47,7 +56,10 @@ def from_env() -> Workers | None:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device is not None else "gloo")
+        # generous timeout: non-main ranks wait while rank 0 builds a SparseGPT level database (many minutes)
+        import datetime
+
+        dist.init_process_group("nccl" if device is not None else "gloo", timeout=datetime.timedelta(hours=6))
     return Workers(dist.get_rank(), dist.get_world_size(), device, dist.group.WORLD)
 
 

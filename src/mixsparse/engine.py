@@ -116,6 +116,8 @@ class LayerwiseRunner:
         self.model = model
         take_placement(model)  # a device_map-dispatched model is gathered on the CPU; offloaded weights are refused
         self.blocks_name, self.blocks = find_decoder_blocks(model)
+        if isinstance(device, Placement):
+            placement = device
         self.placement = placement or Placement(
             torch.device(device) if device is not None else next(model.parameters()).device, "blockwise", offload)
         self.device = self.placement.device
@@ -269,8 +271,7 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
                      on_layer, progress) -> PruneReport:
     cls = get_pruner(pruner)
     options = cls.make_options(pruner_options)
-    placement = device if isinstance(device, Placement) else None
-    runner = LayerwiseRunner(model, device=None if placement else device, offload=offload, placement=placement)
+    runner = LayerwiseRunner(model, device=device, offload=offload)
     blocks_name = runner.blocks_name
     known = {f"{blocks_name}.{i}.{n}": lin for i, b in enumerate(runner.blocks) for n, lin in block_linears(b).items()}
     unknown = sorted(set(targets) - set(known))

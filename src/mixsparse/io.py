@@ -102,7 +102,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=1, default=str, allow_nan=True) + "\n")
+    """Strict JSON that other tools read: infinities are written as the strings "inf"/"-inf", NaN as null."""
+    return atomic_write_text(path, json.dumps(_jsonable(data), indent=1, default=str, allow_nan=False) + "\n")
 
 
 def atomic_write_yaml(path: str | Path, data: Any) -> Path:

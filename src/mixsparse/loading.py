@@ -92,6 +92,26 @@ def _check_safetensors(files: list[Path]) -> None:
             raise ModelLoadError(f"weights file {f} is corrupt or truncated: {e}") from e
 
 
+def _truly_missing(model, missing_keys: list[str]) -> list[str]:
+    """Missing keys that are not tied to a loaded tensor (a tied head shares the embedding's storage)."""
+    if not missing_keys:
+        return []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    owners: dict[int, list[str]] = {}
+    for name, p in params.items():
+        owners.setdefault(id(p), []).append(name)
+    missing = set(missing_keys)
+    out = []
+    for key in missing_keys:
+        p = params.get(key)
+        if p is not None and any(other not in missing for other in owners[id(p)]):
+            continue  # tied to a tensor that was loaded
+        if p is None and key not in dict(model.named_buffers()):
+            continue
+        out.append(key)
+    return out
+
+
 def load_model(
     spec: str | os.PathLike = "embedded",
     *,
@@ -131,7 +151,7 @@ def load_model(
             kwargs["use_safetensors"] = True
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except MixsparseError:
         raise
@@ -144,6 +164,11 @@ def load_model(
             ) from e
         raise ModelLoadError(f"could not load the model in {source}: {first}") from e
 
+    missing = _truly_missing(model, info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(
+            f"the checkpoint in {source} lacks {len(missing)} weight tensor(s) the model needs (e.g. {', '.join(missing[:3])}); "
+            "they would be random, so pruning would prune noise. Check that the directory holds the whole checkpoint")
     if dev is not None:
         try:
             model.to(dev)

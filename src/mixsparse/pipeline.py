@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
+import shutil
 import resource
 import shlex
 import sys
@@ -23,14 +25,15 @@ from torch import nn
 from . import __version__
 from .allocation import linear_rank_allocation, owl_allocation, score_allocation
 from .config import RunConfig
-from .data import calibration_ids, eval_windows, load_corpus, tokenize
+from .data import calibration_ids, eval_windows, load_corpus, tokenize, window_prefix
 from .engine import prune_layerwise
-from .errors import ConfigError
+from .errors import ConfigError, MixsparseError
 from .evaluation import perplexity
 from .io import atomic_write_json, atomic_write_yaml
 from .modeling import find_decoder_blocks, param_counts, prunable_linears
 from .placement import Placement, check_device
 from .search import Fitness, LevelDatabase, LevelSpace, block_index_map, evolutionary_search
+from .search.fitness import resolve_dtype
 from .sensitivity import cached_scores, model_fingerprint
 from .sparsity import NM, SparsityMap, measured_sparsity
 
@@ -89,7 +92,12 @@ class Calibration:
     def ids(self, n: int, seqlen: int) -> torch.Tensor:
         if self._tokens is None:
             self._tokens = tokenize(self.tokenizer, load_corpus(self.cfg.data.calibration, "calibration"))
-        return calibration_ids(self.tokenizer, self._tokens, n, seqlen, self.cfg.data.seed)
+        return calibration_ids(self.tokenizer, self._tokens, n, seqlen, self.cfg.data.seed, prefix=self.prefix)
+
+    @property
+    def prefix(self) -> list[int]:
+        """What every window of this run starts with (``data.bos``)."""
+        return window_prefix(self.tokenizer, self.cfg.data.bos)
 
 
 def _score_cache(cfg: RunConfig, kind: str, model: nn.Module, settings: dict, compute: Callable[[], dict],
@@ -106,7 +114,8 @@ def fisher_scores(model, calib: Calibration, cfg: RunConfig, device, cache_dir: 
     from .sensitivity.fisher import fisher_trace
 
     return _score_cache(cfg, "fisher", model,
-                        {"samples": a.sensitivity_samples, "seqlen": a.sensitivity_seqlen, "normalize": a.fisher_normalize},
+                        {"samples": a.sensitivity_samples, "seqlen": a.sensitivity_seqlen, "normalize": a.fisher_normalize,
+                         "prefix": calib.prefix},
                         lambda: fisher_trace(model, calib.ids(a.sensitivity_samples, a.sensitivity_seqlen), device=device,
                                              normalize=a.fisher_normalize, progress=progress),
                         cache_dir)
@@ -131,14 +140,15 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
     if method == "uniform":
         return Allocation(method, SparsityMap.uniform(target, counts))
     if method == "file":
-        return Allocation(method, load_allocation(cfg.prune.allocation_file, counts))
+        return Allocation(method, file_allocation(cfg, counts))
     if method == "owl":
         from .sensitivity.owl import owl_outlier_ratios
 
         with timer("sensitivity"):
             ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
             ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device, progress=progress)
-        sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda), counts)
+        sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda,
+                                        min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity), counts)
         block_of = block_index_map(model, list(counts))  # one look-up of the blocks, not one per layer
         sens = {n: float(ratios[block_of[n]]) for n in counts}
         return Allocation(method, sm, sens, "owl")
@@ -147,12 +157,14 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
 
         with timer("sensitivity"):
             scores = _score_cache(cfg, "hessian", model,
-                                  {"samples": a.hessian_samples, "seqlen": a.sensitivity_seqlen, "probes": a.hessian_probes},
+                                  {"samples": a.hessian_samples, "seqlen": a.sensitivity_seqlen, "probes": a.hessian_probes,
+                                   "prefix": calib.prefix},
                                   lambda: hessian_trace(model, calib.ids(a.hessian_samples, a.sensitivity_seqlen), n_probes=a.hessian_probes, seed=cfg.data.seed,
                                                         device=device, progress=progress),
                                   cache_dir)
         sm = SparsityMap(linear_rank_allocation(scores, target, counts, a.alpha, blocks_name=blocks_name,
-                                                per_block=a.per_block), counts)
+                                                per_block=a.per_block, min_sparsity=a.min_sparsity,
+                                                max_sparsity=a.max_sparsity), counts)
         return Allocation(method, sm, scores, "hessian")
     if method in ("fisher", "msp"):
         with timer("sensitivity"):
@@ -189,20 +201,49 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
     init = space.snap(continuous)
     n_cal = s.calibration_samples or cfg.data.calibration_samples
     ids = calib.ids(n_cal, cfg.data.seqlen)
-    calib_fp = [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed]
+    calib_fp = [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed, calib.prefix]
+    placement = Placement.resolve(device, cfg.model.placement, model)
+    model_dtype = next(model.parameters()).dtype
+    # a reconstructing pruner's levels are stored in the fitness dtype (what the fitness scores), unless the
+    # final model is stitched from them: then in the model's own, so the saved model loses no precision
+    store_dtype = model_dtype if s.final == "stitched" else resolve_dtype(s.fitness_dtype, model_dtype, placement.device)
     db_fp = _fingerprint({"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
                           "calibration": calib_fp, "space": [str(space.target), space.step, space.min_offset,
-                                                             space.max_offset]})
+                                                             space.max_offset], "dtype": str(store_dtype)})
     store = None
     if run_dir is not None:
         store = run_dir / "cache" / f"levels-{db_fp}"
-    cache = LevelDatabase.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=device,
-                                store_dir=store, fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20),
-                                progress=progress)
+    from .distributed import share_flag
+    from .pruners import get_pruner
+
+    shared_store = workers is not None and store is not None and get_pruner(cfg.prune.pruner).reconstructs
+    if shared_store and not workers.is_main:
+        # rank 0 writes the on-disk store; the others wait for its word, then open it (same fingerprint)
+        if not share_flag(workers, None):
+            raise MixsparseError("rank 0 failed to build the level database (see its error); nothing to search")
+    ok = False
+    try:
+        cache = LevelDatabase.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=placement,
+                                    store_dir=store, fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20),
+                                    store_dtype=store_dtype, progress=progress)
+        ok = True
+    finally:
+        if shared_store and workers.is_main:
+            share_flag(workers, ok)
+    try:
+        return _search_with(model, tokenizer, calib, cfg, cache, space, init, scores, counts, calib_fp, placement,
+                            run_dir, progress, workers)
+    finally:
+        cache.free()  # the level database is not needed by evaluation or export, nor kept after an error
+
+
+def _search_with(model, tokenizer, calib, cfg, cache, space, init, scores, counts, calib_fp, placement, run_dir,
+                 progress, workers) -> Allocation:
+    s = cfg.search
     windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
-                           s.fitness_windows * s.fitness_seqlen)
-    fitness = Fitness(cache, windows, s.fitness, device=device, group=workers.group if workers else None,
-                      placement=cfg.model.placement, dtype=s.fitness_dtype, kl_topk=s.kl_topk,
+                           s.fitness_windows * s.fitness_seqlen, prefix=calib.prefix)
+    fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
+                      dtype=s.fitness_dtype, kl_topk=s.kl_topk,
                       incremental=s.incremental, state_cache_mb=s.state_cache_mb)
     uniform_offsets = {n: 0 for n in counts}
     result = evolutionary_search(
@@ -213,7 +254,7 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
         fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
                            "calibration": calib_fp,
                            "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
-                           "fitness": [str(fitness.dtype), s.kl_topk]},
+                           "fitness": [s.fitness, str(fitness.dtype), s.kl_topk]},
         progress=progress,
     )
     init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
@@ -230,8 +271,42 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
     del fitness  # device replica, block states and dense reference go before the model is touched
     if s.final == "stitched":
         cache.write(result.offsets)
-    cache.free()  # the level database is not needed by evaluation or export
     return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
+
+
+_OUTPUTS = ("run.json", "config.yaml", "allocation.yaml", "search_state.json", "search.json", "report.md", "model",
+            "compressed", "plots")
+
+
+def _set_aside(out: Path) -> Path:
+    """Move a previous run's outputs into ``out/.previous-run`` (the sensitivity/level caches stay)."""
+    keep = out / ".previous-run"
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir()
+    for name in _OUTPUTS:
+        if (out / name).exists():
+            os.replace(out / name, keep / name)
+    return keep
+
+
+def _restore(keep: Path, out: Path) -> None:
+    for name in _OUTPUTS:
+        if (keep / name).exists():
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            os.replace(keep / name, out / name)
+        elif (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+    shutil.rmtree(keep, ignore_errors=True)
+
+
+def _best_effort(step: Callable[[], Any], what: str) -> None:
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 - a secondary failure must not replace the error being reported
+        log.warning("could not %s: %s", what, e)
 
 
 def _fingerprint(payload: dict) -> str:
@@ -241,27 +316,39 @@ def _fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_allocation(cfg: RunConfig, counts: dict[str, int]) -> SparsityMap:
+    """``prune.allocation_file``'s map, checked against the model and, when given, ``--sparsity``."""
+    sm = load_allocation(cfg.prune.allocation_file, counts)
+    avg, target = sm.average(counts), cfg.prune.sparsity
+    if cfg.prune.sparsity_given and not isinstance(target, NM) and abs(avg - float(target)) > 5e-4:
+        raise ConfigError(f"allocation file {cfg.prune.allocation_file} averages {avg:.4f} but --sparsity is {target}; "
+                          "drop --sparsity (the file decides) or search a map for that target")
+    return sm
+
+
 def load_allocation(path: str | Path, counts: dict[str, int]) -> SparsityMap:
-    import yaml
+    """The map of an allocation file; it must name every prunable layer of this model (a layer left out
+    would silently stay dense)."""
+    from .preflight import read_allocation_file
 
-    from .config import yaml_load
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"allocation file {p} does not exist")
-    try:
-        data = yaml_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"allocation file {p} is not valid YAML: {e}") from None
-    layers = data.get("per_layer") if isinstance(data, dict) and "per_layer" in data else data
-    if not isinstance(layers, dict):
-        raise ConfigError(f"allocation file {p} must map layer names to sparsities (or hold a 'per_layer' mapping)")
+    layers = read_allocation_file(path)
+    missing = [n for n in counts if n not in layers]
+    if missing:
+        raise ConfigError(f"allocation file {path} has no sparsity for {len(missing)} of {len(counts)} prunable layers "
+                          f"(e.g. {missing[0]}); it was made for another model? Regenerate it with `mixsparse search`")
     return SparsityMap(layers, counts)
+
+
+def target_of(cfg: RunConfig, alloc: Allocation, counts: dict[str, int]) -> str:
+    """The run's target sparsity: the given one, or an allocation file's average when the file decided."""
+    if alloc.method == "file" and not cfg.prune.sparsity_given:
+        return f"{alloc.sparsity_map.average(counts):.6g}"
+    return str(cfg.prune.sparsity)
 
 
 def save_allocation(path: Path, alloc: Allocation, cfg: RunConfig, counts: dict[str, int]) -> Path:
     return atomic_write_yaml(path, {
-        "method": alloc.method, "pruner": cfg.prune.pruner, "target": str(cfg.prune.sparsity),
+        "method": alloc.method, "pruner": cfg.prune.pruner, "target": target_of(cfg, alloc, counts),
         "average": alloc.sparsity_map.average(counts), "per_layer": alloc.sparsity_map.to_dict(),
     })
 
@@ -274,7 +361,7 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
     """Python API: allocate per-layer sparsity and prune ``model`` in place. Returns the run record
     (allocation, pruning report) as a dict; evaluation/export are separate steps (see :func:`run`)."""
     cfg = config or RunConfig()
-    device = resolve_device(cfg.model.device)
+    device = placement_for(cfg, model)  # one placement policy for every stage of the run
     timer = Timer()
     rd = Path(run_dir) if run_dir is not None else None
     counts = param_counts(model)
@@ -291,7 +378,8 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
             seconds = rep.total_seconds
     achieved, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
     return {
-        "allocation": {"method": alloc.method, "target": str(cfg.prune.sparsity),
+        "allocation": {"method": alloc.method,
+                       "target": target_of(cfg, alloc, counts),
                        "average_requested": alloc.sparsity_map.average(counts),
                        "per_layer": alloc.sparsity_map.to_dict(), "sensitivity": alloc.sensitivity,
                        "sensitivity_kind": alloc.sensitivity_kind},
@@ -303,19 +391,27 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
 
 
 def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, progress: bool = True,
-        model: nn.Module | None = None, tokenizer=None) -> dict:
-    """Load, prune, evaluate, export and report; everything lands in ``out_dir``."""
-    from .loading import load_model
+        model: nn.Module | None = None, tokenizer=None, overwrite: bool = False) -> dict:
+    """Load, prune, evaluate, export and report; everything lands in ``out_dir``.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.model.device)
+    The configuration, the files it names, the device and ``out_dir`` are checked before the model is
+    loaded. A directory holding a finished run is refused unless ``overwrite``; an unfinished one is
+    resumed (search state and sensitivity cache reused). ``run.json`` says ``status``: running, finished,
+    failed or interrupted (with the error)."""
+    from .loading import load_model
+    from .preflight import check_config, check_run_dir, run_status
+
+    check_config(cfg)
+    out = check_run_dir(out_dir, overwrite=overwrite)
+    # an overwritten run is set aside, not deleted, until the new one has finished (restored if it fails)
+    previous = _set_aside(out) if overwrite and run_status(out) is not None else None
     timer = Timer()
     record: dict[str, Any] = {
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.to_dict(),
+        "status": "running",
     }
     atomic_write_yaml(out / "config.yaml", cfg.to_dict())
 
@@ -324,76 +420,100 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         record["peak_memory"] = peak_memory()
         atomic_write_json(out / "run.json", record)
 
-    with timer("load"):
-        if model is None:
-            model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
-    counts = param_counts(model)
-    _, blocks = find_decoder_blocks(model)
-    record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
-                       "prunable_params": sum(counts.values()), "blocks": len(blocks)}
-    placement = placement_for(cfg, model)
-    record["placement"] = {"device": str(placement.device), "mode": placement.mode}
+    try:
+        save()  # status "running" from the start (a resumed directory no longer says "failed")
+        with timer("load"):
+            if model is None:
+                model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+        counts = param_counts(model)
+        if cfg.prune.allocation == "file":  # its layers and average, before the dense evaluation
+            file_allocation(cfg, counts)
+        _, blocks = find_decoder_blocks(model)
+        record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
+                           "prunable_params": sum(counts.values()), "blocks": len(blocks)}
+        placement = placement_for(cfg, model)
+        record["placement"] = {"device": str(placement.device), "mode": placement.mode}
+        prefix = window_prefix(tokenizer, cfg.data.bos)
+        record["windows"] = {"bos": cfg.data.bos, "prefix_ids": prefix}
 
-    test_windows = None
-    ppl: dict[str, Any] = {}
-    if cfg.eval.perplexity:
-        test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
-                                    cfg.data.eval_tokens or None)
-        ppl = {"split": "test", "tokens": int(test_windows.numel()), "seqlen": cfg.data.seqlen, "dense": None}
-        if cfg.eval.dense_baseline:
-            with timer("eval_dense"):
-                ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                          progress=progress)
-        record["perplexity"] = ppl
+        test_windows = None
+        ppl: dict[str, Any] = {}
+        if cfg.eval.perplexity:
+            test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
+                                        cfg.data.eval_tokens or None, prefix=window_prefix(tokenizer, cfg.data.bos))
+            ppl = {"split": "test", "tokens": int(test_windows.numel()), "seqlen": cfg.data.seqlen, "dense": None}
+            if cfg.eval.dense_baseline:
+                with timer("eval_dense"):
+                    ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                              progress=progress)
+            record["perplexity"] = ppl
+            save()
+
+        result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
+        alloc: Allocation = result.pop("_allocation")
+        for k, v in result.pop("timings").items():
+            timer.timings[k] = v
+        record.update(result)
+        save_allocation(out / "allocation.yaml", alloc, cfg, counts)
         save()
 
-    result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
-    alloc: Allocation = result.pop("_allocation")
-    for k, v in result.pop("timings").items():
-        timer.timings[k] = v
-    record.update(result)
-    save_allocation(out / "allocation.yaml", alloc, cfg, counts)
+        if cfg.eval.perplexity:
+            with timer("eval_pruned"):
+                ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                           progress=progress)
+            save()
+        if cfg.eval.zeroshot:
+            from .zeroshot import evaluate_zeroshot
+
+            with timer("zeroshot"):
+                record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot), n=cfg.eval.zeroshot_n,
+                                                       device=placement, seed=cfg.data.seed, progress=progress)
+            save()
+        if cfg.eval.lm_eval_tasks:
+            from .lmeval import run_lm_eval
+
+            with timer("lm_eval"):
+                if placement.mode == "blockwise":
+                    log.warning("lm-eval needs the whole model on one device; the model does not fit on %s, so "
+                                "lm-eval runs on the CPU (slow for large models)", placement.device)
+                record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
+                                                device=placement.device if placement.mode == "whole" else "cpu")
+            save()
+
+        metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": record["allocation"]["target"],
+                    "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
+        artifacts = {}
+        if cfg.export.checkpoint:
+            from .export import save_hf
+
+            with timer("export"):
+                save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
+            artifacts["checkpoint"] = "model/"
+        if cfg.export.compressed:
+            from .export import save_compressed
+
+            with timer("export_compressed"):
+                record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
+                                                  sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
+                                                  overwrite=True)
+            artifacts["compressed"] = "compressed/"
+        record["artifacts"] = artifacts
+    except BaseException as e:
+        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
+        if previous is not None:
+            _restore(previous, out)  # the finished run that --overwrite was to replace comes back whole
+        else:
+            _best_effort(save, "record the failure in run.json")  # never hides the original error
+            if cfg.export.report and (out / "run.json").exists():
+                from .report import render_report
+
+                _best_effort(lambda: render_report(out), "render the report of the failed run")
+        raise
+    record["status"] = "finished"
     save()
-
-    if cfg.eval.perplexity:
-        with timer("eval_pruned"):
-            ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                       progress=progress)
-        save()
-    if cfg.eval.zeroshot:
-        from .zeroshot import evaluate_zeroshot
-
-        with timer("zeroshot"):
-            record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot), n=cfg.eval.zeroshot_n,
-                                                   device=placement, seed=cfg.data.seed, progress=progress)
-        save()
-    if cfg.eval.lm_eval_tasks:
-        from .lmeval import run_lm_eval
-
-        with timer("lm_eval"):
-            record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
-                                            device=placement.device if placement.mode == "whole" else "cpu")
-        save()
-
-    metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": str(cfg.prune.sparsity),
-                "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
-    artifacts = {}
-    if cfg.export.checkpoint:
-        from .export import save_hf
-
-        with timer("export"):
-            save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
-        artifacts["checkpoint"] = "model/"
-    if cfg.export.compressed:
-        from .export import save_compressed
-
-        with timer("export_compressed"):
-            record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
-                                              sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
-                                              overwrite=True)
-        artifacts["compressed"] = "compressed/"
-    record["artifacts"] = artifacts
-    save()
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     if cfg.export.report:
         from .report import render_report
 

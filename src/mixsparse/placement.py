@@ -59,7 +59,8 @@ def free_device_bytes(device: torch.device) -> int | None:
     """Free memory on an accelerator (None when unknown, e.g. for the CPU)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # memory torch's caching allocator holds but does not use is free for this process
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     return None
 
 
@@ -103,7 +104,12 @@ class Placement:
     @staticmethod
     @contextlib.contextmanager
     def stage(model: nn.Module) -> Iterator[torch.device]:
-        """Run a stage; on exit (also on error) every parameter and buffer is back at the model's home."""
+        """Run a stage; on exit (also on error) every parameter and buffer is back at the model's home.
+        A model dispatched by accelerate over several devices is gathered on the CPU first (its home from
+        then on): sending it back to its first parameter's GPU would put all of it on one device."""
+        from .modeling import take_placement
+
+        take_placement(model)
         home = home_of(model)
         try:
             yield home

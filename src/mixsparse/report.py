@@ -66,6 +66,19 @@ _SECTIONS: dict[str, type | tuple[type, ...]] = {
     "peak_memory": dict,
     "sizes": dict,
     "artifacts": dict,
+    "lm_eval": dict,
+    "windows": dict,
+}
+_NUM = (int, float)
+# fields the report reads, with the types it needs: (section, field) -> types; "*" = every value of the section
+_FIELDS: dict[tuple[str, str], tuple] = {
+    ("perplexity", "dense"): _NUM, ("perplexity", "pruned"): _NUM, ("perplexity", "tokens"): _NUM,
+    ("pruning", "overall_sparsity"): _NUM, ("pruning", "seconds"): _NUM, ("pruning", "achieved"): (dict,),
+    ("allocation", "per_layer"): (dict,), ("allocation", "sensitivity"): (dict,), ("search", "history"): (list,),
+    ("search", "seconds"): _NUM, ("peak_memory", "cpu_rss_mb"): _NUM, ("peak_memory", "device_mb"): _NUM,
+    ("sizes", "dense_bytes"): _NUM, ("sizes", "compressed_bytes"): _NUM, ("sizes", "ratio"): _NUM,
+    ("sizes", "prunable_ratio"): _NUM, ("timings", "*"): _NUM, ("zeroshot", "*"): (dict,), ("lm_eval", "*"): (dict,),
+    ("model", "num_params"): _NUM, ("model", "prunable_params"): _NUM, ("model", "blocks"): _NUM,
 }
 
 
@@ -87,6 +100,19 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         if value is not None and not isinstance(value, kind):
             raise ConfigError(f"{str(path)!r}: section {key!r} must be a {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
         run[key] = value
+    for (section, field), types in _FIELDS.items():
+        part = run.get(section) or {}
+        items = part.items() if field == "*" else [(field, part.get(field))]
+        for name, value in items:
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                want = "a number" if types == _NUM else f"a {types[0].__name__}"
+                raise ConfigError(f"{str(path)!r}: {section}.{name} must be {want}, got {value!r}")
+    for name, value in ((run.get("pruning") or {}).get("achieved") or {}).items():
+        if not isinstance(value, _NUM):
+            raise ConfigError(f"{str(path)!r}: pruning.achieved.{name} must be a number, got {value!r}")
+    for i, h in enumerate((run.get("search") or {}).get("history") or []):
+        if not isinstance(h, dict) or not isinstance(h.get("best_fitness"), _NUM + (str, type(None))):
+            raise ConfigError(f"{str(path)!r}: search.history[{i}] must be an object with a numeric best_fitness")
     return run
 
 
@@ -364,6 +390,10 @@ def _summary(run: dict) -> list[str]:
         if ppl.get("dense") and ppl.get("pruned") is not None:
             pruned += f" ({float(ppl['pruned']) / float(ppl['dense']):.2f}x dense)"
         rows.append(("Perplexity, pruned" + where, pruned))
+    windows = run.get("windows") or {}
+    if windows:
+        prefix = windows.get("prefix_ids") or []
+        rows.append(("Window start (data.bos)", f"{windows.get('bos')}: " + (f"token ids {prefix}" if prefix else "no BOS")))
     if search:
         rows.append(("Search time", _secs(search.get("seconds"))))
     if prun.get("seconds") is not None:
@@ -392,6 +422,11 @@ def _zeroshot(zs: dict) -> list[str]:
     if len(accs) > 1:
         rows.append(["**mean**", _pct(sum(accs) / len(accs)), "", ""])
     return ["## Zero-shot accuracy", "", *_table(["task", "accuracy", "± stderr", "n"], rows)]
+
+
+def _lm_eval(results: dict) -> list[str]:
+    rows = [[task, metric, _num(v, 4)] for task, metrics in results.items() for metric, v in (metrics or {}).items()]
+    return ["## lm-evaluation-harness", "", *_table(["task", "metric", "value"], rows)]
 
 
 def _per_block(layers: list[str], per_layer: dict, achieved: dict) -> list[str]:
@@ -453,9 +488,14 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     meta = [f"mixsparse {run['version']}" if run["version"] else None, f"created {run['created']}" if run["created"] else None]
     if any(meta):
         md += [", ".join(m for m in meta if m), ""]
+    status = run.get("status")
+    if status not in (None, "finished"):
+        md += [f"**This run did not finish: {status}.** {run.get('error') or ''}".rstrip(), ""]
     md += _summary(run)
     if run["zeroshot"]:
         md += _zeroshot(run["zeroshot"])
+    if run["lm_eval"]:
+        md += _lm_eval(run["lm_eval"])
     if layers:
         md += _per_block(layers, per_layer, achieved)
     if run["timings"]:

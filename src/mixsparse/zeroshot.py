@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import special_prefix
 from .engine import LayerwiseRunner
 from .errors import ConfigError, DataError, UnknownNameError
 from .placement import Placement
@@ -197,17 +198,7 @@ def _check_n(n: Any) -> None:
 
 
 def _special_prefix(tokenizer: Any) -> list[int]:
-    """Token ids the tokenizer puts *before* text by default (e.g. Llama-2's BOS; none for SmolLM2).
-
-    Found by difference rather than from ``bos_token``, because some tokenizers define a BOS they never
-    add. Suffix tokens (an EOS some tokenizers append) are deliberately ignored: a context goes on.
-    """
-    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    for k in range(len(with_special) - len(plain) + 1):
-        if with_special[k : k + len(plain)] == plain:
-            return list(with_special[:k])
-    return []
+    return special_prefix(tokenizer)
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, prefix: Sequence[int] = ()) -> tuple[list[int], list[int]]:
@@ -262,6 +253,9 @@ def model_on_device(model: nn.Module, device: "str | torch.device | Placement | 
                 yield dev
     finally:
         model.train(was_training)
+
+
+_BLOCKWISE_CHUNK = 16  # batches whose activations wait between blocks at once (memory ~ chunk x batch x len x hidden)
 
 
 def _score(
@@ -320,9 +314,11 @@ def _score(
     # no_grad, not inference_mode: a blockwise run moves blocks inside, and parameters re-made under
     # inference_mode become inference tensors that later in-place writes (pruning, recovery) refuse
     with model_on_device(model, device) as dev, torch.no_grad():
-        if dev is None:  # blockwise placement: every batch goes through one block at a time
+        if dev is None:  # blockwise placement: batches go through one block at a time, a bounded chunk at once
             runner = LayerwiseRunner(model, placement=device)
-            outputs = (lg for _, lg in runner.forward_all([i for i, _ in padded], attention_masks=[m for _, m in padded]))
+            outputs = (lg for c in range(0, len(padded), _BLOCKWISE_CHUNK)
+                       for _, lg in runner.forward_all([i for i, _ in padded[c : c + _BLOCKWISE_CHUNK]],
+                                                       attention_masks=[m for _, m in padded[c : c + _BLOCKWISE_CHUNK]]))
         else:
             outputs = (model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
                        for ids, mask in padded)

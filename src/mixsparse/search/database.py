@@ -13,8 +13,10 @@ Memory, per prunable parameter, whatever the number of levels L:
 * reconstructing pruners (SparseGPT): the kept weights change per level, so each level's weight is
   stored: one safetensors file per layer in a directory on disk (memory-mapped when read), reusable
   by later runs with the same settings (a ``complete.json`` marker names them). **L x bytes-per-weight
-  on disk**; RAM holds the most recently used entries up to ``ram_bytes`` (default 0: read from the
-  page cache each time) plus, while building, one layer's levels.
+  on disk**, in ``store_dtype`` (the pipeline uses the fitness dtype: the fitness scores exactly those
+  values, and bf16 halves an fp32 model's store; the stitched final model then holds them, upcast);
+  free disk space is checked before building. RAM holds the most recently used entries up to
+  ``ram_bytes`` (default 0: read from the page cache each time) plus, while building, one layer's levels.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ from ..sparsity import SparsityMap
 from .space import LevelSpace, Offsets
 
 log = logging.getLogger(__name__)
+
+
+def _check_disk(store: Path, layers: dict, n_levels: int, dtype: torch.dtype | None) -> None:
+    need = sum(lin.weight.numel() * (torch.empty((), dtype=dtype or lin.weight.dtype).element_size())
+               for lin in layers.values()) * n_levels
+    free = shutil.disk_usage(store).free
+    if need > 0.95 * free:
+        raise ConfigError(f"the level database of a reconstructing pruner needs {need / 2**30:.1f} GiB in {store}, "
+                          f"{free / 2**30:.1f} GiB are free; use fewer levels (search.step, search.max_shift), "
+                          "another run directory, or search with a mask-only pruner (wanda) and prune with this one")
 
 
 def _safe_name(layer: str) -> str:
@@ -70,7 +82,8 @@ class LevelDatabase:
     @classmethod
     def build(cls, model: nn.Module, space: LevelSpace, calib_ids: torch.Tensor | None, pruner: str,
               pruner_options: dict | None = None, *, device=None, store_dir: str | Path | None = None,
-              fingerprint: str | None = None, ram_bytes: int = 0, progress: bool = True) -> "LevelDatabase":
+              fingerprint: str | None = None, ram_bytes: int = 0, store_dtype: torch.dtype | None = None,
+              progress: bool = True) -> "LevelDatabase":
         """Prune every layer at every level once (one-shot, dense activations). ``store_dir``: where a
         reconstructing pruner's levels go (a temporary directory when None, deleted by :meth:`free`);
         with a ``fingerprint`` an existing complete store of the same settings is reused as is."""
@@ -86,10 +99,25 @@ class LevelDatabase:
             db.reused = True
             log.info("reusing the level database in %s", store_dir)
             return db
+        levels = list(space.offsets)
         if store_dir is not None:
             if store_dir.exists() and not owns:
                 shutil.rmtree(store_dir)
             store_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if store_dir is not None:
+                _check_disk(store_dir, db.layers, len(levels), store_dtype)
+            db._fill(model, space, calib_ids, pruner, pruner_options, device, store_dtype, progress)
+        except BaseException:
+            db.free()  # a temporary store goes; a named one stays incomplete (no marker) and is rebuilt next time
+            raise
+        if not masks_only and fingerprint:
+            atomic_write_json(store_dir / "complete.json", {"fingerprint": fingerprint, "layers": len(db.layers),
+                                                            "levels": levels})
+        return db
+
+    def _fill(self, model, space, calib_ids, pruner, pruner_options, device, store_dtype, progress) -> None:
+        db, masks_only = self, self.masks_only
         t0 = time.perf_counter()
         bar = tqdm(total=len(db.layers), desc=f"level database[{pruner}]", disable=not progress)
         levels = list(space.offsets)
@@ -111,7 +139,7 @@ class LevelDatabase:
             else:
                 from safetensors.torch import save_file
 
-                tensors = {f"level_{j}": p.compute(space.level(k)).weight.detach().cpu().contiguous()
+                tensors = {f"level_{j}": p.compute(space.level(k)).weight.detach().to("cpu", store_dtype).contiguous()
                            for j, k in enumerate(levels)}
                 path = db._path(name)
                 tmp = path.with_name(path.name + ".tmp")
@@ -125,10 +153,6 @@ class LevelDatabase:
                         sequential=False, on_layer=on_layer, progress=False)
         bar.close()
         db.seconds = time.perf_counter() - t0
-        if not masks_only and fingerprint:
-            atomic_write_json(store_dir / "complete.json", {"fingerprint": fingerprint, "layers": len(db.layers),
-                                                            "levels": levels})
-        return db
 
     def _path(self, name: str) -> Path:
         assert self.store_dir is not None

@@ -16,8 +16,9 @@ Cost cutters, each a setting (``search.*``):
   one. Bounded by ``state_cache_mb``; per candidate and window ``(blocks+1) x seqlen x hidden x bytes``
   (shared prefixes are stored once).
 * ``kl_topk`` (approximate unless 0): the dense reference keeps the top-k log-probabilities per token
-  plus the log of the remaining mass (``8k + 4`` bytes per token instead of ``2 x vocab``); the KL is the
-  exact KL of the (top-k + rest) coarse-graining, a lower bound of the full KL.
+  plus the log of the remaining mass (``8k + 4`` bytes per token: float32 values, int32 indices, instead
+  of ``2 x vocab`` for the exact fp16 reference); the KL is the exact KL of the (top-k + rest)
+  coarse-graining, a lower bound of the full KL.
 * ``fitness_dtype`` (approximate unless the model's own): dense reference and candidates are both
   computed in this dtype (bf16 runs on AMX/tensor cores).
 
@@ -35,7 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..engine import LayerwiseRunner, _first_output, _to
-from ..errors import ConfigError
+from ..errors import ConfigError, NumericalError
 from ..evaluation import mean_kl, nll_sum
 from ..modeling import block_linears
 from ..placement import Placement
@@ -45,8 +46,8 @@ from .space import Offsets, offsets_key
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native bf16 from Ampere on; older GPUs only emulate it, slowly
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -76,7 +77,7 @@ class TopK:
     """Top-k log-probabilities of the dense model per token, and the log of the mass outside them."""
 
     logp: torch.Tensor  # (tokens, k) float32
-    idx: torch.Tensor  # (tokens, k) int64
+    idx: torch.Tensor  # (tokens, k) int32 (vocabularies are far below 2**31)
     log_rest: torch.Tensor  # (tokens,) float32
 
     @classmethod
@@ -86,10 +87,10 @@ class TopK:
         top, idx = torch.topk(logp, k, dim=-1)
         rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1) if k < logp.shape[-1] \
             else torch.full(logp.shape[:-1], float("-inf"))
-        return cls(top.cpu(), idx.cpu(), rest.cpu())
+        return cls(top.cpu(), idx.to(torch.int32).cpu(), rest.cpu())
 
     def bytes_per_token(self) -> int:
-        return self.logp.shape[-1] * (4 + 8) + 4
+        return self.logp.shape[-1] * (self.logp.element_size() + self.idx.element_size()) + self.log_rest.element_size()
 
 
 def topk_kl(ref: TopK, logits: torch.Tensor) -> tuple[float, int]:
@@ -98,7 +99,7 @@ def topk_kl(ref: TopK, logits: torch.Tensor) -> tuple[float, int]:
     # One fused pass over the vocabulary (log_softmax upcasts inside: no fp32 copy of bf16 logits); the
     # rest mass is 1 - sum(top-k q) in float64, exact to ~1e-7 absolute. Rows where that is not enough
     # (the candidate puts almost all its mass on the dense top-k) get the masked sum over the vocabulary.
-    idx = ref.idx.to(logits.device)
+    idx = ref.idx.to(logits.device).long()
     logq_all = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     logq = logq_all.gather(-1, idx)
     q_rest = 1.0 - logq.double().exp().sum(-1)
@@ -208,6 +209,8 @@ class Fitness:
         self.db, self.cache, self.windows, self.kind, self.group = db, db, windows, kind, group
         model = db.model
         pl = Placement.resolve(device, placement, model)
+        if pl.mode == "whole":  # the replica lives on the device: block outputs stay there too
+            pl = Placement(pl.device, "whole", offload=False)
         model_dtype = next(model.parameters()).dtype
         self.dtype = resolve_dtype(dtype, model_dtype, pl.device)
         self.forward = CandidateForward(db, pl, self.dtype)
@@ -227,6 +230,10 @@ class Fitness:
                 self.reference = []
                 for i in range(windows.shape[0]):
                     logits = self._final_logits(None, i, store=False)
+                    if not torch.isfinite(logits).all():
+                        raise NumericalError(
+                            f"the dense model's logits on fitness window {i} are not finite in {self.dtype} "
+                            "(fp16 overflow?); set search.fitness_dtype to bfloat16 or float32")
                     # exact: the full distribution in fp16 (half the memory of fp32), KL computed in fp32
                     self.reference.append(TopK.from_logits(logits, kl_topk) if kl_topk else
                                           F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu().unsqueeze(0))
@@ -282,55 +289,69 @@ class Fitness:
         self.states = {k: v for k, v in self.states.items() if k in keep}
 
     # --- scoring ----------------------------------------------------------------------------
-    def _short_logits(self, offsets: Offsets, w: int, tokens: int) -> torch.Tensor:
-        """The candidate's logits on the first ``tokens`` tokens of window ``w`` (no kept states)."""
-        if (w, tokens) not in self._short_inputs:
-            self._short_inputs[(w, tokens)] = self.forward.embed(self.windows[w : w + 1, :tokens])
-        h, kwargs = self._short_inputs[(w, tokens)]
-        for i in range(len(self.forward.blocks)):
-            h = self.forward.run_block(i, self.forward.block_tensors(i, offsets), h, kwargs)
-            self.blocks_run += 1
-        return self.forward.logits(self.windows[w : w + 1, :tokens], h)
+    def _final_hidden(self, offsets: Offsets | None, ws: list[int], tokens: int | None = None,
+                      store: bool = True) -> dict[int, torch.Tensor]:
+        """Final hidden states of one candidate on windows ``ws`` (their first ``tokens`` tokens when
+        given). Blocks are the outer loop: each block's tensors are built once for all the windows (in
+        blockwise placement, a candidate crosses to the device once, not once per window); windows
+        continue from kept states where incremental evaluation allows."""
+        short = tokens is not None and tokens < self.windows.shape[1]
+        sig = self._signature(offsets)
+        keep = store and self.incremental and offsets is not None and not short
+        start, hs, h, kw = {}, {}, {}, {}
+        for w in ws:
+            if short:
+                if (w, tokens) not in self._short_inputs:
+                    self._short_inputs[(w, tokens)] = self.forward.embed(self.windows[w : w + 1, :tokens])
+                h[w], kw[w] = self._short_inputs[(w, tokens)]
+                start[w] = 0
+                continue
+            start[w], kept = self._start(sig, w)
+            h0, kw[w] = self.inputs[w]
+            hs[w] = list(kept[: start[w] + 1]) if kept is not None else [h0]
+            h[w] = hs[w][-1]
+        for i in range(min(start.values()), len(self.forward.blocks)):
+            todo = [w for w in ws if start[w] <= i]
+            tensors = self.forward.block_tensors(i, offsets)
+            for w in todo:
+                h[w] = self.forward.run_block(i, tensors, h[w], kw[w])
+                if keep:
+                    hs[w].append(h[w])
+                self.blocks_run += 1
+            del tensors
+        if keep:
+            key = self.key(offsets)
+            entry = self.states.setdefault(key, {"sig": sig})
+            for w in ws:
+                entry[w] = hs[w]
+                if self._state_bytes() > self.state_cache_bytes:
+                    entry.pop(w)  # over the bound: this one is not kept
+            if len(entry) == 1:
+                self.states.pop(key)
+        return h
 
     def _final_logits(self, offsets: Offsets | None, w: int, store: bool = True) -> torch.Tensor:
-        sig = self._signature(offsets)
-        start, kept = self._start(sig, w)
-        h0, kwargs = self.inputs[w]
-        hs = list(kept[: start + 1]) if kept is not None else [h0]
-        h = hs[-1]
-        for i in range(start, len(self.forward.blocks)):
-            h = self.forward.run_block(i, self.forward.block_tensors(i, offsets), h, kwargs)
-            hs.append(h)
-            self.blocks_run += 1
-        if store and self.incremental and offsets is not None:
-            key = self.key(offsets)
-            entry = self.states.get(key)
-            if entry is None:
-                entry = {"sig": sig}
-            entry[w] = hs
-            self.states[key] = entry
-            if self._state_bytes() > self.state_cache_bytes:
-                entry.pop(w)  # over the bound: this one is not kept
-                if len(entry) == 1:
-                    self.states.pop(key)
+        h = self._final_hidden(offsets, [w], store=store)[w]
         return self.forward.logits(self.windows[w : w + 1], h)
 
-    def _window_score(self, offsets: Offsets, w: int, tokens: int | None = None) -> float:
-        if tokens is not None and tokens < self.windows.shape[1]:
-            ids = self.windows[w : w + 1, :tokens]
-            logits = self._short_logits(offsets, w, tokens).unsqueeze(0)
-        else:
-            tokens = self.windows.shape[1]
-            ids = self.windows[w : w + 1]
-            logits = self._final_logits(offsets, w).unsqueeze(0)
-        if self.kind == "ppl":
-            s, n = nll_sum(logits, ids)
-        elif isinstance(self.reference[w], TopK):  # causal: the prefix's reference is the reference's prefix
-            r = self.reference[w]
-            s, n = topk_kl(TopK(r.logp[:tokens], r.idx[:tokens], r.log_rest[:tokens]), logits[0])
-        else:
-            s, n = mean_kl(self.reference[w][:, :tokens], logits)
-        return s / n
+    def _window_scores(self, offsets: Offsets, ws: list[int], tokens: int | None = None) -> list[float]:
+        if tokens is None or tokens >= self.windows.shape[1]:
+            tokens = None
+        hidden = self._final_hidden(offsets, ws, tokens)
+        out = []
+        for w in ws:
+            ids = self.windows[w : w + 1, :tokens] if tokens else self.windows[w : w + 1]
+            logits = self.forward.logits(ids, hidden.pop(w)).unsqueeze(0)
+            n_tok = ids.shape[1]
+            if self.kind == "ppl":
+                s, n = nll_sum(logits, ids)
+            elif isinstance(self.reference[w], TopK):  # causal: the prefix's reference is the reference's prefix
+                r = self.reference[w]
+                s, n = topk_kl(TopK(r.logp[:n_tok], r.idx[:n_tok], r.log_rest[:n_tok]), logits[0])
+            else:
+                s, n = mean_kl(self.reference[w][:, :n_tok], logits)
+            out.append(s / n)
+        return out
 
     def _memo_key(self, offsets: Offsets, tokens: int | None) -> tuple:
         return self.key(offsets) if tokens is None else (("tokens", tokens),) + self.key(offsets)
@@ -354,12 +375,16 @@ class Fitness:
 
             rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         mine = {}
+        by_candidate: dict[tuple, tuple[Offsets, list[int]]] = {}  # this rank's pairs, grouped per candidate
+        for j in range(rank, len(todo), world):
+            key, offsets, _ = todo[j]
+            by_candidate.setdefault(key, (offsets, []))[1].append(j)
         with Placement.stage(self.db.model):
-            for j in range(rank, len(todo), world):
-                _, offsets, i = todo[j]
-                s = self._window_score(offsets, i, tokens)
-                mine[j] = s if math.isfinite(s) else math.inf
-                self.local_evaluations += 1
+            for offsets, js in by_candidate.values():
+                scores = self._window_scores(offsets, [todo[j][2] for j in js], tokens)
+                for j, s in zip(js, scores):
+                    mine[j] = s if math.isfinite(s) else math.inf
+                self.local_evaluations += len(js)
         if world > 1:
             import torch.distributed as dist
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import LayerwiseRunner, _first_output, _to
+from ..engine import BlockInputs, LayerwiseRunner, _first_output, _to
 from ..errors import DataError, NumericalError
 from ..modeling import block_linears, prunable_linears
 from ..placement import Placement
@@ -87,8 +88,10 @@ def fisher_trace(
     next-token cross-entropy over the row. ``normalize`` divides each trace by the layer's number
     of weights (mean squared gradient instead of the sum).
 
-    Memory: ``num_blocks x samples x seq_len x hidden x bytes_per_element`` on the CPU for the
-    stored block inputs (4 bytes in fp32; e.g. 30 x 8 x 256 x 576 x 4 = 141 MB for SmolLM2-135M),
+    Memory: block inputs are stored for every ``ceil(sqrt(num_blocks))``-th block only and recomputed for
+    one segment at a time in the backward pass (one extra forward), so about
+    ``2 x sqrt(num_blocks) x samples x seq_len x hidden x bytes_per_element`` on the CPU (4 bytes in fp32;
+    e.g. 11 x 16 x 512 x 576 x 4 = 208 MB for SmolLM2-135M instead of 566 MB for all 30 blocks),
     plus one set of per-sample output gradients (``samples x seq_len x hidden x 4``); on the device,
     one block, the model's embedding/head, and the activations and gradients of one sample through
     one block. With ``offload=False`` the stored activations stay on the device instead.
@@ -103,9 +106,12 @@ def fisher_trace(
     with eval_mode(model), Placement.stage(model):  # back home afterwards, also on error
         # forward: keep what enters each block (the backward pass recomputes each block from it)
         state = runner.catch(per_sample)
-        block_inputs: list[list[torch.Tensor] | None] = []
-        for block in tqdm(runner.blocks, desc="fisher fwd", disable=not progress, leave=False):
-            block_inputs.append(state.hidden)
+        n_blocks = len(runner.blocks)
+        seg = max(1, math.isqrt(n_blocks - 1) + 1) if n_blocks > 1 else 1  # ceil(sqrt(blocks))
+        checkpoints: dict[int, list[torch.Tensor]] = {}
+        for i, block in enumerate(tqdm(runner.blocks, desc="fisher fwd", disable=not progress, leave=False)):
+            if i % seg == 0:
+                checkpoints[i] = state.hidden
             with runner.on_device(block):
                 state.hidden = runner.run_block(block, state)
 
@@ -121,13 +127,21 @@ def fisher_trace(
                 grads.append(g.to(runner.store))
         state.hidden = []
 
-        # backward, one block at a time, one sample at a time
+        # backward, one block at a time, one sample at a time; a segment's block inputs are recomputed
+        # from its checkpoint (same kernels, same inputs: the same numbers as storing them all)
         scores: dict[str, float] = {}
-        bar = tqdm(list(reversed(range(len(runner.blocks)))), desc="fisher bwd", disable=not progress, leave=False)
+        block_inputs: dict[int, list[torch.Tensor]] = {}
+        bar = tqdm(list(reversed(range(n_blocks))), desc="fisher bwd", disable=not progress, leave=False)
         for i in bar:
+            if i not in block_inputs:
+                start = i - i % seg
+                block_inputs[start] = checkpoints.pop(start)
+                for j in range(start, i):
+                    with runner.on_device(runner.blocks[j]):
+                        block_inputs[j + 1] = runner.run_block(
+                            runner.blocks[j], BlockInputs(state.input_ids, block_inputs[j], state.kwargs))
             block = runner.blocks[i]
-            inputs = block_inputs[i]
-            assert inputs is not None
+            inputs = block_inputs.pop(i)
             with runner.on_device(block):
                 prefix = f"{runner.blocks_name}.{i}."
                 linears = {n: lin for n, lin in block_linears(block).items() if prefix + n in wanted}
@@ -143,5 +157,4 @@ def fisher_trace(
                         grads[s] = g_in.to(runner.store)
                 for (short, lin), total in zip(linears.items(), sums.cpu().tolist()):
                     scores[prefix + short] = total / lin.weight.numel() if normalize else total
-            block_inputs[i] = None  # free this block's activations as soon as they are used
     return {name: scores[name] for name in names}

@@ -1,0 +1,155 @@
+"""Checks that run before anything expensive: the whole configuration, the files it names, the device and
+the run directory, so that a typo costs a second, not the minutes of a dense evaluation or a Fisher trace.
+
+:func:`check_config` needs no model; :func:`check_run_dir` decides what may happen to an output
+directory (a finished run is never overwritten by accident). Both raise a :class:`MixsparseError` whose
+one-line message names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import ConfigError
+
+STATUS_FINISHED = "finished"
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Everything about ``cfg`` that can be checked without loading the model."""
+    from .data import check_corpus
+    from .placement import check_device
+    from .pruners import get_pruner
+    from .sparsity import NM
+
+    check_device(cfg.model.device)
+    check_model_spec(cfg.model.name)
+    get_pruner(cfg.prune.pruner).make_options(cfg.prune.options)
+    check_corpus(cfg.data.calibration, "calibration")
+    if cfg.prune.allocation == "msp":
+        check_corpus(cfg.data.validation, "validation")
+    if cfg.eval.perplexity:
+        check_corpus(cfg.data.evaluation, "test")
+        if cfg.data.eval_tokens and cfg.data.eval_tokens < cfg.data.seqlen:
+            raise ConfigError(f"data.eval_tokens ({cfg.data.eval_tokens}) is below data.seqlen ({cfg.data.seqlen}): "
+                              "not one evaluation window fits; raise --eval-tokens or lower --seqlen (0 = whole test split)")
+    target, method = cfg.prune.sparsity, cfg.prune.allocation
+    if isinstance(target, NM) and method not in ("uniform", "msp", "file"):
+        raise ConfigError(f"allocation {method!r} assigns unstructured sparsities; with an N:M target use "
+                          "'uniform' or 'msp' (mixed N:M search)")
+    if method == "file":
+        read_allocation_file(cfg.prune.allocation_file)
+    if method == "msp":
+        from .search import LevelSpace
+
+        probe = {"a": 1, "b": 1}  # only the settings are checked here; layer sizes come with the model
+        if isinstance(target, NM):
+            from .pipeline import level_space
+
+            level_space(cfg, probe)
+        else:
+            if cfg.search.patterns:
+                raise ConfigError("search.patterns (mixed N:M) needs an N:M target such as --sparsity 2:4")
+            LevelSpace.unstructured(target, probe, step=cfg.search.step, max_shift=cfg.search.max_shift,
+                                    min_sparsity=cfg.allocation.min_sparsity, max_sparsity=cfg.allocation.max_sparsity)
+    if cfg.eval.lm_eval_tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ConfigError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'mixsparse[lmeval]'") from None
+    if cfg.eval.zeroshot:
+        from .zeroshot import TASKS
+
+        unknown = [t for t in cfg.eval.zeroshot if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"eval.zeroshot: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+
+
+def check_model_spec(name: str) -> None:
+    """A local model path must exist (a hub id ``org/name`` is left to the loader)."""
+    from .loading import looks_like_hub_id
+
+    if name == "embedded":
+        return
+    p = Path(name).expanduser()
+    if not p.exists() and not looks_like_hub_id(name):
+        raise ConfigError(f"model {name!r}: no such directory (and not a hub id org/name); use --model embedded or "
+                          "the path of a Hugging Face model directory")
+
+
+def read_allocation_file(path: str | os.PathLike | None) -> dict:
+    """The per-layer map of an allocation YAML (as `mixsparse search` writes it), checked for form only."""
+    import yaml
+
+    from .config import yaml_load
+
+    if not path:
+        raise ConfigError("prune.allocation 'file' needs prune.allocation_file (a YAML map from `mixsparse search`)")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"allocation file {p} does not exist")
+    try:
+        data = yaml_load(p.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"allocation file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    layers = data.get("per_layer") if isinstance(data, dict) and "per_layer" in data else data
+    if not isinstance(layers, dict) or not layers:
+        raise ConfigError(f"allocation file {p} must map layer names to sparsities (or hold a 'per_layer' mapping)")
+    return layers
+
+
+def run_status(out: Path) -> str | None:
+    """``status`` of the run recorded in ``out/run.json`` (None when there is none)."""
+    try:
+        rec = json.loads((out / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    if "status" in rec:
+        return str(rec["status"])
+    return STATUS_FINISHED if rec.get("artifacts") is not None else "unfinished"  # records older than status
+
+
+def check_run_dir(out: str | os.PathLike, *, overwrite: bool = False, command: str | None = None) -> Path:
+    """A writable directory for a run. A directory that holds a finished run is refused unless
+    ``overwrite``; an unfinished one is resumed (the search state and sensitivity cache are reused)."""
+    out = Path(out).expanduser()
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out else f"lies under a file ({parent})"
+                raise ConfigError(f"--out {out} {what}; choose a directory path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out {out}: {parent} is not writable; choose another directory")
+            break
+    status = run_status(out)
+    if status == STATUS_FINISHED and not overwrite:
+        raise ConfigError(f"--out {out} holds a finished run (run.json); choose a new directory, or pass --overwrite "
+                          "to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # the access bits can say yes on a read-only file system
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not writable ({e.strerror}); choose another directory") from None
+    return out
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """A file path that can be written (not a directory, not under a file)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p} is a directory; give a file path such as {p / 'result.json'}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {p} lies under a file ({parent}); choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {p}: {parent} is not writable; choose another path")
+            break
+    return p
