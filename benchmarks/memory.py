@@ -43,7 +43,7 @@ def make_vocab_model(path: Path) -> None:
     tok.save_pretrained(path)
 
 
-def run_case(case: str, work: Path) -> dict:
+def run_case(case: str, work: Path, keep: Path | None = None) -> dict:
     out = work / case
     cmd = [sys.executable, "-m", "mixsparse", "prune", "--out", str(out), "--quiet"]
     if case == "main_job":
@@ -55,6 +55,14 @@ def run_case(case: str, work: Path) -> dict:
         cmd += ["--model", str(model_dir), "--sparsity", "0.7", "--pruner", "wanda", "--allocation", "msp"] + QUICK
     subprocess.run(cmd, check=True, env=os.environ.copy())
     rec = json.loads((out / "run.json").read_text())
+    if case == "main_job" and keep is not None:  # the main job's evidence: record, report, plots, map
+        import shutil
+
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir(parents=True)
+        for name in ("run.json", "report.md", "allocation.yaml", "config.yaml"):
+            shutil.copy(out / name, keep / name)
+        shutil.copytree(out / "plots", keep / "plots")
     return {"peak_rss_mb": rec["peak_memory"]["cpu_rss_mb"], "params": rec["model"]["num_params"],
             "fp32_model_mb": round(rec["model"]["num_params"] * 4 / 2**20, 1),
             "ppl": rec.get("perplexity", {}).get("pruned"), "timings": rec.get("timings"),
@@ -68,12 +76,14 @@ def main() -> None:
     ap.add_argument("--label", required=True)
     ap.add_argument("--cases", default="main_job,vocab256k")
     ap.add_argument("--out", default=str(RESULTS / "memory"))
+    ap.add_argument("--keep-main-job", action="store_true", help="copy the main job's run.json, report and plots to "
+                                                                   "benchmarks/results/main_job/")
     args = ap.parse_args()
     path = Path(args.out + ".json")
     data = json.loads(path.read_text()) if path.exists() else {}
     with tempfile.TemporaryDirectory() as work:
         for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
-            entry = run_case(case, Path(work))
+            entry = run_case(case, Path(work), RESULTS / "main_job" if args.keep_main_job else None)
             entry["command"] = command_line()
             data.setdefault(case, {})[args.label] = entry
             from mixsparse.io import atomic_write_json

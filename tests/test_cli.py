@@ -9,7 +9,7 @@ from mixsparse.cli import main
     (["prune", "--sparsity", "1.5", "--out", "{tmp}/r"], "sparsity must be in [0, 1)"),
     (["prune", "--pattern", "4:2", "--out", "{tmp}/r"], "0 < N < M"),
     (["prune", "--model", "{tmp}/missing", "--out", "{tmp}/r"], "missing"),
-    (["prune", "--pruner", "nope", "--model", "{tmp}/missing", "--out", "{tmp}/r"], "nope"),
+    (["prune", "--pruner", "nope", "--out", "{tmp}/r"], "nope"),
     (["prune", "--set", "search.generatons=2", "--out", "{tmp}/r"], "search.generatons"),
     (["prune", "--allocation", "magic", "--out", "{tmp}/r"], "prune.allocation"),
     (["eval", "--model", "{tmp}/missing"], "missing"),

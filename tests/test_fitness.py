@@ -115,7 +115,7 @@ def test_topk_kl_is_exact_for_full_k_and_ranks_candidates_like_exact_kl():
     rank = lambda x: x.argsort().argsort().double()  # noqa: E731
     spearman = torch.corrcoef(torch.stack([rank(e), rank(a)]))[0, 1]
     assert spearman > 0.9 and e.argmin() == a.argmin()
-    assert approx_fit.reference_bytes_per_token() == 16 * 12 + 4 < exact_fit.reference_bytes_per_token()
+    assert approx_fit.reference_bytes_per_token() == 16 * 8 + 4 < exact_fit.reference_bytes_per_token()
 
 
 def test_bf16_fitness_ranks_candidates_like_fp32():
@@ -185,7 +185,7 @@ def test_blockwise_and_whole_placement_give_the_same_search():
     for placement in ("whole", "blockwise"):
         model, space, db = _db()
         fit = Fitness(db, windows, "kl", placement=placement, dtype="model")
-        assert fit.forward.placement == Placement(torch.device("cpu"), placement)
+        assert (fit.forward.placement.device, fit.forward.placement.mode) == (torch.device("cpu"), placement)
         init = {n: 0 for n in space.param_counts}
         results.append(evolutionary_search(fit, space, [init], SearchConfig(generations=3, **CFG), progress=False))
     assert results[0].offsets == results[1].offsets and results[0].fitness == results[1].fitness
@@ -298,6 +298,6 @@ def test_a_non_finite_dense_reference_is_refused():
 
     model, space, db = _db()
     with torch.no_grad():
-        model.lm_head.weight.mul_(1e30)  # logits overflow
+        model.lm_head.weight.fill_(float("inf"))  # logits overflow
     with pytest.raises(NumericalError, match="not finite"):
         Fitness(db, tiny_ids(2, 16), "kl")

@@ -123,13 +123,13 @@ def test_level_database_fitness_and_search_on_the_device_equal_the_cpu(pruner, m
         init = {n: 0 for n in space.param_counts}
         if where == "cpu":
             db = LevelDatabase.build(model, space, tiny_ids(), pruner, progress=False)
-            fit = Fitness(db, windows, "kl", placement=mode, dtype="model")
+            fit = Fitness(db, windows, "kl", placement=mode, dtype="model", incremental=True)
             results[where] = evolutionary_search(fit, space, [init], cfg, progress=False)
             continue
         with simulated_device():
             db = LevelDatabase.build(model, space, tiny_ids(), pruner, device=DEV, progress=False)
             assert at_home(model)
-            fit = Fitness(db, windows, "kl", device=DEV, placement=mode, dtype="model")
+            fit = Fitness(db, windows, "kl", device=DEV, placement=mode, dtype="model", incremental=True)
             assert at_home(model)  # the fitness works on device copies; it must never move the model itself
             results[where] = evolutionary_search(fit, space, [init], cfg, progress=False)
             assert at_home(model)

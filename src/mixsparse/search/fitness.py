@@ -198,7 +198,7 @@ class Fitness:
 
     def __init__(self, db: LevelDatabase, windows: torch.Tensor, kind: str = "kl", device=None, group=None, *,
                  placement: str = "auto", dtype: str | torch.dtype | None = "model", kl_topk: int = 0,
-                 incremental: bool = True, state_cache_mb: float = 256.0):
+                 incremental: bool = False, state_cache_mb: float = 256.0):
         """``group``: a ``torch.distributed`` process group whose ranks share the evaluations (see
         :meth:`prefetch`); every rank must run the same search with the same seed. ``dtype="model"``,
         ``kl_topk=0`` give exactly the full-forward fitness of the model's dtype."""
@@ -271,15 +271,16 @@ class Fitness:
         return best, states
 
     def _state_bytes(self) -> int:
+        """Bytes of kept block states; a prefix shared by candidates is the same tensor object, counted once
+        (index 0, the embedding output, lives in ``self.inputs`` anyway)."""
         seen, total = set(), 0
         for per_window in self.states.values():
             for w, hs in per_window.items():
                 if w == "sig":
                     continue
-                for h in hs:
-                    p = h.untyped_storage().data_ptr()
-                    if p not in seen:
-                        seen.add(p)
+                for h in hs[1:]:
+                    if id(h) not in seen:
+                        seen.add(id(h))
                         total += h.numel() * h.element_size()
         return total
 
