@@ -64,6 +64,7 @@ def run_case(case: str, work: Path, keep: Path | None = None) -> dict:
             shutil.copy(out / name, keep / name)
         shutil.copytree(out / "plots", keep / "plots")
     return {"peak_rss_mb": rec["peak_memory"]["cpu_rss_mb"], "params": rec["model"]["num_params"],
+            "peak_rss_after_stage_mb": rec["peak_memory"].get("after_stage_mb"),
             "fp32_model_mb": round(rec["model"]["num_params"] * 4 / 2**20, 1),
             "ppl": rec.get("perplexity", {}).get("pruned"), "timings": rec.get("timings"),
             "search": {k: (rec.get("search") or {}).get(k) for k in ("fitness_dtype", "kl_topk",
@@ -98,6 +99,11 @@ def main() -> None:
             ref = (e.get("search") or {}).get("reference_bytes_per_token")
             lines.append(f"| {case} | {label} | {e['params'] / 1e6:.1f}M | {e['fp32_model_mb']:,.0f} | {e['peak_rss_mb']:,.0f} | "
                          f"{e['peak_rss_mb'] / e['fp32_model_mb']:.2f}x | {ref if ref is not None else 'full vocab, fp16'} |")
+    lines += ["", "Peak RSS (MB) of the process when each stage ended (the stage whose value jumps set the peak):", ""]
+    for case, rows in data.items():
+        for label, e in rows.items():
+            if e.get("peak_rss_after_stage_mb"):
+                lines.append(f"- {case} {label}: " + ", ".join(f"{k} {v:,.0f}" for k, v in e["peak_rss_after_stage_mb"].items()))
     lines += ["", "Commands:", ""] + [f"- {c} {l}: `{e['command']}` (runs `{e['run_command']}`)"
                                       for c, rows in data.items() for l, e in rows.items()]
     write_markdown(Path(args.out + ".md"), "\n".join(lines) + "\n")

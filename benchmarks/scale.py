@@ -74,11 +74,14 @@ def run_one(args) -> dict:
     release_free_memory()
     rss_model = _rss_mb()
     store = Path(tempfile.mkdtemp(prefix="scale-levels-", dir=args.workdir))
-    with measure() as m:
+    with measure() as m_build:
         t0 = time.perf_counter()
         db = LevelDatabase.build(model, space, calib, args.pruner, store_dir=store, progress=False)
         db_seconds = time.perf_counter() - t0
         db_ram, db_disk = db.ram_bytes_used(), db.disk_bytes()
+    gc.collect()
+    release_free_memory()
+    with measure() as m:
         fit = Fitness(db, windows, "kl", placement="blockwise", dtype="model", kl_topk=64)
         cfg = SearchConfig(generations=2, population=2, offspring=4, stages=[[1, 2], [2, 1]], seed=0)
         t1 = time.perf_counter()
@@ -96,11 +99,15 @@ def run_one(args) -> dict:
     blocks = SHAPES[args.shape]["num_hidden_layers"]
     block_params = sum(counts.values()) / blocks
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    beyond = (m["peak_rss_mb"] - rss_model) * 2**20
+    beyond = (max(m["peak_rss_mb"], m_build["peak_rss_mb"]) - rss_model) * 2**20
+    search_beyond = (m["peak_rss_mb"] - rss_model) * 2**20
     return {
         "params": params, "prunable_params": sum(counts.values()), "dtype": args.dtype, "shape": args.shape,
         "model_mb": round(model_bytes(model) / 2**20, 1), "rss_model_mb": round(rss_model, 1),
-        "peak_rss_mb": m["peak_rss_mb"], "rss_beyond_model_mb": round(beyond / 2**20, 1),
+        "peak_rss_mb": max(m["peak_rss_mb"], m_build["peak_rss_mb"]), "rss_beyond_model_mb": round(beyond / 2**20, 1),
+        "build_peak_rss_mb": m_build["peak_rss_mb"], "search_peak_rss_mb": m["peak_rss_mb"],
+        "search_rss_beyond_model_mb": round(search_beyond / 2**20, 1),
+        "search_rss_beyond_model_bytes_per_param": round(search_beyond / params, 3),
         "rss_beyond_model_bytes_per_param": round(beyond / params, 3),
         "ram_bytes_per_param": round(db_ram / params, 3), "disk_bytes_per_param": round(db_disk / params, 3),
         "level_db_ram_mb": round(db_ram / 2**20, 1), "level_db_disk_mb": round(db_disk / 2**20, 1),
@@ -119,12 +126,15 @@ def render(data: dict, path: Path) -> None:
              "then a 2-generation search with blockwise fitness. `RAM beyond model` = peak RSS during database build "
              "+ search minus RSS with the model loaded (it includes the pruner's statistics, e.g. SparseGPT's Hessians, "
              "activations and the database).", "",
-             "| pruner | params | dtype | levels | model (MB) | peak RSS (MB) | RAM beyond model (MB) | beyond / param (B) "
-             "| level DB RAM / param (B) | level DB disk / param (B) | one block's levels (MB) | DB build (s) | s / gen |",
+             "| pruner | params | dtype | levels | model (MB) | peak RSS (MB) | RAM beyond model (MB): build / search "
+             "| beyond / param (B): build+search / search | level DB RAM / param (B) | level DB disk / param (B) "
+             "| one block's levels (MB) | DB build (s) | s / gen |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for pruner, e in data.items():
+        build_beyond = e.get("build_peak_rss_mb", e["peak_rss_mb"]) - e["rss_model_mb"]
         lines.append(f"| {pruner} | {e['params'] / 1e9:.2f}B | {e['dtype']} | {e['levels']} | {e['model_mb']:,.0f} | "
-                     f"{e['peak_rss_mb']:,.0f} | {e['rss_beyond_model_mb']:,.0f} | {e['rss_beyond_model_bytes_per_param']:.2f} | "
+                     f"{e['peak_rss_mb']:,.0f} | {build_beyond:,.0f} / {e.get('search_rss_beyond_model_mb', float('nan')):,.0f} | "
+                     f"{e['rss_beyond_model_bytes_per_param']:.2f} / {e.get('search_rss_beyond_model_bytes_per_param', float('nan')):.2f} | "
                      f"{e['ram_bytes_per_param']:.2f} | {e['disk_bytes_per_param']:.2f} | {e['one_block_levels_mb']:,.0f} | "
                      f"{e['level_db_seconds']:.0f} | {e['seconds_per_generation']:.1f} |")
     lines += ["", "## Projection (from the measured bytes per parameter; linear in parameters)", "",

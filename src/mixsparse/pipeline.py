@@ -57,7 +57,11 @@ def peak_memory() -> dict:
 
 @dataclass
 class Timer:
+    """Seconds per stage, and the process's peak RSS (MB) when each stage ended: the stage whose value
+    jumps is the one that set the peak."""
+
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_after: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def __call__(self, stage: str):
@@ -66,6 +70,7 @@ class Timer:
             yield
         finally:
             self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 3)
+            self.peak_rss_after[stage] = peak_memory()["cpu_rss_mb"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +391,7 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
         "search": alloc.search,
         "pruning": {"pruner": cfg.prune.pruner, "achieved": achieved, "overall_sparsity": overall, "seconds": seconds},
         "timings": timer.timings,
+        "peak_rss_after": timer.peak_rss_after,
         "_allocation": alloc,
     }
 
@@ -417,7 +423,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
 
     def save() -> None:
         record["timings"] = timer.timings
-        record["peak_memory"] = peak_memory()
+        record["peak_memory"] = {**peak_memory(), "after_stage_mb": timer.peak_rss_after}
         atomic_write_json(out / "run.json", record)
 
     try:
@@ -453,6 +459,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         alloc: Allocation = result.pop("_allocation")
         for k, v in result.pop("timings").items():
             timer.timings[k] = v
+        timer.peak_rss_after.update(result.pop("peak_rss_after"))
         record.update(result)
         save_allocation(out / "allocation.yaml", alloc, cfg, counts)
         save()

@@ -74,7 +74,6 @@ class LevelDatabase:
         self._owns_store = owns_store
         self._lru: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._lru_bytes = 0
-        self._handles: dict = {}
         self.seconds = 0.0
         self.reused = False
 
@@ -199,11 +198,11 @@ class LevelDatabase:
         if key in self._lru:
             self._lru.move_to_end(key)
             return self._lru[key]
-        if name not in self._handles:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            self._handles[name] = safe_open(str(self._path(name)), framework="pt", device="cpu")
-        t = self._handles[name].get_tensor(f"level_{j}")
+        # opened per read: a mapping kept open would keep every page read so far in this process's RSS
+        with safe_open(str(self._path(name)), framework="pt", device="cpu") as f:
+            t = f.get_tensor(f"level_{j}")
         size = t.numel() * t.element_size()
         if self.ram_bytes and size <= self.ram_bytes:
             self._lru[key] = t
@@ -234,6 +233,5 @@ class LevelDatabase:
         self.kept_levels.clear()
         self._lru.clear()
         self._lru_bytes = 0
-        self._handles.clear()
         if self._owns_store and self.store_dir is not None:
             shutil.rmtree(self.store_dir, ignore_errors=True)
