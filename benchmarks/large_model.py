@@ -98,9 +98,13 @@ def build_model(shape: Shape, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     filled in place. The rotary embedding's buffers are computed in its constructor, so meta left them
     empty: those small modules are rebuilt on the CPU.
     """
+    return materialize(llama_config(shape, dtype), dtype, seed)
+
+
+def materialize(config, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """The random model of a transformers ``config`` on the CPU in ``dtype`` (see :func:`build_model`)."""
     from transformers import AutoModelForCausalLM
 
-    config = llama_config(shape, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")

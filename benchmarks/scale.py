@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, _rss_mb, command_line, measure, write_markdown
-from large_model import init_random_, release_free_memory
+from large_model import materialize, release_free_memory
 
 SHAPES = {
     # TinyLlama-1.1B: 22 layers, hidden 2048, MLP 5632, 32 heads with 4 key/value heads (GQA), vocab 32000
@@ -40,18 +40,10 @@ PROJECT = {"7B": 6.74e9, "13B": 13.0e9, "70B": 69.0e9}
 
 
 def build(shape: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, tie_word_embeddings=False, dtype=dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device="cpu")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RotaryEmbedding"):
-                setattr(parent, name, type(child)(config=model.config))
-    init_random_(model, 0, config.initializer_range)
-    return model.eval()
+    return materialize(config, dtype)
 
 
 def run_one(args) -> dict:
