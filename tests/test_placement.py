@@ -58,7 +58,7 @@ def test_calibration_catch_leaves_the_model_home(arch):
     model = tiny_model(arch)
     with simulated_device():
         with Placement.stage(model):
-            state = LayerwiseRunner(model, placement=Placement(DEV)).catch([tiny_ids(2, 8)])
+            state = LayerwiseRunner(model, device=Placement(DEV)).catch([tiny_ids(2, 8)])
         assert state.hidden[0].device.type == "cpu"  # activations offloaded
     assert at_home(model)
 

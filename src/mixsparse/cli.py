@@ -95,7 +95,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
     from .loading import load_model
     from .modeling import param_counts
-    from .pipeline import allocate, resolve_device, save_allocation
+    from .pipeline import allocate, save_allocation
+    from .placement import check_device
 
     from .preflight import check_config, check_run_dir
 
@@ -105,7 +106,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     workers = from_env()  # under torchrun: the ranks share the search's fitness evaluations
     try:
         main = workers is None or workers.is_main
-        device = workers.device if workers and workers.device is not None else resolve_device(cfg.model.device)
+        device = workers.device if workers and workers.device is not None else check_device(cfg.model.device)
         model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
         from .placement import Placement
 
@@ -129,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data import eval_windows, load_corpus, window_prefix
     from .evaluation import perplexity
-    from .pipeline import resolve_device
+    from .placement import check_device
 
     from .errors import ConfigError
     from .export import INDEX_FILE
@@ -137,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .preflight import check_output_file
 
     cfg = load_config(args.config, _overrides(args))
-    resolve_device(cfg.model.device)
+    check_device(cfg.model.device)
     if args.json:
         check_output_file(args.json, "--json")
     if cfg.eval.perplexity:

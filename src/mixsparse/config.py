@@ -14,7 +14,7 @@ import yaml
 
 from .errors import ConfigError
 from .search import SearchConfig
-from .sparsity import parse_layer_sparsity
+from .sparsity import NM, parse_layer_sparsity
 
 ALLOCATIONS = ("uniform", "owl", "hessian", "fisher", "msp", "file")
 
@@ -106,6 +106,9 @@ class PruneSection:
                               f"(--allocation-file alone) or the method (--allocation {self.allocation} without a file)")
         if self.allocation_file:
             self.allocation = "file"
+        if isinstance(self.sparsity, NM) and self.allocation not in ("uniform", "msp", "file"):
+            raise ConfigError(f"allocation {self.allocation!r} assigns unstructured sparsities; with an N:M target use "
+                              "'uniform' or 'msp' (mixed N:M search)")
 
 
 @dataclass

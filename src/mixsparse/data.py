@@ -420,6 +420,13 @@ def window_prefix(tokenizer, mode: str = "auto") -> list[int]:
     raise ConfigError(f"data.bos must be one of {', '.join(BOS_MODES)}, got {mode!r}")
 
 
+def _text_len(seqlen: int, prefix: Sequence[int]) -> int:
+    """Text tokens per window once the prefix is in."""
+    if seqlen <= len(prefix):
+        raise ConfigError(f"seqlen {seqlen} leaves no room for text after the {len(prefix)}-token BOS prefix")
+    return seqlen - len(prefix)
+
+
 def _prefixed(windows: torch.Tensor, prefix: Sequence[int]) -> torch.Tensor:
     if not prefix:
         return windows
@@ -444,9 +451,7 @@ def calibration_ids(tokenizer, text: str | torch.Tensor, n_samples: int, seqlen:
     _positive("n_samples", n_samples)
     _positive("seqlen", seqlen)
     if prefix:
-        if seqlen <= len(prefix):
-            raise ConfigError(f"seqlen {seqlen} leaves no room for text after the {len(prefix)}-token BOS prefix")
-        return _prefixed(calibration_ids(tokenizer, text, n_samples, seqlen - len(prefix), seed), prefix)
+        return _prefixed(calibration_ids(tokenizer, text, n_samples, _text_len(seqlen, prefix), seed), prefix)
     ids = tokenize(tokenizer, text)
     if ids.numel() < seqlen + 1:
         raise DataError(f"calibration text has {ids.numel()} tokens; at least {seqlen + 1} are needed "
@@ -476,9 +481,7 @@ def eval_windows(tokenizer, text: str | torch.Tensor, seqlen: int, max_tokens: i
     if max_tokens is not None:
         _positive("max_tokens", max_tokens)
     if prefix:
-        if seqlen <= len(prefix):
-            raise ConfigError(f"seqlen {seqlen} leaves no room for text after the {len(prefix)}-token BOS prefix")
-        step = seqlen - len(prefix)
+        step = _text_len(seqlen, prefix)
         if max_tokens is not None and max_tokens < seqlen:
             raise DataError(f"max_tokens={max_tokens} is below the window length {seqlen}: no evaluation window fits")
         text_windows = eval_windows(tokenizer, text, step, None if max_tokens is None else max_tokens // seqlen * step)

@@ -111,14 +111,11 @@ class LayerwiseRunner:
     """Runs a model block by block. The caller holds :meth:`Placement.stage` around the whole use, so
     whatever this moves to the device goes back home when the stage ends."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device | None = None, offload: bool = True,
-                 placement: Placement | None = None):
+    def __init__(self, model: nn.Module, device: "str | torch.device | Placement | None" = None, offload: bool = True):
         self.model = model
         take_placement(model)  # a device_map-dispatched model is gathered on the CPU; offloaded weights are refused
         self.blocks_name, self.blocks = find_decoder_blocks(model)
-        if isinstance(device, Placement):
-            placement = device
-        self.placement = placement or Placement(
+        self.placement = device if isinstance(device, Placement) else Placement(
             torch.device(device) if device is not None else next(model.parameters()).device, "blockwise", offload)
         self.device = self.placement.device
         self.store = self.placement.store

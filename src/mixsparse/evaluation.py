@@ -35,7 +35,7 @@ def iter_logits(
     batches = split_batches(windows, batch_size, "evaluation windows", min_len=2)
     placement = Placement.resolve(device, "blockwise" if layerwise else "whole", model)
     if placement.mode == "blockwise":
-        runner = LayerwiseRunner(model, placement=placement)
+        runner = LayerwiseRunner(model, device=placement)
         yield from runner.forward_all(batches, progress=progress)
         return
     with placement.whole(model) as dev, torch.no_grad():

@@ -40,10 +40,6 @@ from .sparsity import NM, SparsityMap, measured_sparsity
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    return check_device(name)
-
-
 def placement_for(cfg: RunConfig, model: nn.Module) -> Placement:
     """The run's one placement policy (device, whole/blockwise), from ``model.device``/``model.placement``."""
     return Placement.resolve(check_device(cfg.model.device), cfg.model.placement, model, offload=cfg.prune.offload)
@@ -139,9 +135,6 @@ def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Pa
     blocks_name, _ = find_decoder_blocks(model)
     if cache_dir is None and run_dir is not None:
         cache_dir = run_dir / "cache"
-    if isinstance(target, NM) and method not in ("uniform", "msp", "file"):
-        raise ConfigError(f"allocation {method!r} assigns unstructured sparsities; with an N:M target use "
-                          "'uniform' or 'msp' (mixed N:M search)")
     if method == "uniform":
         return Allocation(method, SparsityMap.uniform(target, counts))
     if method == "file":
@@ -235,48 +228,39 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
     finally:
         if shared_store and workers.is_main:
             share_flag(workers, ok)
-    try:
-        return _search_with(model, tokenizer, calib, cfg, cache, space, init, scores, counts, calib_fp, placement,
-                            run_dir, progress, workers)
-    finally:
-        cache.free()  # the level database is not needed by evaluation or export, nor kept after an error
-
-
-def _search_with(model, tokenizer, calib, cfg, cache, space, init, scores, counts, calib_fp, placement, run_dir,
-                 progress, workers) -> Allocation:
-    s = cfg.search
-    windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
-                           s.fitness_windows * s.fitness_seqlen, prefix=calib.prefix)
-    fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
-                      dtype=s.fitness_dtype, kl_topk=s.kl_topk,
-                      incremental=s.incremental, state_cache_mb=s.state_cache_mb)
-    uniform_offsets = {n: 0 for n in counts}
-    result = evolutionary_search(
-        fitness, space, [init, uniform_offsets], s.core(),
-        blocks_of=block_index_map(model, list(counts)),
-        checkpoint=(run_dir / "search_state.json") if run_dir is not None else None,
-        write_checkpoint=workers is None or workers.is_main,
-        fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
-                           "calibration": calib_fp,
-                           "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
-                           "fitness": [s.fitness, str(fitness.dtype), s.kl_topk]},
-        progress=progress,
-    )
-    init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
-    search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
-              "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
-              "generations": result.generations, "best_fitness": result.fitness,
-              "init_fitness": init_fit, "uniform_fitness": uni_fit,
-              "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
-              "incremental": s.incremental, "blocks_run": fitness.blocks_run,
-              "placement": fitness.forward.placement.mode,
-              "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
-                           "reused": cache.reused},
-              "reference_bytes_per_token": fitness.reference_bytes_per_token()}
-    del fitness  # device replica, block states and dense reference go before the model is touched
-    if s.final == "stitched":
-        cache.write(result.offsets)
-    return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
+    with cache:  # freed when the search is done (evaluation and export need none of it), also after an error
+        windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
+                               s.fitness_windows * s.fitness_seqlen, prefix=calib.prefix)
+        fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
+                          dtype=s.fitness_dtype, kl_topk=s.kl_topk,
+                          incremental=s.incremental, state_cache_mb=s.state_cache_mb)
+        uniform_offsets = {n: 0 for n in counts}
+        result = evolutionary_search(
+            fitness, space, [init, uniform_offsets], s.core(),
+            blocks_of=block_index_map(model, list(counts)),
+            checkpoint=(run_dir / "search_state.json") if run_dir is not None else None,
+            write_checkpoint=workers is None or workers.is_main,
+            fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
+                               "calibration": calib_fp,
+                               "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
+                               "fitness": [s.fitness, str(fitness.dtype), s.kl_topk]},
+            progress=progress,
+        )
+        init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
+        search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
+                  "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
+                  "generations": result.generations, "best_fitness": result.fitness,
+                  "init_fitness": init_fit, "uniform_fitness": uni_fit,
+                  "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
+                  "incremental": s.incremental, "blocks_run": fitness.blocks_run,
+                  "placement": fitness.forward.placement.mode,
+                  "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
+                               "reused": cache.reused},
+                  "reference_bytes_per_token": fitness.reference_bytes_per_token()}
+        del fitness  # device replica, block states and dense reference go before the model is touched
+        if s.final == "stitched":
+            cache.write(result.offsets)
+        return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
 
 
 _OUTPUTS = ("run.json", "config.yaml", "allocation.yaml", "search_state.json", "search.json", "report.md", "model",

@@ -133,7 +133,3 @@ class Placement:
         finally:
             block.to(home)
 
-
-def as_placement(device: "str | torch.device | Placement | None", model: nn.Module | None = None,
-                 mode: str = "auto") -> Placement:
-    return Placement.resolve(device, mode, model)

@@ -24,7 +24,6 @@ def check_config(cfg: RunConfig) -> None:
     from .data import check_corpus
     from .placement import check_device
     from .pruners import get_pruner
-    from .sparsity import NM
 
     check_device(cfg.model.device)
     check_model_spec(cfg.model.name)
@@ -37,25 +36,12 @@ def check_config(cfg: RunConfig) -> None:
         if cfg.data.eval_tokens and cfg.data.eval_tokens < cfg.data.seqlen:
             raise ConfigError(f"data.eval_tokens ({cfg.data.eval_tokens}) is below data.seqlen ({cfg.data.seqlen}): "
                               "not one evaluation window fits; raise --eval-tokens or lower --seqlen (0 = whole test split)")
-    target, method = cfg.prune.sparsity, cfg.prune.allocation
-    if isinstance(target, NM) and method not in ("uniform", "msp", "file"):
-        raise ConfigError(f"allocation {method!r} assigns unstructured sparsities; with an N:M target use "
-                          "'uniform' or 'msp' (mixed N:M search)")
-    if method == "file":
+    if cfg.prune.allocation == "file":
         read_allocation_file(cfg.prune.allocation_file)
-    if method == "msp":
-        from .search import LevelSpace
+    if cfg.prune.allocation == "msp":  # the level grid's settings; layer sizes come with the model
+        from .pipeline import level_space
 
-        probe = {"a": 1, "b": 1}  # only the settings are checked here; layer sizes come with the model
-        if isinstance(target, NM):
-            from .pipeline import level_space
-
-            level_space(cfg, probe)
-        else:
-            if cfg.search.patterns:
-                raise ConfigError("search.patterns (mixed N:M) needs an N:M target such as --sparsity 2:4")
-            LevelSpace.unstructured(target, probe, step=cfg.search.step, max_shift=cfg.search.max_shift,
-                                    min_sparsity=cfg.allocation.min_sparsity, max_sparsity=cfg.allocation.max_sparsity)
+        level_space(cfg, {"a": 1, "b": 1})
     if cfg.eval.lm_eval_tasks:
         try:
             import lm_eval  # noqa: F401
@@ -115,18 +101,23 @@ def run_status(out: Path) -> str | None:
     return STATUS_FINISHED if rec.get("artifacts") is not None else "unfinished"  # records older than status
 
 
+def _check_nearest_dir(path: Path, flag: str, fix: str) -> None:
+    """The nearest existing one of ``path`` and its parents must be a writable directory."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == path else f"lies under a file ({parent})"
+                raise ConfigError(f"{flag} {path} {what}; {fix}")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: {parent} is not writable; {fix}")
+            return
+
+
 def check_run_dir(out: str | os.PathLike, *, overwrite: bool = False, command: str | None = None) -> Path:
     """A writable directory for a run. A directory that holds a finished run is refused unless
     ``overwrite``; an unfinished one is resumed (the search state and sensitivity cache are reused)."""
     out = Path(out).expanduser()
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                what = "is a file" if parent == out else f"lies under a file ({parent})"
-                raise ConfigError(f"--out {out} {what}; choose a directory path")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"--out {out}: {parent} is not writable; choose another directory")
-            break
+    _check_nearest_dir(out, "--out", "choose a directory path")
     status = run_status(out)
     if status == STATUS_FINISHED and not overwrite:
         raise ConfigError(f"--out {out} holds a finished run (run.json); choose a new directory, or pass --overwrite "
@@ -145,11 +136,5 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise ConfigError(f"{flag} {p} is a directory; give a file path such as {p / 'result.json'}")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{flag} {p} lies under a file ({parent}); choose another path")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"{flag} {p}: {parent} is not writable; choose another path")
-            break
+    _check_nearest_dir(p.parent, flag, "choose another path")
     return p

@@ -315,7 +315,7 @@ def _score(
     # inference_mode become inference tensors that later in-place writes (pruning, recovery) refuse
     with model_on_device(model, device) as dev, torch.no_grad():
         if dev is None:  # blockwise placement: batches go through one block at a time, a bounded chunk at once
-            runner = LayerwiseRunner(model, placement=device)
+            runner = LayerwiseRunner(model, device=device)
             outputs = (lg for c in range(0, len(padded), _BLOCKWISE_CHUNK)
                        for _, lg in runner.forward_all([i for i, _ in padded[c : c + _BLOCKWISE_CHUNK]],
                                                        attention_masks=[m for _, m in padded[c : c + _BLOCKWISE_CHUNK]]))

@@ -228,6 +228,12 @@ class LevelDatabase:
             return 0
         return sum(p.stat().st_size for p in self.store_dir.glob("*.safetensors"))
 
+    def __enter__(self) -> "LevelDatabase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
     def free(self) -> None:
         """Drop every entry (before evaluation/export); a temporary store is deleted, a reusable one kept."""
         self.kept_levels.clear()

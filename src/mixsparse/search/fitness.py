@@ -121,7 +121,7 @@ class CandidateForward:
     def __init__(self, db: LevelDatabase, placement: Placement, dtype: torch.dtype):
         self.db, self.placement, self.dtype = db, placement, dtype
         model = db.model
-        self.runner = LayerwiseRunner(model, placement=placement)
+        self.runner = LayerwiseRunner(model, device=placement)
         self.blocks = self.runner.blocks
         dev = placement.device
         inside = {id(t) for t in list(self.blocks.parameters()) + list(self.blocks.buffers())}
@@ -206,7 +206,7 @@ class Fitness:
             raise ConfigError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
         if kl_topk < 0:
             raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact full-vocabulary KL), got {kl_topk}")
-        self.db, self.cache, self.windows, self.kind, self.group = db, db, windows, kind, group
+        self.db, self.windows, self.kind, self.group = db, windows, kind, group
         model = db.model
         pl = Placement.resolve(device, placement, model)
         if pl.mode == "whole":  # the replica lives on the device: block outputs stay there too
@@ -222,21 +222,21 @@ class Fitness:
         self.evaluations = 0  # windows scored
         self._short_inputs: dict[tuple[int, int], tuple] = {}
         self.blocks_of = [set(layers.values()) for layers in self.forward.layers_of]
-        with Placement.stage(model):
-            self.inputs = [self.forward.embed(windows[i : i + 1]) for i in range(windows.shape[0])]
-            self.states: dict[tuple, dict[int, list[torch.Tensor]]] = {}
-            self.reference: list | None = None
-            if kind == "kl":
-                self.reference = []
-                for i in range(windows.shape[0]):
-                    logits = self._final_logits(None, i, store=False)
-                    if not torch.isfinite(logits).all():
-                        raise NumericalError(
-                            f"the dense model's logits on fitness window {i} are not finite in {self.dtype} "
-                            "(fp16 overflow?); set search.fitness_dtype to bfloat16 or float32")
-                    # exact: the full distribution in fp16 (half the memory of fp32), KL computed in fp32
-                    self.reference.append(TopK.from_logits(logits, kl_topk) if kl_topk else
-                                          F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu().unsqueeze(0))
+        # no Placement.stage here or in prefetch: the fitness works on device copies and never moves a module
+        self.inputs = [self.forward.embed(windows[i : i + 1]) for i in range(windows.shape[0])]
+        self.states: dict[tuple, dict[int, list[torch.Tensor]]] = {}
+        self.reference: list | None = None
+        if kind == "kl":
+            self.reference = []
+            for i in range(windows.shape[0]):
+                logits = self._final_logits(None, i, store=False)
+                if not torch.isfinite(logits).all():
+                    raise NumericalError(
+                        f"the dense model's logits on fitness window {i} are not finite in {self.dtype} "
+                        "(fp16 overflow?); set search.fitness_dtype to bfloat16 or float32")
+                # exact: the full distribution in fp16 (half the memory of fp32), KL computed in fp32
+                self.reference.append(TopK.from_logits(logits, kl_topk) if kl_topk else
+                                      F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu().unsqueeze(0))
 
     @staticmethod
     def key(offsets: Offsets) -> tuple:
@@ -380,12 +380,11 @@ class Fitness:
         for j in range(rank, len(todo), world):
             key, offsets, _ = todo[j]
             by_candidate.setdefault(key, (offsets, []))[1].append(j)
-        with Placement.stage(self.db.model):
-            for offsets, js in by_candidate.values():
-                scores = self._window_scores(offsets, [todo[j][2] for j in js], tokens)
-                for j, s in zip(js, scores):
-                    mine[j] = s if math.isfinite(s) else math.inf
-                self.local_evaluations += len(js)
+        for offsets, js in by_candidate.values():
+            scores = self._window_scores(offsets, [todo[j][2] for j in js], tokens)
+            for j, s in zip(js, scores):
+                mine[j] = s if math.isfinite(s) else math.inf
+            self.local_evaluations += len(js)
         if world > 1:
             import torch.distributed as dist
 
