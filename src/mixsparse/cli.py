@@ -84,6 +84,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         extra["eval.zeroshot"] = []
     if args.no_export:
         extra.update({"export.checkpoint": False, "export.compressed": False})
+    if args.recover:
+        extra["recover.mode"] = args.recover
     cfg = _load(args, extra)
     rec = run(cfg, args.out, command=_command(), progress=not args.quiet, overwrite=args.overwrite)
     _summary(rec, Path(args.out))
@@ -180,6 +182,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .config import parse_override
+    from .pipeline import recover_run
+
+    overrides = dict(parse_override(item) for item in args.set)
+    overrides["recover.mode"] = args.mode
+    if args.device:
+        overrides["model.device"] = args.device
+    rec, out = recover_run(args.run_dir, args.out, overrides, command=_command(), progress=not args.quiet,
+                           overwrite=args.overwrite)
+    _summary(rec, out)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import render_report
 
@@ -214,7 +230,10 @@ def _summary(rec: dict, out: Path) -> None:
     pr = rec.get("pruning") or {}
     lines = [f"run directory: {out}", f"overall sparsity (measured): {pr.get('overall_sparsity', 0):.4f}"]
     if ppl:
-        lines.append(f"perplexity ({ppl.get('tokens')} test tokens): dense {ppl.get('dense')}, pruned {ppl.get('pruned')}")
+        line = f"perplexity ({ppl.get('tokens')} test tokens): dense {ppl.get('dense')}, pruned {ppl.get('pruned')}"
+        if ppl.get("recovered") is not None:
+            line += f", after recovery ({(rec.get('recovery') or {}).get('mode')}) {ppl['recovered']}"
+        lines.append(line)
     for task, r in (rec.get("zeroshot") or {}).items():
         lines.append(f"zero-shot {task}: {r['accuracy']:.3f} ± {r['stderr']:.3f} (n={r['n']})")
     if (out / "report.md").exists():
@@ -233,7 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-zeroshot", action="store_true")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--recover", choices=["none", "blockwise", "finetune", "lora"],
+                   help="recovery after pruning, mask fixed (recover.mode; settings under recover.blockwise/finetune)")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("recover", help="recover an existing run's pruned model (mask fixed) into a new run directory")
+    p.add_argument("run_dir", help="a finished `mixsparse prune` run directory")
+    p.add_argument("--mode", choices=["blockwise", "finetune", "lora"], default="blockwise")
+    p.add_argument("--out", help="new run directory (default: RUN_DIR-MODE)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's config, e.g. --set recover.blockwise.epochs=4")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_recover)
     p = sub.add_parser("search", help="find a per-layer allocation (MSP by default) and save it as YAML")
     _common(p)
     p.add_argument("--out", required=True)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .recovery import MODES as RECOVER_MODES, BlockwiseOptions, FinetuneOptions
 from .search import SearchConfig
 from .sparsity import NM, parse_layer_sparsity
 
@@ -180,6 +181,20 @@ class SearchSection(SearchConfig):
 
 
 @dataclass
+class RecoverSection:
+    """Recovery after pruning, mask fixed: "blockwise" reconstruction (one block on the device at a time),
+    "finetune" (end-to-end, the whole model on the device), "lora" (peft adapters, masked merge), "none"."""
+
+    mode: str = "none"
+    blockwise: BlockwiseOptions = field(default_factory=BlockwiseOptions)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)  # also the settings of "lora"
+
+    def __post_init__(self) -> None:
+        if self.mode not in RECOVER_MODES:
+            raise ConfigError(f"recover.mode must be one of {', '.join(RECOVER_MODES)}, got {self.mode!r}")
+
+
+@dataclass
 class EvalConfig:
     perplexity: bool = True
     dense_baseline: bool = True  # also measure the dense model's perplexity
@@ -211,6 +226,7 @@ class RunConfig:
     prune: PruneSection = field(default_factory=PruneSection)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     search: SearchSection = field(default_factory=SearchSection)
+    recover: RecoverSection = field(default_factory=RecoverSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

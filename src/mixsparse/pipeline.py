@@ -264,7 +264,7 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
 
 
 _OUTPUTS = ("run.json", "config.yaml", "allocation.yaml", "search_state.json", "search.json", "report.md", "model",
-            "compressed", "plots")
+            "compressed", "plots", "recovery")
 
 
 def _set_aside(out: Path) -> Path:
@@ -426,6 +426,9 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         prefix = window_prefix(tokenizer, cfg.data.bos)
         record["windows"] = {"bos": cfg.data.bos, "prefix_ids": prefix}
 
+        from .recovery.stage import check_placement, dense_snapshot, needs_dense, recover
+
+        check_placement(cfg.recover, placement)  # before any work: fine-tuning needs the model whole on the device
         test_windows = None
         ppl: dict[str, Any] = {}
         if cfg.eval.perplexity:
@@ -439,6 +442,10 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
             record["perplexity"] = ppl
             save()
 
+        dense = None
+        if needs_dense(cfg.recover):  # the recovery's teacher; on disk, not a second model in memory
+            with timer("dense_snapshot"):
+                dense = dense_snapshot(model, out / "cache")
         result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
         alloc: Allocation = result.pop("_allocation")
         for k, v in result.pop("timings").items():
@@ -453,6 +460,16 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                 ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
                                            progress=progress)
             save()
+        if cfg.recover.mode != "none":
+            with timer("recover"):
+                record["recovery"] = recover(model, tokenizer, cfg, dense=dense, device=placement, run_dir=out,
+                                             progress=progress)
+            save()
+            if cfg.eval.perplexity:
+                with timer("eval_recovered"):
+                    ppl["recovered"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                                  progress=progress)
+                save()
         if cfg.eval.zeroshot:
             from .zeroshot import evaluate_zeroshot
 
@@ -472,6 +489,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
             save()
 
         metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": record["allocation"]["target"],
+                    "recovery": cfg.recover.mode,
                     "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
         artifacts = {}
         if cfg.export.checkpoint:
@@ -510,3 +528,128 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
 
         render_report(out)
     return record
+
+def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, overrides: dict | None = None, *,
+                command: str | None = None, progress: bool = True, overwrite: bool = False) -> tuple[dict, Path]:
+    """Recover the pruned model of a finished run into a new run directory (``RUN_DIR-MODE`` by default).
+
+    The dense teacher is the run's own ``model.name``; the pruned model is the run's ``model/`` (or its
+    ``compressed/`` checkpoint), whose zeros must match what the run recorded. The source run is never
+    modified."""
+    from .config import RunConfig, from_dict
+    from .export import load_compressed, save_compressed, save_hf
+    from .loading import load_model
+    from .preflight import check_config, check_run_dir
+    from .recovery.common import check_zeros_match
+    from .recovery.stage import check_placement, dense_snapshot, recover
+    from .report import load_run, render_report
+
+    src = Path(run_dir)
+    source = load_run(src)
+    if source.get("status") not in (None, "finished"):
+        raise ConfigError(f"run {src} did not finish (status {source.get('status')}); finish it first (same command)")
+    data = source["config"]
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    cfg = from_dict(RunConfig, data)
+    if cfg.recover.mode == "none":
+        raise ConfigError("mixsparse recover needs --mode blockwise, finetune or lora")
+    achieved = (source.get("pruning") or {}).get("achieved")
+    if not achieved:
+        raise ConfigError(f"{src}/run.json records no pruned layers (pruning.achieved); is it a `mixsparse prune` run?")
+    if (src / "model" / "config.json").is_file():
+        load_pruned = lambda: load_model(str(src / "model"), dtype=cfg.model.dtype)  # noqa: E731
+    elif (src / "compressed").is_dir():
+        def load_pruned():
+            from transformers import AutoTokenizer
+
+            return load_compressed(src / "compressed", dtype=getattr(torch, cfg.model.dtype)), \
+                AutoTokenizer.from_pretrained(src / "compressed")
+    else:
+        raise ConfigError(f"{src} has neither model/ nor compressed/ to recover; re-run the prune with export on")
+    check_config(cfg)
+    out = check_run_dir(out_dir if out_dir is not None else f"{src}-{cfg.recover.mode}", overwrite=overwrite)
+    timer = Timer()
+    record: dict[str, Any] = {
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv), "version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "config": cfg.to_dict(),
+        "status": "running", "recovered_from": str(src.resolve()),
+        **{k: source.get(k) for k in ("model", "allocation", "search", "pruning", "windows") if source.get(k)},
+    }
+
+    def save() -> None:
+        record["timings"] = timer.timings
+        record["peak_memory"] = {**peak_memory(), "after_stage_mb": timer.peak_rss_after}
+        atomic_write_json(out / "run.json", record)
+
+    atomic_write_yaml(out / "config.yaml", cfg.to_dict())
+    try:
+        save()
+        with timer("load"):
+            model, tokenizer = load_pruned()
+            check_zeros_match(model, achieved, f"{src}/run.json")
+        placement = placement_for(cfg, model)
+        check_placement(cfg.recover, placement)
+        dense = None
+        from .recovery.stage import needs_dense
+
+        if needs_dense(cfg.recover):
+            with timer("dense_snapshot"):
+                dense_model, _ = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+                dense = dense_snapshot(dense_model, out / "cache")
+                del dense_model
+        ppl = dict(source.get("perplexity") or {})
+        test_windows = None
+        if cfg.eval.perplexity:
+            test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
+                                        cfg.data.eval_tokens or None, prefix=window_prefix(tokenizer, cfg.data.bos))
+            with timer("eval_pruned"):
+                ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                           progress=progress)
+            record["perplexity"] = ppl
+        with timer("recover"):
+            record["recovery"] = recover(model, tokenizer, cfg, dense=dense, device=placement, run_dir=out,
+                                         progress=progress)
+        save()
+        if cfg.eval.perplexity:
+            with timer("eval_recovered"):
+                ppl["recovered"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                              progress=progress)
+        if cfg.eval.zeroshot:
+            from .zeroshot import evaluate_zeroshot
+
+            with timer("zeroshot"):
+                record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot),
+                                                       n=cfg.eval.zeroshot_n, device=placement, seed=cfg.data.seed,
+                                                       progress=progress)
+        counts = param_counts(model)
+        per_layer = (source.get("allocation") or {}).get("per_layer") or {}
+        metadata = {"pruner": cfg.prune.pruner, "allocation": (source.get("allocation") or {}).get("method"),
+                    "recovery": cfg.recover.mode, "per_layer": per_layer, "mixsparse_version": __version__}
+        artifacts = {}
+        if cfg.export.checkpoint:
+            with timer("export"):
+                save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
+            artifacts["checkpoint"] = "model/"
+        if cfg.export.compressed:
+            with timer("export_compressed"):
+                smap = SparsityMap(per_layer, counts) if per_layer else None
+                record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
+                                                  sparsity_map=smap, tokenizer=tokenizer, metadata=metadata,
+                                                  overwrite=True)
+            artifacts["compressed"] = "compressed/"
+        record["artifacts"] = artifacts
+    except BaseException as e:
+        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
+        _best_effort(save, "record the failure in run.json")
+        raise
+    record["status"] = "finished"
+    save()
+    if cfg.export.report:
+        render_report(out)
+    return record, out

@@ -68,11 +68,14 @@ _SECTIONS: dict[str, type | tuple[type, ...]] = {
     "artifacts": dict,
     "lm_eval": dict,
     "windows": dict,
+    "recovery": dict,
 }
 _NUM = (int, float)
 # fields the report reads, with the types it needs: (section, field) -> types; "*" = every value of the section
 _FIELDS: dict[tuple[str, str], tuple] = {
     ("perplexity", "dense"): _NUM, ("perplexity", "pruned"): _NUM, ("perplexity", "tokens"): _NUM,
+    ("perplexity", "recovered"): _NUM, ("recovery", "seconds"): _NUM, ("recovery", "blocks"): (list,),
+    ("recovery", "loss"): (list,), ("recovery", "val_ppl"): (list,),
     ("pruning", "overall_sparsity"): _NUM, ("pruning", "seconds"): _NUM, ("pruning", "achieved"): (dict,),
     ("allocation", "per_layer"): (dict,), ("allocation", "sensitivity"): (dict,), ("search", "history"): (list,),
     ("search", "seconds"): _NUM, ("peak_memory", "cpu_rss_mb"): _NUM, ("peak_memory", "device_mb"): _NUM,
@@ -390,6 +393,12 @@ def _summary(run: dict) -> list[str]:
         if ppl.get("dense") and ppl.get("pruned") is not None:
             pruned += f" ({float(ppl['pruned']) / float(ppl['dense']):.2f}x dense)"
         rows.append(("Perplexity, pruned" + where, pruned))
+        if ppl.get("recovered") is not None:
+            rec = _num(ppl["recovered"])
+            if ppl.get("dense"):
+                rec += f" ({float(ppl['recovered']) / float(ppl['dense']):.2f}x dense)"
+            mode = (run.get("recovery") or {}).get("mode", "?")
+            rows.append((f"Perplexity, after recovery ({mode})" + where, rec))
     windows = run.get("windows") or {}
     if windows:
         prefix = windows.get("prefix_ids") or []
@@ -409,6 +418,49 @@ def _summary(run: dict) -> list[str]:
         rows.append(("Compression ratio (whole / prunable layers)",
                      f"{_num(sizes.get('ratio'), 3)}x / {_num(sizes.get('prunable_ratio'), 3)}x"))
     return ["## Summary", "", *_table(["", "value"], rows)]
+
+
+def _recovery(rec: dict, ppl: dict) -> list[str]:
+    md = ["## Recovery", "", f"Mode **{rec.get('mode')}**, {_secs(rec.get('seconds'))}; the zeros of every pruned layer "
+          f"are {'exactly the same' if rec.get('zeros_unchanged') else 'NOT checked'} after recovery.", ""]
+    if ppl.get("pruned") is not None and ppl.get("recovered") is not None:
+        md += [f"Test perplexity {_num(ppl['pruned'])} after pruning, {_num(ppl['recovered'])} after recovery.", ""]
+    blocks = rec.get("blocks") or []
+    if blocks:
+        rows = [[b.get("block"), _num(b.get("mse_before"), 4), _num(b.get("mse_after"), 4),
+                 _pct(1 - float(b["mse_after"]) / float(b["mse_before"])) if b.get("mse_before") else "n/a",
+                 "yes" if b.get("kept") else "no (worse; restored)"] for b in blocks]
+        md += _table(["block", "output MSE before", "after", "reduction", "kept"], rows)
+    if rec.get("val_ppl"):
+        md += ["Validation perplexity by step: " + ", ".join(f"{int(s)}: {_num(v)}" for s, v in rec["val_ppl"]), ""]
+    return md
+
+
+def _plot_recovery(rec: dict, path: Path) -> Path:
+    blocks, loss = rec.get("blocks") or [], rec.get("loss") or []
+    fig, (ax,) = _figure()
+    if blocks:
+        idx = [b["block"] for b in blocks]
+        ax.semilogy(idx, [b["mse_before"] for b in blocks], "o-", ms=3, label="before")
+        ax.semilogy(idx, [b["mse_after"] for b in blocks], "o-", ms=3, label="after")
+        ax.set_xlabel("decoder block")
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.set_ylabel("block output MSE vs dense")
+        ax.set_title("Block-wise reconstruction: error of each block against the dense block")
+    else:
+        ax.plot([s for s, _ in loss], [v for _, v in loss], lw=1, label="training loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"Masked fine-tuning ({rec.get('mode')}): loss and validation perplexity")
+        if rec.get("val_ppl"):
+            ax2 = ax.twinx()
+            ax2.plot([s for s, _ in rec["val_ppl"]], [v for _, v in rec["val_ppl"]], "o-", color="C1", ms=3,
+                     label="validation ppl")
+            ax2.set_ylabel("validation perplexity")
+            ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    return _save_png(fig, path)
 
 
 def _zeroshot(zs: dict) -> list[str]:
@@ -480,6 +532,9 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         images.append(("Per-layer sensitivity", _plot_sensitivity(layers, sens, alloc.get("sensitivity_kind"), plots / "sensitivity.png")))
     if search.get("history"):
         images.append(("Search curve", _plot_search(search["history"], search.get("fitness"), plots / "search.png")))
+    rec = run.get("recovery") or {}
+    if rec.get("blocks") or rec.get("loss"):
+        images.append(("Recovery", _plot_recovery(rec, plots / "recovery.png")))
     if run["sizes"] and run["sizes"].get("dense_bytes") is not None:
         images.append(("Checkpoint sizes", _plot_sizes(run["sizes"], plots / "sizes.png")))
 
@@ -492,6 +547,8 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     if status not in (None, "finished"):
         md += [f"**This run did not finish: {status}.** {run.get('error') or ''}".rstrip(), ""]
     md += _summary(run)
+    if rec.get("mode") not in (None, "none"):
+        md += _recovery(rec, run["perplexity"] or {})
     if run["zeroshot"]:
         md += _zeroshot(run["zeroshot"])
     if run["lm_eval"]:

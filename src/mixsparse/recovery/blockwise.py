@@ -1,0 +1,187 @@
+"""Block-wise reconstruction: each pruned decoder block is tuned, mask fixed, so that its output matches
+the dense block's output on calibration activations. One block is on the device at a time (the engine's
+:class:`~mixsparse.engine.LayerwiseRunner`), so it scales like pruning does.
+
+The student block gets either the outputs of the blocks already recovered (``inputs: recovered``, the
+default: it then also learns to undo the error the blocks before it left) or the dense model's own
+activations; the target is always the dense model's block output. After each block the tuned tensors
+are saved, so an interrupted recovery resumes at the next block with the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import batches as split_batches
+from ..engine import LayerwiseRunner, _first_output, _to
+from ..errors import NumericalError
+from ..io import atomic_write_text
+from ..modeling import block_linears
+from ..placement import Placement
+from .common import DenseStore, FixedMask, autocast, autocast_dtype, tuned_parameters
+from .options import BlockwiseOptions
+
+log = logging.getLogger(__name__)
+
+
+def _mse(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    total = sum(float(F.mse_loss(o.float(), t.float(), reduction="sum")) for o, t in zip(outs, targets))
+    return total / sum(t.numel() for t in targets)
+
+
+def _run(runner: LayerwiseRunner, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+         params: dict | None = None) -> list[torch.Tensor]:
+    """Outputs of ``block`` (or of its dense tensors ``params``) for every batch, back in storage."""
+    outs = []
+    with torch.no_grad():
+        for h, kw in zip(hidden, kwargs):
+            args = (h.to(runner.device),)
+            kw = _to(kw, runner.device)
+            out = block(*args, **kw) if params is None else torch.func.functional_call(block, params, args, kw)
+            outs.append(_first_output(out).to(runner.store))
+    return outs
+
+
+class _Progress:
+    """The per-block resume record: ``progress.json`` (fingerprint, blocks done, their statistics) and the
+    tuned tensors of every finished block."""
+
+    def __init__(self, path: Path | None, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        self.blocks: list[dict] = []
+        if path is not None and (path / "progress.json").is_file():
+            rec = json.loads((path / "progress.json").read_text())
+            if rec.get("fingerprint") == fingerprint:
+                self.blocks = rec["blocks"]
+            else:
+                log.warning("block-wise recovery state in %s is for other settings or another model; starting over", path)
+
+    def load(self, i: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / f"block-{i}.safetensors"))
+
+    def save(self, i: int, block: nn.Module, names: list[str], stats: dict) -> None:
+        self.blocks.append(stats)
+        if self.path is None:
+            return
+        from safetensors.torch import save_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        state = block.state_dict()
+        tmp = self.path / f".block-{i}.tmp"
+        save_file({n: state[n].detach().cpu().contiguous() for n in names}, str(tmp))
+        tmp.replace(self.path / f"block-{i}.safetensors")
+        atomic_write_text(self.path / "progress.json",
+                          json.dumps({"fingerprint": self.fingerprint, "blocks": self.blocks}, indent=1))
+
+
+def reconstruct_blockwise(model: nn.Module, calib_ids: torch.Tensor, dense: DenseStore, options: BlockwiseOptions,
+                          *, device: Placement | torch.device | str | None = None, seed: int = 0,
+                          state_dir: str | Path | None = None, fingerprint: str = "", progress: bool = True) -> dict:
+    """Tune ``model``'s pruned blocks in place toward ``dense``; returns the per-block errors before/after.
+
+    ``state_dir``: where finished blocks are kept so an interrupted call resumes (same ``fingerprint``)."""
+    placement = Placement.resolve(device, "blockwise", model)
+    with Placement.stage(model):
+        return _reconstruct(model, calib_ids, dense, options, placement, seed,
+                            Path(state_dir) if state_dir is not None else None, fingerprint, progress)
+
+
+def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, seed, state_dir, fingerprint, progress):
+    t0 = time.perf_counter()
+    runner = LayerwiseRunner(model, device=placement)
+    if len(dense) != len(runner.blocks):
+        raise ValueError(f"dense snapshot has {len(dense)} blocks, the model {len(runner.blocks)}")
+    state = runner.catch(split_batches(calib_ids, opts.batch_size))
+    dense_hidden = list(state.hidden)  # embeddings are not pruned: both streams start equal
+    amp = autocast_dtype(opts.dtype, placement.device)
+    record = _Progress(state_dir, fingerprint)
+    bar = tqdm(list(enumerate(runner.blocks)), desc="recover[blockwise]", disable=not progress)
+    for i, block in bar:
+        with runner.on_device(block):
+            dense_params = dense.block(i, placement.device)
+            targets = _run(runner, block, dense_hidden, state.kwargs, dense_params)
+            del dense_params
+            linears = block_linears(block)
+            params = tuned_parameters(block, linears, opts.params)
+            names = [n for n, p in block.named_parameters() if any(p is q for q in params)]
+            resumed = i < len(record.blocks)
+            if resumed:  # finished before an interruption
+                with torch.no_grad():
+                    saved = record.load(i)
+                    for n, p in block.named_parameters():
+                        if n in saved:
+                            p.copy_(saved[n])
+            else:
+                inputs = state.hidden if opts.inputs == "recovered" else dense_hidden
+                stats, outs = _tune_block(runner, block, linears, params, inputs, state.kwargs, targets, opts, amp,
+                                          seed * 100003 + i, i)
+                record.save(i, block, names, {"block": i, **stats})
+                bar.set_postfix(mse=f"{stats['mse_before']:.3g}->{stats['mse_after']:.3g}")
+                if opts.inputs == "recovered":  # the tuned block's outputs on its inputs: the next block's inputs
+                    state.hidden = outs
+            if resumed or opts.inputs == "dense":
+                state.hidden = _run(runner, block, state.hidden, state.kwargs)
+        dense_hidden = targets
+    stats = record.blocks
+    return {"mode": "blockwise", "settings": dataclasses.asdict(opts), "seconds": round(time.perf_counter() - t0, 3),
+            "blocks": stats, "autocast": None if amp is None else str(amp).replace("torch.", "")}
+
+
+def _tune_block(runner, block, linears, params, inputs, kwargs, targets, opts: BlockwiseOptions, amp, seed,
+                index) -> tuple[dict, list[torch.Tensor]]:
+    before = _run(runner, block, inputs, kwargs)
+    mse_before = _mse(before, targets)
+    original = [p.detach().clone() for p in params]
+    mask = FixedMask(linears)
+    flags = [p.requires_grad for p in block.parameters()]
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=opts.lr)
+    gen = torch.Generator().manual_seed(seed)
+    dev = runner.device
+    losses = []
+    try:
+        for _ in range(opts.epochs):
+            for j in torch.randperm(len(inputs), generator=gen).tolist():
+                with autocast(dev, amp):
+                    out = _first_output(block(inputs[j].to(dev), **_to(kwargs[j], dev)))
+                loss = F.mse_loss(out.float(), targets[j].to(dev).float())
+                if not torch.isfinite(loss):
+                    with torch.no_grad():
+                        for p, o in zip(params, original):
+                            p.copy_(o)
+                    raise NumericalError(f"block-wise recovery: the loss of block {index} became {float(loss)}; "
+                                         "the block is restored. Lower recover.blockwise.lr or use dtype float32")
+                loss.backward()
+                mask.zero_grads()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                mask.apply()
+                losses.append(float(loss.detach()))
+    finally:
+        for p, f in zip(block.parameters(), flags):
+            p.requires_grad_(f)
+        del opt
+    after = _run(runner, block, inputs, kwargs)
+    mse_after = _mse(after, targets)
+    kept = mse_after < mse_before
+    if not kept:  # never hand back a block that matches the dense one worse than before
+        with torch.no_grad():
+            for p, o in zip(params, original):
+                p.copy_(o)
+        mse_after, after = mse_before, before
+    return ({"mse_before": mse_before, "mse_after": mse_after, "kept": kept, "steps": len(losses),
+             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}, after)

@@ -1,0 +1,142 @@
+"""What every recovery method shares: the mask held fixed, the parameters it tunes, the dense teacher."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, SparsityError
+from ..io import atomic_write_text
+from ..modeling import find_decoder_blocks, prunable_linears
+from ..search.fitness import fast_bf16
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``recover.*.dtype`` (None = plain float32). Master weights stay in the model's
+    dtype; only the matmuls run in bf16 (AMX CPUs and GPUs do them several times faster)."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else None
+    return None if name == "float32" else getattr(torch, name)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower() and not list(module.children())
+
+
+def tuned_parameters(root: nn.Module, linears: dict[str, nn.Linear], params: str) -> list[nn.Parameter]:
+    """The parameters a recovery tunes: the prunable linears' weights and biases, and with
+    ``linears+norms`` the normalisation layers' parameters under ``root``."""
+    out = []
+    for lin in linears.values():
+        out.append(lin.weight)
+        if lin.bias is not None:
+            out.append(lin.bias)
+    if params == "linears+norms":
+        out += [p for m in root.modules() if is_norm(m) for p in m.parameters(recurse=False)]
+    return out
+
+
+class FixedMask:
+    """The zeros of the prunable weights at the start of recovery, held exactly: gradients at pruned
+    positions are zeroed before each step and the weights re-masked after it (an optimiser with weight
+    decay or momentum could otherwise move a zero). One bool per weight."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.linears = linears
+        self.masks = {n: lin.weight.detach() != 0 for n, lin in linears.items()}
+
+    def zero_grads(self) -> None:
+        for n, lin in self.linears.items():
+            if lin.weight.grad is not None:
+                lin.weight.grad.mul_(self.masks[n])
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for n, lin in self.linears.items():
+            lin.weight.mul_(self.masks[n])
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where every prunable weight is zero (what a recovery must leave exactly as it found)."""
+    return {n: (lin.weight.detach() == 0).cpu() for n, lin in prunable_linears(model).items()}
+
+
+def check_pruned(model: nn.Module) -> None:
+    """Recovery tunes a pruned model back toward its dense original; a model without a single pruned
+    weight is refused (there is no mask to keep, and fine-tuning a dense model is another tool's job)."""
+    if not any(bool((lin.weight == 0).any()) for lin in prunable_linears(model).values()):
+        raise SparsityError("recovery needs a pruned model, but no prunable weight of this model is zero; "
+                            "prune it first (mixsparse prune ... --recover blockwise)")
+
+
+def check_zeros_match(model: nn.Module, achieved: dict[str, float], where: str) -> None:
+    """The model's zeros agree with the sparsity a run recorded, layer by layer (one weight of slack)."""
+    linears = prunable_linears(model)
+    for name, frac in achieved.items():
+        if name not in linears:
+            raise SparsityError(f"{where} records layer {name}, which this model does not have; is it the run's model?")
+        w = linears[name].weight
+        zeros = int((w == 0).sum())
+        if abs(zeros - frac * w.numel()) > 1:
+            raise SparsityError(f"{name} has {zeros / w.numel():.4f} zeros but {where} recorded {frac:.4f}; the model "
+                                "is not the one this run pruned (re-export it or prune again)")
+
+
+class DenseStore:
+    """The dense model's decoder blocks, saved before pruning (one safetensors file per block), so that a
+    recovery can compute dense block outputs or logits without a second model in memory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta = self.path / "complete.json"
+        if not meta.is_file():
+            raise ConfigError(f"{self.path} holds no complete dense snapshot")
+        self.meta = json.loads(meta.read_text())
+
+    @classmethod
+    def snapshot(cls, model: nn.Module, path: str | os.PathLike, fingerprint: str) -> "DenseStore":
+        """Write the blocks of ``model`` (dense) to ``path``; an existing complete snapshot with the same
+        fingerprint is reused."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        with contextlib.suppress(ConfigError):
+            old = cls(path)
+            if old.meta.get("fingerprint") == fingerprint:
+                return old
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "complete.json").unlink(missing_ok=True)
+        _, blocks = find_decoder_blocks(model)
+        for i, block in enumerate(blocks):
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in block.state_dict().items()}
+            tmp = path / f".block-{i}.tmp"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path / f"block-{i}.safetensors")
+        atomic_write_text(path / "complete.json", json.dumps({"fingerprint": fingerprint, "blocks": len(blocks)}))
+        return cls(path)
+
+    def __len__(self) -> int:
+        return int(self.meta["blocks"])
+
+    def block(self, i: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / f"block-{i}.safetensors"), device=str(device))
+
+    def params(self, blocks_name: str, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """Every dense block tensor by its qualified name in the model."""
+        for i in range(len(self)):
+            for k, v in self.block(i, device).items():
+                yield f"{blocks_name}.{i}.{k}", v
