@@ -25,6 +25,7 @@ from ..sparsity import NM, LayerSparsity
 class PruneResult:
     weight: torch.Tensor  # new weight, same shape/dtype/device as the layer's, zeros where pruned
     mask: torch.Tensor  # bool keep-mask
+    quantized: object = None  # a mixsparse.quant.grid.QuantizedWeight when the pruner also quantized
 
 
 class LayerPruner:

@@ -2,7 +2,9 @@
 
 Hessian H = 2/n * sum x x^T of the layer inputs, dampened by ``percdamp * mean(diag H)``. Columns are
 processed in blocks; inside a block the mask is chosen adaptively by the OBS saliency
-w^2 / [H^-1]_jj^2 and every pruned weight's error is spread over the not-yet-processed columns.
+w^2 / [H^-1]_jj^2 and every pruned weight's error is spread over the not-yet-processed columns (the
+sweep, shared with GPTQ, is :func:`mixsparse.quant.gptq.obs_sweep`). With ``bits`` set, the kept
+weights are quantized in the same sweep (the paper's joint mode).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NumericalError
-from ..masks import prune_count, split_counts
+from ..masks import prune_count
 from ..sparsity import NM, LayerSparsity
 from .base import LayerPruner, PruneResult, register_pruner
 
@@ -55,6 +57,15 @@ class SparseGPTPruner(LayerPruner):
     class Options:
         blocksize: int = 128
         percdamp: float = 0.01
+        # joint pruning + quantization in the same OBS sweep (quantize.method: joint sets these)
+        bits: int = 0  # 0 = no quantization
+        group_size: int = 128
+        symmetric: bool = True
+
+        def quant_spec(self):
+            from ..quant.grid import QuantSpec
+
+            return QuantSpec(self.bits, self.group_size, self.symmetric) if self.bits else None
 
     def __init__(self, layer, options=None, layer_name=""):
         super().__init__(layer, options, layer_name)
@@ -79,51 +90,17 @@ class SparseGPTPruner(LayerPruner):
         return self._factor
 
     def compute(self, target: LayerSparsity) -> PruneResult:
+        from ..quant.gptq import obs_sweep
+
         W0 = self.weight
-        rows, cols = W0.shape
-        W = W0.float().clone()
-        prune = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)  # True = pruned
-        if not isinstance(target, NM) and prune_count(W.numel(), target) == 0:
-            return PruneResult(W0.clone(), ~prune)
-        Hinv = self.factor()
-        bs = self.options.blocksize
-        if isinstance(target, NM):
-            bs = max(target.m, (bs // target.m) * target.m)  # whole N:M groups per block
-        starts = list(range(0, cols, bs))
-        sizes = [min(bs, cols - s) for s in starts]
-        if not isinstance(target, NM):
-            # exact total over the layer: blocks share it by cumulative rounding
-            per_block = split_counts([s * rows for s in sizes], prune_count(W.numel(), target))
-        for b, (i1, count) in enumerate(zip(starts, sizes)):
-            i2 = i1 + count
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            d = torch.diag(Hinv1)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            if not isinstance(target, NM) and per_block[b] > 0:
-                sal = (W1**2 / d.unsqueeze(0) ** 2).flatten()
-                idx = torch.sort(sal, stable=True).indices[: per_block[b]]
-                mask1.view(-1)[idx] = True
-            for i in range(count):
-                w = W1[:, i]
-                if isinstance(target, NM) and i % target.m == 0:
-                    sal = W1[:, i : i + target.m] ** 2 / d[i : i + target.m].unsqueeze(0) ** 2
-                    idx = torch.sort(sal, dim=1, stable=True).indices[:, : target.m - target.n]
-                    mask1[:, i : i + target.m].scatter_(1, idx, True)
-                q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-                err = (w - q) / d[i]
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                W1[:, i] = q  # exact zeros where pruned, reconstructed value elsewhere
-                Err1[:, i] = err
-            W[:, i1:i2] = W1
-            prune[:, i1:i2] = mask1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        keep = ~prune
-        W = torch.where(keep, W, torch.zeros((), dtype=W.dtype, device=W.device))
+        spec = self.options.quant_spec()
+        if spec is None and not isinstance(target, NM) and prune_count(W0.numel(), target) == 0:
+            return PruneResult(W0.clone(), torch.ones_like(W0, dtype=torch.bool))
+        W, prune, quantized = obs_sweep(W0, self.factor(), self.options.blocksize, target=target, spec=spec,
+                                        name=self.layer_name)
         if not torch.isfinite(W).all():
             raise NumericalError(f"layer {self.layer_name!r}: SparseGPT update produced NaN/Inf")
-        return PruneResult(W.to(W0.dtype), keep)
+        return PruneResult(W.to(W0.dtype), ~prune, quantized)
 
     def free(self) -> None:
         self.H = torch.zeros(0)

@@ -1,0 +1,133 @@
+"""Quantization of the kept weights: exact grids on hand-built tensors, zeros kept, GPTQ <= RTN error,
+joint SparseGPT, the layer-wise stage on a tiny model."""
+
+import pytest
+import torch
+
+from mixsparse.errors import ConfigError, NumericalError
+from mixsparse.quant.grid import QuantSpec, QuantizedWeight, find_params, quantize_rtn
+from mixsparse.quant.gptq import obs_sweep
+from mixsparse.pruners.sparsegpt import inverse_hessian_factor
+
+from .tiny import tiny_ids, tiny_model
+
+
+def test_symmetric_int4_grid_on_a_hand_built_row():
+    # max |w| = 1.5 -> scale 1.5 / 7.5 = 0.2, stored as float16 0.19995; the grid is [-8, 7] * scale
+    w = torch.tensor([[1.5, -1.5, 0.0, 0.31, -0.29, 0.1, 1.0, -0.7]])
+    qw = quantize_rtn(w, QuantSpec(4, 0, True))
+    s = qw.scale.item()
+    assert s == torch.tensor(0.2).half().item()
+    # 1.5/s = 7.502 -> 8, clamped to 7; 0.1/s = 0.5001 -> 1; -0.7/s = -3.5009 -> -4
+    expected = torch.tensor([[7, -8, 0, 2, -1, 1, 5, -4]], dtype=torch.float32)
+    assert torch.equal(qw.codes.float() - 8, expected)  # unsigned codes = q + 8
+    torch.testing.assert_close(qw.dequantize(), expected * s)
+    assert qw.dequantize()[0, 2] == 0
+
+
+def test_asymmetric_grid_has_zero_on_it_and_uses_the_full_range():
+    w = torch.tensor([[0.0, 0.5, 1.0, 1.5, 3.0, 0.0, 2.25, 0.75]])  # all >= 0: range [0, 3]
+    spec = QuantSpec(2, 0, False)  # 4 levels: 0, 1, 2, 3 * scale
+    qw = quantize_rtn(w, spec)
+    assert qw.scale.item() == pytest.approx(1.0)
+    assert qw.zero.item() == 0
+    assert torch.equal(qw.dequantize(), torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 2.0, 1.0]]))  # round half to even
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 8, True), (4, 8, False), (8, 0, True), (8, 16, False), (3, 4, True)])
+def test_every_value_is_on_its_groups_grid_and_zeros_stay_zero(bits, group, sym):
+    torch.manual_seed(0)
+    w = torch.randn(6, 32)
+    w[torch.rand_like(w) < 0.7] = 0  # 70% pruned
+    spec = QuantSpec(bits, group, sym)
+    qw = quantize_rtn(w, spec)
+    deq = qw.dequantize()
+    assert torch.all(deq[w == 0] == 0)  # the mask is unchanged
+    assert qw.codes.max() <= 2**bits - 1
+    g = group or 32
+    for r in range(6):
+        for k in range(32 // g):
+            s, z = qw.scale[r, k], qw.zero[r, k]
+            vals = deq[r, k * g:(k + 1) * g] / s + z
+            assert torch.allclose(vals, vals.round(), atol=1e-4)  # on the grid
+            assert s == s.half().float()  # float16 scales: what the checkpoint stores
+    err = (deq - w).abs()
+    # nearest point: half a step, plus where the grid's end clips (+max is 7.5 steps on the symmetric int4 grid,
+    # whose top is 7), plus the float16 rounding of the scale (relative 2**-11) over the range
+    step = qw.scale.repeat_interleave(g, dim=1)
+    assert bool((err <= step * (0.5 + (spec.qmax - spec.qmin) * 2**-11) + 1e-7).all())
+
+
+def test_bad_specs_are_one_line_errors():
+    with pytest.raises(ConfigError, match="bits must be one of"):
+        QuantSpec(5)
+    with pytest.raises(ConfigError, match="does not divide the 48 input features of x"):
+        QuantSpec(4, 32).groups(48, "x")
+    with pytest.raises(NumericalError, match="overflows float16"):
+        find_params(torch.tensor([[1e7, -1.0]]), QuantSpec(4, 0))
+
+
+def _layer_problem(seed=0, rows=16, cols=64, n=512):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(cols, cols, generator=g)
+    X = torch.randn(n, cols, generator=g) @ basis * 0.3  # correlated inputs: where GPTQ beats RTN
+    W = torch.randn(rows, cols, generator=g)
+    W[torch.rand(rows, cols, generator=g) < 0.6] = 0
+    H = 2 * X.t() @ X / n
+    return W, X, inverse_hessian_factor(H, 0.01)
+
+
+@pytest.mark.parametrize("group", [16, 0])
+def test_gptq_error_is_at_most_rtn_error_and_keeps_the_mask(group):
+    W, X, Hinv = _layer_problem()
+    spec = QuantSpec(4, group, True)
+    out, pruned, qw = obs_sweep(W, Hinv, 32, fixed=W == 0, spec=spec)
+    assert torch.equal(pruned, W == 0) and torch.all(out[W == 0] == 0)
+    assert torch.equal(qw.dequantize(), out)  # the codes give back exactly the swept weight
+    rtn = quantize_rtn(W, spec).dequantize()
+    e_gptq = ((X @ (out - W).t()) ** 2).sum()
+    e_rtn = ((X @ (rtn - W).t()) ** 2).sum()
+    assert e_gptq <= e_rtn
+
+
+def test_joint_sparsegpt_prunes_and_quantizes_in_one_sweep():
+    from mixsparse.pruners.sparsegpt import SparseGPTPruner
+
+    W, X, _ = _layer_problem(rows=8, cols=32)
+    lin = torch.nn.Linear(32, 8, bias=False)
+    lin.weight.data = torch.randn(8, 32)
+    joint = SparseGPTPruner(lin, SparseGPTPruner.Options(blocksize=16, bits=4, group_size=16))
+    plain = SparseGPTPruner(lin, SparseGPTPruner.Options(blocksize=16))
+    for p in (joint, plain):
+        p.add_batch(X[:, :32])
+    rj, rp = joint.compute(0.5), plain.compute(0.5)
+    assert (rj.weight == 0).float().mean() >= 0.5 and (~rj.mask).float().mean() == 0.5
+    assert torch.equal(rj.quantized.dequantize()[rj.mask], rj.weight[rj.mask])
+    assert rp.quantized is None
+
+
+def test_quantize_stage_rtn_and_gptq_on_a_tiny_model():
+    from mixsparse.engine import prune_layerwise
+    from mixsparse.modeling import param_counts, prunable_linears
+    from mixsparse.quant.stage import quantize_model
+    from mixsparse.sparsity import SparsityMap
+
+    ids = tiny_ids(4, 16)
+    for method in ("rtn", "gptq"):
+        model = tiny_model("llama")
+        prune_layerwise(model, ids, SparsityMap.uniform(0.5, param_counts(model)), "wanda", progress=False)
+        zeros = {n: l.weight == 0 for n, l in prunable_linears(model).items()}
+        codes, rec = quantize_model(model, method, QuantSpec(4, 16), ids, device="cpu", progress=False)
+        assert rec["scheme"] == "int4-sym-g16"
+        for n, l in prunable_linears(model).items():
+            assert torch.all(l.weight[zeros[n]] == 0), n
+            assert torch.equal(codes[n].dequantize(), l.weight.data), n
+
+
+def test_an_already_quantized_model_is_refused():
+    from mixsparse.quant.stage import quantize_model
+
+    model = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "compressed-tensors"}
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_model(model, "rtn", QuantSpec(4, 16), progress=False)
