@@ -131,3 +131,52 @@ def test_an_already_quantized_model_is_refused():
     model.config.quantization_config = {"quant_method": "compressed-tensors"}
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_model(model, "rtn", QuantSpec(4, 16), progress=False)
+
+
+# the stage in a run ------------------------------------------------------------------------------
+@pytest.fixture
+def quick(tiny_llama_dir, word_corpus):
+    c = str(word_corpus)
+    return ["--model", str(tiny_llama_dir), "--calibration", c, "--set", f"data.validation={c}",
+            "--set", f"data.evaluation={c}", "--calib-samples", "4", "--seqlen", "32", "--eval-tokens", "64",
+            "--set", "eval.zeroshot=[]", "--sparsity", "0.5", "--quiet", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("method,pruner", [("gptq", "wanda"), ("rtn", "wanda"), ("joint", "sparsegpt")])
+def test_prune_and_quantize_packed_checkpoint_is_bit_exact(quick, tmp_path, method, pruner):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from mixsparse.cli import main
+    from mixsparse.export import load_compressed
+    from mixsparse.modeling import prunable_linears
+
+    out = tmp_path / "run"
+    assert main(["prune", *quick, "--pruner", pruner, "--quantize", method, "--bits", "4", "--group-size", "16",
+                 "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["quantization"]["scheme"] == "int4-sym-g16" and run["perplexity"]["quantized"] > 0
+    hf = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)  # the in-memory weights, saved
+    packed = load_compressed(out / "compressed", dtype=torch.float32)
+    for name, lin in prunable_linears(hf).items():
+        w = prunable_linears(packed)[name].weight
+        assert torch.equal(w, lin.weight), name
+        frac = run["pruning"]["achieved"][name]
+        assert float((w == 0).float().mean()) >= frac - 1e-6, name  # the pruned zeros are all there
+    # 4-bit codes + bitmask + float16 scales: well under the 16 bits of float16 weights
+    assert run["sizes"]["bits_per_weight"] < 0.5 * 16
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--quantize", "rtn", "--bits", "5"], "bits must be 2, 3, 4 or 8"),
+    (["--quantize", "rtn", "--group-size", "24"], "does not divide the 32 input features"),
+    (["--quantize", "joint"], "needs --pruner sparsegpt"),
+    (["--quantize", "joint", "--pruner", "sparsegpt", "--recover", "blockwise"], "use quantize.method gptq"),
+])
+def test_bad_quantization_settings_are_one_line_errors(quick, tmp_path, capsys, args, needle):
+    from mixsparse.cli import main
+
+    assert main(["prune", *quick, *args, "--out", str(tmp_path / "run")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mixsparse:")]
+    assert len(lines) == 1 and needle in lines[0], lines

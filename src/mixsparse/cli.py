@@ -86,6 +86,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         extra.update({"export.checkpoint": False, "export.compressed": False})
     if args.recover:
         extra["recover.mode"] = args.recover
+    for flag, key in (("quantize", "method"), ("bits", "bits"), ("group_size", "group_size")):
+        if getattr(args, flag) is not None:
+            extra[f"quantize.{key}"] = getattr(args, flag)
     cfg = _load(args, extra)
     rec = run(cfg, args.out, command=_command(), progress=not args.quiet, overwrite=args.overwrite)
     _summary(rec, Path(args.out))
@@ -233,6 +236,8 @@ def _summary(rec: dict, out: Path) -> None:
         line = f"perplexity ({ppl.get('tokens')} test tokens): dense {ppl.get('dense')}, pruned {ppl.get('pruned')}"
         if ppl.get("recovered") is not None:
             line += f", after recovery ({(rec.get('recovery') or {}).get('mode')}) {ppl['recovered']}"
+        if ppl.get("quantized") is not None:
+            line += f", quantized ({(rec.get('quantization') or {}).get('scheme')}) {ppl['quantized']}"
         lines.append(line)
     for task, r in (rec.get("zeroshot") or {}).items():
         lines.append(f"zero-shot {task}: {r['accuracy']:.3f} ± {r['stderr']:.3f} (n={r['n']})")
@@ -254,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--recover", choices=["none", "blockwise", "finetune", "lora"],
                    help="recovery after pruning, mask fixed (recover.mode; settings under recover.blockwise/finetune)")
+    p.add_argument("--quantize", choices=["none", "rtn", "gptq", "joint"],
+                   help="quantize the kept weights after pruning/recovery (joint: inside SparseGPT's sweep)")
+    p.add_argument("--bits", type=int, help="quantization bits: 2, 3, 4 (default) or 8")
+    p.add_argument("--group-size", type=int, help="input columns per quantization scale (default 128; 0 = per channel)")
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("recover", help="recover an existing run's pruned model (mask fixed) into a new run directory")
     p.add_argument("run_dir", help="a finished `mixsparse prune` run directory")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .quant import QuantizeSection
 from .recovery import MODES as RECOVER_MODES, BlockwiseOptions, FinetuneOptions
 from .search import SearchConfig
 from .sparsity import NM, parse_layer_sparsity
@@ -227,8 +228,34 @@ class RunConfig:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     search: SearchSection = field(default_factory=SearchSection)
     recover: RecoverSection = field(default_factory=RecoverSection)
+    quantize: QuantizeSection = field(default_factory=QuantizeSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        q = self.quantize
+        if q.method == "joint":
+            if self.prune.pruner != "sparsegpt":
+                raise ConfigError(f"quantize.method joint prunes and quantizes in SparseGPT's sweep; it needs "
+                                  f"--pruner sparsegpt (got {self.prune.pruner!r}); with other pruners use gptq or rtn")
+            if self.prune.allocation == "msp" and self.search.final == "stitched":
+                raise ConfigError("quantize.method joint needs the engine to prune the final model, but MSP stitches it "
+                                  "from the search's levels (search.final: stitched); use quantize.method gptq, or "
+                                  "search.final: sequential")
+            if self.recover.mode != "none":
+                raise ConfigError("quantize.method joint quantizes while pruning, and recovery would then train the "
+                                  "weights off the grid; use quantize.method gptq (it runs after recovery)")
+            taken = {"bits", "group_size", "symmetric"} & set(self.prune.options)
+            if taken:
+                raise ConfigError(f"prune.options {', '.join(sorted(taken))} are set by quantize.* in joint mode; "
+                                  "give them under quantize")
+
+    def pruner_options(self) -> dict:
+        """``prune.options``, plus the grid of a joint SparseGPT quantization."""
+        q = self.quantize
+        if q.method != "joint":
+            return dict(self.prune.options)
+        return {**self.prune.options, "bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -232,6 +232,7 @@ class PruneReport:
     achieved: dict[str, float]
     seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
+    quantized: dict[str, Any] = field(default_factory=dict)  # codes of layers a pruner also quantized
 
     def overall(self, param_counts: dict[str, int]) -> float:
         total = sum(param_counts[n] for n in self.achieved)
@@ -313,6 +314,9 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
                     t0 = time.perf_counter()
                     res = p.compute(targets[full])
                     lin[short].weight.data.copy_(res.weight)
+                    if res.quantized is not None:
+                        q = res.quantized
+                        report.quantized[full] = type(q)(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
                     report.seconds[full] = time.perf_counter() - t0
                 w = lin[short].weight.data
                 if full in targets:

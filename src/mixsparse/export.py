@@ -22,6 +22,15 @@
       written as ``ceil(log2 M)`` bits, most significant bit first, all concatenated and packed like
       the bitmask. A group with fewer than N non-zeros is padded with its first zero positions (value 0).
 
+  ``quantized``
+      A layer quantized by :mod:`mixsparse.quant` (``bits``, ``group_size``, ``symmetric`` in the entry).
+      ``NAME::bitmask``: as above, the non-zero positions. ``NAME::codes``: their unsigned integer codes,
+      ``bits`` bits each, most significant bit first, concatenated and packed like the bitmask.
+      ``NAME::scale``: float16 ``(rows, groups)``; ``NAME::zero``: uint8 ``(rows, groups)`` unsigned zero
+      points (asymmetric only; symmetric grids have ``2**(bits-1)``). The weight is
+      ``(code - zero) * scale``, computed in float32 (exact there: a float16 scale times a small integer),
+      then cast to the entry's dtype: bit-exactly the dequantized weight mixsparse held in memory.
+
   Zeros are restored as ``+0.0`` (a pruner that multiplied by the mask may have left ``-0.0``; the
   two compare equal and give identical results in a linear layer); every other value is bit-exact
   at the checkpoint dtype. Tensors shared by several names (tied embeddings) are stored once and
@@ -88,6 +97,41 @@ def bitmask_decode(packed: torch.Tensor, values: torch.Tensor, shape: tuple[int,
         raise ValueError(f"bitmask has {nnz} set bits but {values.numel()} values are stored")
     # masked_scatter_ fills the set positions in row-major order, like boolean indexing, but faster
     return torch.zeros(numel, dtype=values.dtype).masked_scatter_(keep, values).reshape(shape)
+
+
+def codes_encode(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (< 2**bits), ``bits`` bits each, most significant first, packed 8 per byte."""
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int32)
+    return pack_bits(((codes.reshape(-1, 1).to(torch.int32) >> shifts) & 1).bool())
+
+
+def codes_decode(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    b = unpack_bits(packed, count * bits).reshape(count, bits).to(torch.int32)
+    return (b << torch.arange(bits - 1, -1, -1, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
+
+
+def quantized_encode(qw) -> dict[str, torch.Tensor]:
+    """The parts of a ``quantized`` entry (see the module docstring) for a QuantizedWeight."""
+    keep = qw.codes.float() != qw.zero.repeat_interleave(qw.codes.shape[1] // qw.zero.shape[1], dim=1)
+    parts = {"bitmask": pack_bits(keep), "codes": codes_encode(qw.codes[keep], qw.spec.bits),
+             "scale": qw.scale.to(torch.float16).contiguous()}
+    if not qw.spec.symmetric:
+        parts["zero"] = qw.zero.to(torch.uint8).contiguous()
+    return parts
+
+
+def quantized_decode(stored: Mapping[str, torch.Tensor], name: str, entry: dict, shape: tuple[int, ...]) -> torch.Tensor:
+    rows, cols = shape
+    bits, sym = int(entry["bits"]), bool(entry["symmetric"])
+    keep = unpack_bits(stored[f"{name}::bitmask"], rows * cols).reshape(rows, cols)
+    scale = stored[f"{name}::scale"].float()
+    groups = scale.shape[1]
+    zero = torch.full_like(scale, 2.0 ** (bits - 1)) if sym else stored[f"{name}::zero"].float()
+    scale, zero = scale.repeat_interleave(cols // groups, dim=1), zero.repeat_interleave(cols // groups, dim=1)
+    codes = codes_decode(stored[f"{name}::codes"], int(keep.sum()), bits).float()
+    w = torch.zeros(rows, cols)
+    w[keep] = (codes - zero[keep]) * scale[keep]
+    return w
 
 
 def index_bits(m: int) -> int:
@@ -264,8 +308,12 @@ def save_compressed(
     tokenizer: Any = None,
     metadata: dict | None = None,
     overwrite: bool = False,
+    quantized: Mapping[str, Any] | None = None,
 ) -> dict[str, float | int]:
     """Write the compressed checkpoint (see module docstring); return its sizes.
+
+    ``quantized``: layer name -> :class:`~mixsparse.quant.grid.QuantizedWeight` of the layers the run
+    quantized (stored as packed codes; each must still dequantize to the layer's current weight).
 
     ``dtype`` is the dtype of every floating tensor on disk (``None`` keeps each tensor's own).
     ``sparsity_map`` (layer -> float | NM | "N:M") selects the N:M encoding for layers it marks N:M.
@@ -289,7 +337,17 @@ def save_compressed(
         parts: dict[str, torch.Tensor]
         layer = name.removesuffix(".weight")
         target = targets.get(layer)
-        if name in prunable and t.dim() == 2 and isinstance(target, NM) and fits_nm(t, target):
+        qw = (quantized or {}).get(layer) if name in prunable else None
+        if qw is not None:
+            weight = tensors[name].detach().cpu()
+            deq = qw.dequantize().to(weight.dtype)
+            if not torch.equal(deq, weight):
+                raise NumericalError(f"layer {layer!r} no longer equals its quantized codes (changed after "
+                                     "quantization?); quantize again before saving")
+            parts = {f"{name}::{k}": v for k, v in quantized_encode(qw).items()}
+            entry.update(encoding="quantized", bits=qw.spec.bits, group_size=qw.spec.group_size,
+                         symmetric=qw.spec.symmetric, dtype=_dtype_name(weight.dtype))
+        elif name in prunable and t.dim() == 2 and isinstance(target, NM) and fits_nm(t, target):
             values, idx = nm_encode(t, target)
             parts = {f"{name}::values": values, f"{name}::nm_indices": idx}
             entry.update(encoding="nm", n=target.n, m=target.m, index_bits=index_bits(target.m))
@@ -323,7 +381,9 @@ def save_compressed(
             "prunable_dense_bytes": prunable_dense,
             "prunable_compressed_bytes": prunable_stored,
             "prunable_ratio": prunable_stored / prunable_dense if prunable_dense else 0.0,
+            "prunable_params": sum(lin.weight.numel() for lin in prunable_linears(model).values()),
         }
+        sizes["bits_per_weight"] = 8 * prunable_stored / sizes["prunable_params"] if sizes["prunable_params"] else 0.0
         cfg = _clean_config(model, metadata)
         if dtype is not None:
             cfg.dtype = _dtype_name(dtype)
@@ -387,6 +447,8 @@ def _decode(name: str, entry: dict, stored: Mapping[str, torch.Tensor]) -> torch
     elif enc == "nm":
         pattern = NM(int(entry["n"]), int(entry["m"]))
         t = nm_decode(stored[f"{name}::values"], stored[f"{name}::nm_indices"], shape, pattern)
+    elif enc == "quantized":
+        t = quantized_decode(stored, name, entry, shape).to(dtype)
     else:
         raise ModelLoadError(f"tensor {name!r} has an unknown encoding {enc!r}")
     if tuple(t.shape) != shape or t.dtype != dtype:
@@ -397,7 +459,8 @@ def _decode(name: str, entry: dict, stored: Mapping[str, torch.Tensor]) -> torch
 def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the model written by :func:`save_compressed` (eval mode, weights re-tied).
 
-    Tensors come back bit-exact at the stored dtype; ``dtype`` casts the model afterwards.
+    Tensors come back bit-exact at the stored dtype; ``dtype`` builds the model in that dtype instead
+    (quantized layers, dequantized exactly in float32, keep every bit with ``dtype=torch.float32``).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -426,13 +489,11 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
         config = AutoConfig.from_pretrained(d)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the config of {str(d)!r}: {e}") from None
-    build_dtype = _parse_dtype(index["dtype"]) if index.get("dtype") else None
+    build_dtype = dtype or (_parse_dtype(index["dtype"]) if index.get("dtype") else None)
     model = AutoModelForCausalLM.from_config(config, dtype=build_dtype) if build_dtype else AutoModelForCausalLM.from_config(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f"compressed checkpoint {str(d)!r} does not fit its config: {e}") from None
     model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()

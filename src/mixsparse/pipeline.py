@@ -356,15 +356,16 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
     counts = param_counts(model)
     calib = Calibration(tokenizer, cfg)
     alloc = allocate(model, tokenizer, cfg, device=device, run_dir=rd, progress=progress, timer=timer, calib=calib)
+    quantized = {}
     with timer("prune"):
         if alloc.stitched:  # the searched candidate is already in the model
             seconds = 0.0
         else:
             ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
-            rep = prune_layerwise(model, ids, alloc.sparsity_map, cfg.prune.pruner, cfg.prune.options, device=device,
+            rep = prune_layerwise(model, ids, alloc.sparsity_map, cfg.prune.pruner, cfg.pruner_options(), device=device,
                                   batch_size=cfg.data.batch_size, offload=cfg.prune.offload,
                                   sequential=cfg.prune.sequential, progress=progress)
-            seconds = rep.total_seconds
+            seconds, quantized = rep.total_seconds, rep.quantized
     achieved, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
     return {
         "allocation": {"method": alloc.method,
@@ -377,6 +378,7 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
         "timings": timer.timings,
         "peak_rss_after": timer.peak_rss_after,
         "_allocation": alloc,
+        "_quantized": quantized,  # codes of a joint SparseGPT quantization (for the packed checkpoint)
     }
 
 
@@ -429,6 +431,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         from .recovery.stage import check_placement, dense_snapshot, needs_dense, recover
 
         check_placement(cfg.recover, placement)  # before any work: fine-tuning needs the model whole on the device
+        if cfg.quantize.method != "none":
+            from .quant.stage import check_groups, check_not_quantized, spec_of
+
+            check_not_quantized(model)
+            check_groups(model, spec_of(cfg.quantize))
         test_windows = None
         ppl: dict[str, Any] = {}
         if cfg.eval.perplexity:
@@ -448,6 +455,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                 dense = dense_snapshot(model, out / "cache")
         result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
         alloc: Allocation = result.pop("_allocation")
+        quantized = result.pop("_quantized")
         for k, v in result.pop("timings").items():
             timer.timings[k] = v
         timer.peak_rss_after.update(result.pop("peak_rss_after"))
@@ -470,6 +478,27 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                     ppl["recovered"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
                                                   progress=progress)
                 save()
+        if cfg.quantize.method in ("rtn", "gptq"):
+            from .quant.stage import quantize_model, spec_of
+
+            q = cfg.quantize
+            with timer("quantize"):
+                ids = Calibration(tokenizer, cfg).ids(q.calibration_samples or cfg.data.calibration_samples,
+                                                      cfg.data.seqlen) if q.method == "gptq" else None
+                quantized, record["quantization"] = quantize_model(model, q.method, spec_of(q), ids, device=placement,
+                                                                   blocksize=q.blocksize, percdamp=q.percdamp,
+                                                                   progress=progress)
+            save()
+        elif cfg.quantize.method == "joint":
+            from .quant.stage import spec_of
+
+            record["quantization"] = {"method": "joint", "scheme": spec_of(cfg.quantize).label(),
+                                      "seconds": record["pruning"]["seconds"]}
+        if cfg.quantize.method != "none" and cfg.eval.perplexity:
+            with timer("eval_quantized"):
+                ppl["quantized"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
+                                              progress=progress)
+            save()
         if cfg.eval.zeroshot:
             from .zeroshot import evaluate_zeroshot
 
@@ -489,7 +518,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
             save()
 
         metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": record["allocation"]["target"],
-                    "recovery": cfg.recover.mode,
+                    "recovery": cfg.recover.mode, "quantization": (record.get("quantization") or {}).get("scheme"),
                     "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
         artifacts = {}
         if cfg.export.checkpoint:
@@ -504,7 +533,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
             with timer("export_compressed"):
                 record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
                                                   sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
-                                                  overwrite=True)
+                                                  overwrite=True, quantized=quantized)
             artifacts["compressed"] = "compressed/"
         record["artifacts"] = artifacts
     except BaseException as e:
@@ -629,7 +658,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
         counts = param_counts(model)
         per_layer = (source.get("allocation") or {}).get("per_layer") or {}
         metadata = {"pruner": cfg.prune.pruner, "allocation": (source.get("allocation") or {}).get("method"),
-                    "recovery": cfg.recover.mode, "per_layer": per_layer, "mixsparse_version": __version__}
+                    "recovery": cfg.recover.mode, "quantization": (record.get("quantization") or {}).get("scheme"), "per_layer": per_layer, "mixsparse_version": __version__}
         artifacts = {}
         if cfg.export.checkpoint:
             with timer("export"):

@@ -69,12 +69,13 @@ _SECTIONS: dict[str, type | tuple[type, ...]] = {
     "lm_eval": dict,
     "windows": dict,
     "recovery": dict,
+    "quantization": dict,
 }
 _NUM = (int, float)
 # fields the report reads, with the types it needs: (section, field) -> types; "*" = every value of the section
 _FIELDS: dict[tuple[str, str], tuple] = {
     ("perplexity", "dense"): _NUM, ("perplexity", "pruned"): _NUM, ("perplexity", "tokens"): _NUM,
-    ("perplexity", "recovered"): _NUM, ("recovery", "seconds"): _NUM, ("recovery", "blocks"): (list,),
+    ("perplexity", "recovered"): _NUM, ("perplexity", "quantized"): _NUM, ("sizes", "bits_per_weight"): _NUM, ("recovery", "seconds"): _NUM, ("recovery", "blocks"): (list,),
     ("recovery", "loss"): (list,), ("recovery", "val_ppl"): (list,),
     ("pruning", "overall_sparsity"): _NUM, ("pruning", "seconds"): _NUM, ("pruning", "achieved"): (dict,),
     ("allocation", "per_layer"): (dict,), ("allocation", "sensitivity"): (dict,), ("search", "history"): (list,),
@@ -399,6 +400,12 @@ def _summary(run: dict) -> list[str]:
                 rec += f" ({float(ppl['recovered']) / float(ppl['dense']):.2f}x dense)"
             mode = (run.get("recovery") or {}).get("mode", "?")
             rows.append((f"Perplexity, after recovery ({mode})" + where, rec))
+        if ppl.get("quantized") is not None:
+            qp = _num(ppl["quantized"])
+            if ppl.get("dense"):
+                qp += f" ({float(ppl['quantized']) / float(ppl['dense']):.2f}x dense)"
+            scheme = (run.get("quantization") or {}).get("scheme", "?")
+            rows.append((f"Perplexity, quantized ({scheme})" + where, qp))
     windows = run.get("windows") or {}
     if windows:
         prefix = windows.get("prefix_ids") or []
@@ -417,6 +424,8 @@ def _summary(run: dict) -> list[str]:
         rows.append(("Compressed checkpoint size", _bytes(sizes.get("compressed_bytes"))))
         rows.append(("Compression ratio (whole / prunable layers)",
                      f"{_num(sizes.get('ratio'), 3)}x / {_num(sizes.get('prunable_ratio'), 3)}x"))
+        if sizes.get("bits_per_weight") is not None:
+            rows.append(("Stored bits per prunable weight (mask + values + scales)", _num(sizes["bits_per_weight"], 3)))
     return ["## Summary", "", *_table(["", "value"], rows)]
 
 
