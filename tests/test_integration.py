@@ -65,3 +65,26 @@ def test_cli_prune_then_eval_reloads_same_perplexity(tmp_path, capsys):
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["perplexity"] == pytest.approx(rec["perplexity"]["pruned"], rel=1e-5)
     assert ev["sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_quantized_run_exports_a_standard_checkpoint_with_the_same_perplexity(embedded, tmp_path):
+    """70% MSP-free quick run + 4-bit GPTQ: model-quantized/ (compressed-tensors) reloads with plain
+    from_pretrained and scores the in-memory model's perplexity; compressed/ restores the weights bit-exactly."""
+    pytest.importorskip("compressed_tensors")
+    model, tok = embedded
+    model = copy.deepcopy(model)
+    cfg = load_config(None, {**FEW, "prune.sparsity": 0.5, "eval.zeroshot": [], "quantize.method": "gptq",
+                             "quantize.bits": 4, "quantize.group_size": 64})
+    run(cfg, tmp_path, model=model, tokenizer=tok, progress=False, command="test")
+    saved = json.loads((tmp_path / "run.json").read_text())
+    windows = eval_windows(tok, load_corpus("wiki", "test"), 128, 1024)
+    in_memory = perplexity(model, windows, progress=False)
+    assert saved["perplexity"]["quantized"] == pytest.approx(in_memory, rel=1e-9)
+    standard = AutoModelForCausalLM.from_pretrained(tmp_path / "model-quantized")
+    assert standard.config.quantization_config is not None
+    assert perplexity(standard, windows, progress=False) == pytest.approx(in_memory, rel=1e-9)
+    packed = load_compressed(tmp_path / "compressed", dtype=torch.float32)
+    for (n, a), (_, b) in zip(model.named_parameters(), packed.named_parameters()):
+        if n.endswith("proj.weight"):
+            assert torch.equal(a, b), n
+    assert saved["sizes"]["bits_per_weight"] < 4

@@ -50,7 +50,7 @@ def test_every_value_is_on_its_groups_grid_and_zeros_stay_zero(bits, group, sym)
             s, z = qw.scale[r, k], qw.zero[r, k]
             vals = deq[r, k * g:(k + 1) * g] / s + z
             assert torch.allclose(vals, vals.round(), atol=1e-4)  # on the grid
-            assert s == s.half().float()  # float16 scales: what the checkpoint stores
+            assert s == s.half().float()  # float16 scales (a float32 model): what the checkpoints store
     err = (deq - w).abs()
     # nearest point: half a step, plus where the grid's end clips (+max is 7.5 steps on the symmetric int4 grid,
     # whose top is 7), plus the float16 rounding of the scale (relative 2**-11) over the range
@@ -180,3 +180,29 @@ def test_bad_quantization_settings_are_one_line_errors(quick, tmp_path, capsys, 
     assert main(["prune", *quick, *args, "--out", str(tmp_path / "run")]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mixsparse:")]
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_compressed_tensors_export_reloads_bit_exact_on_a_tiny_model(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from mixsparse.engine import prune_layerwise
+    from mixsparse.modeling import param_counts, prunable_linears
+    from mixsparse.quant.ct_export import save_compressed_tensors
+    from mixsparse.quant.stage import quantize_model
+    from mixsparse.sparsity import SparsityMap
+
+    ids = tiny_ids(4, 16)
+    for sym, bits, group in ((True, 4, 16), (False, 4, 0), (True, 8, 32)):
+        model = tiny_model("llama")
+        prune_layerwise(model, ids, SparsityMap.uniform(0.5, param_counts(model)), "wanda", progress=False)
+        codes, _ = quantize_model(model, "gptq", QuantSpec(bits, group, sym), ids, device="cpu", progress=False)
+        info = save_compressed_tensors(model, codes, tmp_path / f"ct{sym}{bits}")
+        kw = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+        assert ("dequantize=True" in info["load"]) == (not sym)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / f"ct{sym}{bits}", **kw)
+        with torch.no_grad():
+            torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)  # decompresses on first call
+        for name, lin in prunable_linears(model).items():
+            assert torch.equal(prunable_linears(back)[name].weight, lin.weight), name

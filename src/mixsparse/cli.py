@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "rtn", "gptq", "joint"],
                    help="quantize the kept weights after pruning/recovery (joint: inside SparseGPT's sweep)")
     p.add_argument("--bits", type=int, help="quantization bits: 2, 3, 4 (default) or 8")
-    p.add_argument("--group-size", type=int, help="input columns per quantization scale (default 128; 0 = per channel)")
+    p.add_argument("--group-size", type=int, help="input columns per quantization scale (default 64; 0 = per channel)")
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("recover", help="recover an existing run's pruned model (mask fixed) into a new run directory")
     p.add_argument("run_dir", help="a finished `mixsparse prune` run directory")

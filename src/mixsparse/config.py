@@ -213,6 +213,9 @@ class ExportConfig:
     checkpoint: bool = True  # HF safetensors with zeros (from_pretrained loads it)
     compressed: bool = True  # bitmask / N:M packed checkpoint
     dtype: str = "float16"  # dtype of the compressed checkpoint
+    # a quantized run also writes model-quantized/: the compressed-tensors format from_pretrained reads
+    # (needs the "quant" extra: pip install 'mixsparse[quant]')
+    quantized_hf: bool = True
     report: bool = True
 
     def __post_init__(self) -> None:

@@ -315,8 +315,7 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
                     res = p.compute(targets[full])
                     lin[short].weight.data.copy_(res.weight)
                     if res.quantized is not None:
-                        q = res.quantized
-                        report.quantized[full] = type(q)(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
+                        report.quantized[full] = res.quantized.cpu()
                     report.seconds[full] = time.perf_counter() - t0
                 w = lin[short].weight.data
                 if full in targets:

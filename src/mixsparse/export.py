@@ -26,7 +26,7 @@
       A layer quantized by :mod:`mixsparse.quant` (``bits``, ``group_size``, ``symmetric`` in the entry).
       ``NAME::bitmask``: as above, the non-zero positions. ``NAME::codes``: their unsigned integer codes,
       ``bits`` bits each, most significant bit first, concatenated and packed like the bitmask.
-      ``NAME::scale``: float16 ``(rows, groups)``; ``NAME::zero``: uint8 ``(rows, groups)`` unsigned zero
+      ``NAME::scale``: float16 (bfloat16 for a bfloat16 model) ``(rows, groups)``; ``NAME::zero``: uint8 ``(rows, groups)`` unsigned zero
       points (asymmetric only; symmetric grids have ``2**(bits-1)``). The weight is
       ``(code - zero) * scale``, computed in float32 (exact there: a float16 scale times a small integer),
       then cast to the entry's dtype: bit-exactly the dequantized weight mixsparse held in memory.
@@ -114,7 +114,7 @@ def quantized_encode(qw) -> dict[str, torch.Tensor]:
     """The parts of a ``quantized`` entry (see the module docstring) for a QuantizedWeight."""
     keep = qw.codes.float() != qw.zero.repeat_interleave(qw.codes.shape[1] // qw.zero.shape[1], dim=1)
     parts = {"bitmask": pack_bits(keep), "codes": codes_encode(qw.codes[keep], qw.spec.bits),
-             "scale": qw.scale.to(torch.float16).contiguous()}
+             "scale": qw.scale.to(qw.scale_dtype).contiguous()}
     if not qw.spec.symmetric:
         parts["zero"] = qw.zero.to(torch.uint8).contiguous()
     return parts

@@ -264,7 +264,7 @@ def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous
 
 
 _OUTPUTS = ("run.json", "config.yaml", "allocation.yaml", "search_state.json", "search.json", "report.md", "model",
-            "compressed", "plots", "recovery")
+            "compressed", "plots", "recovery", "model-quantized")
 
 
 def _set_aside(out: Path) -> Path:
@@ -535,6 +535,13 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                                                   sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
                                                   overwrite=True, quantized=quantized)
             artifacts["compressed"] = "compressed/"
+        if cfg.export.quantized_hf and quantized:
+            from .quant.ct_export import save_compressed_tensors
+
+            with timer("export_quantized"):
+                record["quantization"]["export"] = save_compressed_tensors(model, quantized, out / "model-quantized",
+                                                                           tokenizer, overwrite=True)
+            artifacts["quantized"] = "model-quantized/"
         record["artifacts"] = artifacts
     except BaseException as e:
         record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

@@ -42,6 +42,16 @@ def check_config(cfg: RunConfig) -> None:
         from .pipeline import level_space
 
         level_space(cfg, {"a": 1, "b": 1})
+    if cfg.quantize.method != "none" and cfg.export.quantized_hf and (cfg.export.checkpoint or cfg.export.compressed):
+        from .quant.ct_export import available
+
+        if not available():
+            raise ConfigError("a quantized run also writes the compressed-tensors checkpoint, which needs "
+                              "compressed-tensors: pip install 'mixsparse[quant]' (or --set export.quantized_hf=false)")
+    if cfg.recover.mode in ("finetune", "lora"):
+        from .data import check_corpus
+
+        check_corpus(cfg.recover.finetune.corpus, "calibration")
     if cfg.eval.lm_eval_tasks:
         try:
             import lm_eval  # noqa: F401

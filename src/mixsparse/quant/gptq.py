@@ -12,7 +12,7 @@ import torch
 
 from ..masks import prune_count, split_counts
 from ..sparsity import NM, LayerSparsity
-from .grid import QuantizedWeight, QuantSpec, dequantize, find_params, quantize
+from .grid import QuantizedWeight, QuantSpec, dequantize, find_params, quantize, scale_dtype_for
 
 
 def unstructured_selector(target: float, rows: int, starts: list[int], sizes: list[int]) -> Callable:
@@ -49,6 +49,7 @@ def obs_sweep(W0: torch.Tensor, Hinv: torch.Tensor, blocksize: int, *, target: L
     starts = list(range(0, cols, bs))
     sizes = [min(bs, cols - s) for s in starts]
     select = unstructured_selector(float(target), rows, starts, sizes) if target is not None and nm is None else None
+    sd = scale_dtype_for(W0.dtype)
     if spec is not None:
         gs = spec.group_size or cols
         groups = spec.groups(cols, name)
@@ -79,7 +80,7 @@ def obs_sweep(W0: torch.Tensor, Hinv: torch.Tensor, blocksize: int, *, target: L
                     ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                     known = torch.cat([mask1[:, i:], torch.zeros(rows, max(0, gs - (count - i)), dtype=torch.bool,
                                                                   device=W.device)], dim=1)[:, :gs]
-                    s, z = find_params(torch.where(known, torch.zeros((), device=W.device), ahead), spec, name)
+                    s, z = find_params(torch.where(known, torch.zeros((), device=W.device), ahead), spec, name, sd)
                     scales[:, col // gs], zeros[:, col // gs] = s.squeeze(1), z.squeeze(1)
                 s, z = scales[:, col // gs: col // gs + 1], zeros[:, col // gs: col // gs + 1]
                 qi = quantize(w.unsqueeze(1), s, z, spec)
@@ -96,5 +97,5 @@ def obs_sweep(W0: torch.Tensor, Hinv: torch.Tensor, blocksize: int, *, target: L
         prune[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     W = torch.where(prune, torch.zeros((), dtype=W.dtype, device=W.device), W)
-    qw = QuantizedWeight.from_signed(codes, scales, zeros, spec) if spec is not None else None
+    qw = QuantizedWeight.from_signed(codes, scales, zeros, spec, sd) if spec is not None else None
     return W, prune, qw

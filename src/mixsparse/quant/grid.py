@@ -3,8 +3,11 @@
 A layer is split into groups of ``group_size`` consecutive input columns (``0``: one group per output
 row, i.e. per channel); each (row, group) has a scale and, when asymmetric, an integer zero point.
 Zero is always on the grid, so a pruned weight stays exactly zero and a standard dequantizer
-``(q - zero) * scale`` reproduces it. Scales are rounded to float16 (what the checkpoints store) before
-they are used, so the in-memory dequantized weights are the ones a reloaded checkpoint gives, bit for bit.
+``(q - zero) * scale`` reproduces it. Scales are rounded to the checkpoints' scale dtype before they are
+used (bfloat16 for a bfloat16 model, else float16: compressed-tensors computes ``(q - zero) * scale`` in
+the model's dtype), so the in-memory dequantized weights are the ones a reloaded checkpoint gives, bit
+for bit: the product of a small integer and such a scale is exact in float32 and rounds once to the
+model's dtype, as the loader's own multiplication does.
 """
 
 from __future__ import annotations
@@ -50,8 +53,13 @@ class QuantSpec:
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-" + (f"g{self.group_size}" if self.group_size else "channel")
 
 
-def find_params(w: torch.Tensor, spec: QuantSpec, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32 holding float16 values) and integer zero point per row of ``w`` ``(rows, group)``.
+def scale_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
+
+
+def find_params(w: torch.Tensor, spec: QuantSpec, name: str = "", scale_dtype: torch.dtype = torch.float16
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32 holding ``scale_dtype`` values) and integer zero point per row of ``w`` ``(rows, group)``.
 
     The range always contains 0. Symmetric: ``scale = max|w| / ((qmax - qmin) / 2)`` and zero point 0
     (the compressed-tensors convention: int4 covers [-8, 7] * scale). Asymmetric: ``scale = (max - min)
@@ -64,11 +72,14 @@ def find_params(w: torch.Tensor, spec: QuantSpec, name: str = "") -> tuple[torch
     else:
         scale = (hi - lo) / (spec.qmax - spec.qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale gives 0
-    if bool((scale > FP16_MAX).any()):
-        raise NumericalError(f"layer {name!r}: a quantization scale ({float(scale.max()):.3g}) overflows float16 "
-                             "(weights beyond ~1e6); this layer cannot be stored with float16 scales")
-    scale = scale.to(torch.float16).float()
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow: smallest subnormal
+    limit = torch.finfo(scale_dtype).max
+    if bool((scale > limit).any()):
+        raise NumericalError(f"layer {name!r}: a quantization scale ({float(scale.max()):.3g}) overflows "
+                             f"{str(scale_dtype).replace('torch.', '')} (weights beyond ~{limit * 7:.0e}); this layer "
+                             "cannot be stored with such scales (load the model in bfloat16 or float32)")
+    scale = scale.to(scale_dtype).float()
+    tiny = torch.finfo(scale_dtype).smallest_normal * torch.finfo(scale_dtype).eps  # the smallest subnormal
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, tiny))  # underflow: a tiny positive scale
     if spec.symmetric:
         zero = torch.zeros_like(scale)
     else:
@@ -91,24 +102,31 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, name: str = "") -> "Quan
     rows, cols = weight.shape
     g = spec.groups(cols, name)
     w = weight.float().reshape(rows * g, cols // g)
-    scale, zero = find_params(w, spec, name)
+    sd = scale_dtype_for(weight.dtype)
+    scale, zero = find_params(w, spec, name, sd)
     q = quantize(w, scale, zero, spec)
-    return QuantizedWeight.from_signed(q.reshape(rows, cols), scale.reshape(rows, g), zero.reshape(rows, g), spec)
+    return QuantizedWeight.from_signed(q.reshape(rows, cols), scale.reshape(rows, g), zero.reshape(rows, g), spec, sd)
 
 
 @dataclass
 class QuantizedWeight:
-    """One quantized layer: unsigned codes ``(rows, cols)`` (uint8, ``q - qmin``), float16-valued scales
-    and unsigned zero points ``(rows, groups)``; ``(code - zero) * scale`` is the weight."""
+    """One quantized layer: unsigned codes ``(rows, cols)`` (uint8, ``q - qmin``), scales holding
+    ``scale_dtype`` values and unsigned zero points ``(rows, groups)``; ``(code - zero) * scale`` is the
+    weight (in float32, exact; the model holds it cast to its dtype)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     spec: QuantSpec
+    scale_dtype: torch.dtype = torch.float16
 
     @classmethod
-    def from_signed(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> "QuantizedWeight":
-        return cls((q - spec.qmin).to(torch.uint8), scale.float(), (zero - spec.qmin).float(), spec)
+    def from_signed(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                    scale_dtype: torch.dtype = torch.float16) -> "QuantizedWeight":
+        return cls((q - spec.qmin).to(torch.uint8), scale.float(), (zero - spec.qmin).float(), spec, scale_dtype)
+
+    def cpu(self) -> "QuantizedWeight":
+        return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.spec, self.scale_dtype)
 
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.codes.shape

@@ -16,7 +16,9 @@ class QuantizeSection:
 
     method: str = "none"
     bits: int = 4  # 2, 3, 4 or 8
-    group_size: int = 128  # input columns per scale; 0 = per output channel
+    # input columns per scale; 0 = per output channel. 64, not the usual 128: it divides more widths (SmolLM2's
+    # 576 and 1536, Llama's 4096 and 11008), and compressed-tensors needs whole groups
+    group_size: int = 64
     symmetric: bool = True
     blocksize: int = 128  # gptq: columns per lazy-update block
     percdamp: float = 0.01  # gptq: Hessian dampening

@@ -67,7 +67,7 @@ def _write(lin: nn.Linear, qw: QuantizedWeight) -> QuantizedWeight:
     if not bool(torch.all((w == 0) | (lin.weight.data != 0))):
         raise AssertionError(f"quantization moved a pruned weight of {lin}")  # 0 is on every grid: a bug if hit
     lin.weight.data.copy_(w.to(lin.weight.dtype))
-    return QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.spec)
+    return qw.cpu()
 
 
 def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress) -> dict[str, QuantizedWeight]:
