@@ -127,7 +127,7 @@ def test_finetune_keeps_the_mask_and_lowers_the_loss(pruned, lora):
     model, _, _ = pruned
     zeros = zero_masks(model)
     train, val = windows()
-    opts = FinetuneOptions(**{**FT.__dict__, "steps": 12, "lr": 3e-3 if lora else 1e-3})
+    opts = FinetuneOptions(**{**FT.__dict__, "steps": 12, "lr": 1e-3, "lora_lr": 3e-3})
     rec = finetune(model, train, val, opts, lora=lora, device="cpu", progress=False)
     assert same_zeros(zeros, zero_masks(model))
     assert all(type(m) is nn.Linear for m in prunable_linears(model).values())  # merged and unloaded

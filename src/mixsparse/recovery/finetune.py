@@ -69,11 +69,11 @@ def check_windows(windows: torch.Tensor, batch_size: int, what: str) -> torch.Te
     return windows
 
 
-def lr_at(step: int, opts: FinetuneOptions) -> float:
+def lr_at(step: int, opts: FinetuneOptions, peak: float) -> float:
     if step < opts.warmup:
-        return opts.lr * (step + 1) / opts.warmup
+        return peak * (step + 1) / opts.warmup
     span = max(1, opts.steps - opts.warmup)
-    return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - opts.warmup) / span)))
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - opts.warmup) / span)))
 
 
 def batch_at(windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -206,7 +206,7 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
                     with off:
                         return torch.func.functional_call(model, dense_params, (), {"input_ids": ids, "use_cache": False},
                                                           strict=False).logits
-            result = _train(net, tuned, mask, train, val, opts, dev, teacher, seed,
+            result = _train(net, tuned, mask, train, val, opts, opts.lora_lr if lora else opts.lr, dev, teacher, seed,
                             _Checkpoint(Path(state_dir) if state_dir is not None else None, fingerprint), progress, on_step)
         finally:
             if peft_model is not None:
@@ -219,10 +219,10 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
     return result
 
 
-def _train(net, tuned, mask, train, val, opts: FinetuneOptions, dev, teacher, seed, ckpt: _Checkpoint, progress,
-           on_step) -> dict:
+def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, dev, teacher, seed, ckpt: _Checkpoint,
+           progress, on_step) -> dict:
     amp = autocast_dtype(opts.dtype, dev)
-    opt = torch.optim.AdamW(list(tuned.values()), lr=opts.lr, weight_decay=opts.weight_decay)
+    opt = torch.optim.AdamW(list(tuned.values()), lr=peak_lr, weight_decay=opts.weight_decay)
     history: dict = {"loss": [], "val_ppl": []}
     start, resumed = 0, None
     saved = ckpt.load()
@@ -245,7 +245,7 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, dev, teacher, se
             net.train()
             ids = batch_at(train, step, opts.batch_size, seed).to(dev)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, opts)
+                g["lr"] = lr_at(step, opts, peak_lr)
             with autocast(dev, amp):
                 logits = net(input_ids=ids, use_cache=False).logits[:, :-1]
             logits = logits.float()

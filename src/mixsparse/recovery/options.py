@@ -47,7 +47,8 @@ class FinetuneOptions:
     delta is masked, so merging keeps every zero)."""
 
     steps: int = 200
-    lr: float = 5e-5  # peak of a linear warm-up then cosine decay; LoRA usually wants ~10x more
+    lr: float = 1e-4  # full fine-tuning: peak of a linear warm-up then cosine decay
+    lora_lr: float = 1e-3  # the same for LoRA adapters (measured: 60 steps took 70% Wanda from 871 to 119)
     warmup: int = 10
     batch_size: int = 4
     seqlen: int = 256
@@ -65,7 +66,7 @@ class FinetuneOptions:
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("finetune", steps=self.steps, lr=self.lr, batch_size=self.batch_size, seqlen=self.seqlen,
+        _positive("finetune", steps=self.steps, lr=self.lr, lora_lr=self.lora_lr, batch_size=self.batch_size, seqlen=self.seqlen,
                   val_windows=self.val_windows, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
         for k in ("warmup", "eval_every", "checkpoint_every"):
             if getattr(self, k) < 0:
