@@ -68,7 +68,7 @@ def test_cli_prune_then_eval_reloads_same_perplexity(tmp_path, capsys):
 
 
 def test_quantized_run_exports_a_standard_checkpoint_with_the_same_perplexity(embedded, tmp_path):
-    """70% MSP-free quick run + 4-bit GPTQ: model-quantized/ (compressed-tensors) reloads with plain
+    """A quick 50% uniform run + 4-bit GPTQ: model-quantized/ (compressed-tensors) reloads with plain
     from_pretrained and scores the in-memory model's perplexity; compressed/ restores the weights bit-exactly."""
     pytest.importorskip("compressed_tensors")
     model, tok = embedded

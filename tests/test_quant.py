@@ -90,12 +90,60 @@ def test_gptq_error_is_at_most_rtn_error_and_keeps_the_mask(group):
     assert e_gptq <= e_rtn
 
 
+def _old_sparsegpt(W0, Hinv, target, bs):
+    """SparseGPT's column sweep as it was before the shared OBS sweep (commit 43154e9), unstructured and N:M."""
+    from mixsparse.masks import prune_count, split_counts
+    from mixsparse.sparsity import NM
+
+    W = W0.float().clone()
+    rows, cols = W.shape
+    prune = torch.zeros(rows, cols, dtype=torch.bool)
+    if isinstance(target, NM):
+        bs = max(target.m, (bs // target.m) * target.m)
+    starts = list(range(0, cols, bs))
+    sizes = [min(bs, cols - s) for s in starts]
+    if not isinstance(target, NM):
+        per_block = split_counts([s * rows for s in sizes], prune_count(W.numel(), target))
+    for b, (i1, count) in enumerate(zip(starts, sizes)):
+        i2 = i1 + count
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1, d = torch.zeros_like(W1), torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if not isinstance(target, NM) and per_block[b] > 0:
+            idx = torch.sort((W1**2 / d.unsqueeze(0) ** 2).flatten(), stable=True).indices[: per_block[b]]
+            mask1.view(-1)[idx] = True
+        for i in range(count):
+            w = W1[:, i]
+            if isinstance(target, NM) and i % target.m == 0:
+                sal = W1[:, i: i + target.m] ** 2 / d[i: i + target.m].unsqueeze(0) ** 2
+                mask1[:, i: i + target.m].scatter_(1, torch.sort(sal, dim=1, stable=True).indices[:, : target.m - target.n], True)
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2], prune[:, i1:i2] = W1, mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return torch.where(~prune, W, torch.zeros(())), prune
+
+
+@pytest.mark.parametrize("target", [0.6, "2:4"])
+def test_the_shared_sweep_is_exactly_the_old_sparsegpt_without_quantization(target):
+    from mixsparse.sparsity import parse_layer_sparsity
+
+    W, _, Hinv = _layer_problem(seed=3, rows=12, cols=48)
+    t = parse_layer_sparsity(target)
+    new_w, new_prune, qw = obs_sweep(W, Hinv, 16, target=t)
+    old_w, old_prune = _old_sparsegpt(W, Hinv, t, 16)
+    assert qw is None and torch.equal(new_prune, old_prune) and torch.equal(new_w, old_w)
+
+
 def test_joint_sparsegpt_prunes_and_quantizes_in_one_sweep():
     from mixsparse.pruners.sparsegpt import SparseGPTPruner
 
-    W, X, _ = _layer_problem(rows=8, cols=32)
+    _, X, _ = _layer_problem(rows=8, cols=32)
     lin = torch.nn.Linear(32, 8, bias=False)
-    lin.weight.data = torch.randn(8, 32)
+    lin.weight.data = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
     joint = SparseGPTPruner(lin, SparseGPTPruner.Options(blocksize=16, bits=4, group_size=16))
     plain = SparseGPTPruner(lin, SparseGPTPruner.Options(blocksize=16))
     for p in (joint, plain):
@@ -103,7 +151,13 @@ def test_joint_sparsegpt_prunes_and_quantizes_in_one_sweep():
     rj, rp = joint.compute(0.5), plain.compute(0.5)
     assert (rj.weight == 0).float().mean() >= 0.5 and (~rj.mask).float().mean() == 0.5
     assert torch.equal(rj.quantized.dequantize()[rj.mask], rj.weight[rj.mask])
-    assert rp.quantized is None
+    assert rp.quantized is None and not torch.equal(rj.weight, rp.weight)
+    # on the layer's inputs the joint result is close to the unquantized one (4-bit error only)
+    rel = ((X[:, :32] @ (rj.weight - rp.weight).t()) ** 2).sum() / ((X[:, :32] @ rp.weight.t()) ** 2).sum()
+    assert rel < 0.05
+    # a layer the map leaves dense is still quantized in joint mode
+    r0 = joint.compute(0.0)
+    assert joint.changes_unpruned() and r0.quantized is not None and bool(r0.mask.all())
 
 
 def test_quantize_stage_rtn_and_gptq_on_a_tiny_model():
@@ -173,6 +227,8 @@ def test_prune_and_quantize_packed_checkpoint_is_bit_exact(quick, tmp_path, meth
     (["--quantize", "rtn", "--group-size", "24"], "does not divide the 32 input features"),
     (["--quantize", "joint"], "needs --pruner sparsegpt"),
     (["--quantize", "joint", "--pruner", "sparsegpt", "--recover", "blockwise"], "use quantize.method gptq"),
+    (["--pruner", "sparsegpt", "--set", "prune.options={bits: 4}"], "quantization is set under quantize"),
+    (["--bits", "4"], "add --quantize"),
 ])
 def test_bad_quantization_settings_are_one_line_errors(quick, tmp_path, capsys, args, needle):
     from mixsparse.cli import main

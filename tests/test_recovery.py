@@ -82,7 +82,7 @@ def test_blockwise_norms_and_dense_inputs(pruned):
     rec = reconstruct_blockwise(model, ids, dense, opts, device="cpu", progress=False)
     assert same_zeros(zeros, zero_masks(model))
     assert not torch.equal(norm_before, model.model.layers[0].input_layernorm.weight)
-    assert all(b["mse_after"] <= b["mse_before"] for b in rec["blocks"])
+    assert all(b["kept"] and b["mse_after"] < b["mse_before"] for b in rec["blocks"])
 
 
 def test_blockwise_resume_after_interruption_equals_an_uninterrupted_run(pruned, tmp_path, monkeypatch):
@@ -126,6 +126,8 @@ def windows():
 def test_finetune_keeps_the_mask_and_lowers_the_loss(pruned, lora):
     model, _, _ = pruned
     zeros = zero_masks(model)
+    model.model.embed_tokens.weight.requires_grad_(False)  # a caller's own flags come back as they were
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     train, val = windows()
     opts = FinetuneOptions(**{**FT.__dict__, "steps": 12, "lr": 1e-3, "lora_lr": 3e-3})
     rec = finetune(model, train, val, opts, lora=lora, device="cpu", progress=False)
@@ -134,6 +136,11 @@ def test_finetune_keeps_the_mask_and_lowers_the_loss(pruned, lora):
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert rec["val_ppl"][-1][1] < rec["val_ppl"][0][1]
     assert [s for s, _ in rec["loss"]] == list(range(1, 13))
+    # nothing of the training is left on the model: no grad flags, no input-grad hook, eval mode
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not getattr(model, "_require_grads_hooks", None) and not model.training
+    with torch.no_grad():
+        model(input_ids=train[:1])
 
 
 def test_lora_merge_is_exactly_the_masked_model_that_was_trained(pruned):
@@ -284,6 +291,16 @@ def test_recover_command_recovers_an_existing_run(quick, tmp_path):
     assert run["status"] == "finished" and run["recovery"]["mode"] == "blockwise"
     assert run["perplexity"]["recovered"] <= run["perplexity"]["pruned"] * 1.5
     assert (rec_out / "model" / "config.json").is_file()
+
+
+def test_recover_never_writes_into_the_source_run(quick, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", *quick, "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for target in (out, out / "inside"):
+        assert main(["recover", str(out), "--out", str(target), "--overwrite", "--quiet"]) == 2
+        assert "source run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_finetune_needs_the_model_whole_on_the_device(quick, tmp_path, capsys):

@@ -83,7 +83,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.no_zeroshot:
         extra["eval.zeroshot"] = []
     if args.no_export:
-        extra.update({"export.checkpoint": False, "export.compressed": False})
+        extra.update({"export.checkpoint": False, "export.compressed": False, "export.quantized_hf": False})
+    if (args.bits is not None or args.group_size is not None) and not args.quantize:
+        from .errors import ConfigError
+
+        raise ConfigError("--bits/--group-size set the quantization grid; add --quantize rtn|gptq|joint")
     if args.recover:
         extra["recover.mode"] = args.recover
     for flag, key in (("quantize", "method"), ("bits", "bits"), ("group_size", "group_size")):

@@ -248,10 +248,10 @@ class RunConfig:
             if self.recover.mode != "none":
                 raise ConfigError("quantize.method joint quantizes while pruning, and recovery would then train the "
                                   "weights off the grid; use quantize.method gptq (it runs after recovery)")
-            taken = {"bits", "group_size", "symmetric"} & set(self.prune.options)
-            if taken:
-                raise ConfigError(f"prune.options {', '.join(sorted(taken))} are set by quantize.* in joint mode; "
-                                  "give them under quantize")
+        taken = {"bits", "group_size", "symmetric"} & set(self.prune.options)
+        if taken:
+            raise ConfigError(f"prune.options {', '.join(sorted(taken))}: quantization is set under quantize "
+                              "(quantize.method joint for SparseGPT's one-sweep mode)")
 
     def pruner_options(self) -> dict:
         """``prune.options``, plus the grid of a joint SparseGPT quantization."""

@@ -310,7 +310,7 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
                 full = active[short]
                 if on_layer is not None:
                     on_layer(full, p)
-                if full in targets and sparsity_of(targets[full]) > 0:
+                if full in targets and (sparsity_of(targets[full]) > 0 or p.changes_unpruned()):
                     t0 = time.perf_counter()
                     res = p.compute(targets[full])
                     lin[short].weight.data.copy_(res.weight)

@@ -493,8 +493,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
             from .quant.stage import spec_of
 
             record["quantization"] = {"method": "joint", "scheme": spec_of(cfg.quantize).label(),
-                                      "seconds": record["pruning"]["seconds"]}
-        if cfg.quantize.method != "none" and cfg.eval.perplexity:
+                                      "seconds": record["pruning"]["seconds"],
+                                      "note": "pruned and quantized in one sweep: the pruned perplexity is the quantized one"}
+            if "pruned" in ppl:
+                ppl["quantized"] = ppl["pruned"]
+        if cfg.quantize.method in ("rtn", "gptq") and cfg.eval.perplexity:
             with timer("eval_quantized"):
                 ppl["quantized"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
                                               progress=progress)
@@ -535,7 +538,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                                                   sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
                                                   overwrite=True, quantized=quantized)
             artifacts["compressed"] = "compressed/"
-        if cfg.export.quantized_hf and quantized:
+        if cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
             from .quant.ct_export import save_compressed_tensors
 
             with timer("export_quantized"):
@@ -574,7 +577,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     modified."""
     from .config import RunConfig, from_dict
     from .export import load_compressed, save_compressed, save_hf
-    from .loading import load_model
+    from .loading import load_model, parse_dtype
     from .preflight import check_config, check_run_dir
     from .recovery.common import check_zeros_match
     from .recovery.stage import check_placement, dense_snapshot, recover
@@ -591,29 +594,38 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    if (data.get("quantize") or {}).get("method", "none") != "none":
+        raise ConfigError(f"run {src} was quantized ({data['quantize']['method']}); recovery would train its weights off "
+                          "the grid. Prune again with --recover MODE --quantize METHOD (recovery runs before quantizing)")
     cfg = from_dict(RunConfig, data)
     if cfg.recover.mode == "none":
         raise ConfigError("mixsparse recover needs --mode blockwise, finetune or lora")
     achieved = (source.get("pruning") or {}).get("achieved")
     if not achieved:
         raise ConfigError(f"{src}/run.json records no pruned layers (pruning.achieved); is it a `mixsparse prune` run?")
+    dtype = parse_dtype(cfg.model.dtype)
     if (src / "model" / "config.json").is_file():
         load_pruned = lambda: load_model(str(src / "model"), dtype=cfg.model.dtype)  # noqa: E731
     elif (src / "compressed").is_dir():
         def load_pruned():
             from transformers import AutoTokenizer
 
-            return load_compressed(src / "compressed", dtype=getattr(torch, cfg.model.dtype)), \
+            return load_compressed(src / "compressed", dtype=dtype if isinstance(dtype, torch.dtype) else None), \
                 AutoTokenizer.from_pretrained(src / "compressed")
     else:
         raise ConfigError(f"{src} has neither model/ nor compressed/ to recover; re-run the prune with export on")
+    out_path = Path(out_dir if out_dir is not None else f"{src}-{cfg.recover.mode}").expanduser().resolve()
+    src_path = src.expanduser().resolve()
+    if out_path == src_path or src_path in out_path.parents or out_path in src_path.parents:
+        raise ConfigError(f"--out {out_path} is (or contains, or lies inside) the source run {src_path}; recover into a "
+                          "separate directory (the source run is never modified)")
     check_config(cfg)
-    out = check_run_dir(out_dir if out_dir is not None else f"{src}-{cfg.recover.mode}", overwrite=overwrite)
+    out = check_run_dir(out_path, overwrite=overwrite)
     timer = Timer()
     record: dict[str, Any] = {
         "command": command or " ".join(shlex.quote(a) for a in sys.argv), "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "config": cfg.to_dict(),
-        "status": "running", "recovered_from": str(src.resolve()),
+        "status": "running", "recovered_from": str(src_path),
         **{k: source.get(k) for k in ("model", "allocation", "search", "pruning", "windows") if source.get(k)},
     }
 
@@ -625,19 +637,28 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     atomic_write_yaml(out / "config.yaml", cfg.to_dict())
     try:
         save()
-        with timer("load"):
-            model, tokenizer = load_pruned()
-            check_zeros_match(model, achieved, f"{src}/run.json")
-        placement = placement_for(cfg, model)
-        check_placement(cfg.recover, placement)
-        dense = None
         from .recovery.stage import needs_dense
 
-        if needs_dense(cfg.recover):
+        dense, dense_model = None, None
+        if needs_dense(cfg.recover):  # the dense teacher first, to disk, then freed: one model in memory at a time
             with timer("dense_snapshot"):
                 dense_model, _ = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
                 dense = dense_snapshot(dense_model, out / "cache")
+                untouched = {n: p.detach().clone() for n, p in dense_model.named_parameters()
+                             if n.rsplit(".", 1)[0] not in prunable_linears(dense_model)}
                 del dense_model
+        with timer("load"):
+            model, tokenizer = load_pruned()
+            check_zeros_match(model, achieved, f"{src}/run.json")
+        if dense is not None:  # the teacher must be the model this run pruned (a local dir may have changed)
+            own = dict(model.named_parameters())
+            for n, t in untouched.items():
+                if n in own and not torch.allclose(own[n].detach().float(), t.float(), rtol=1e-2, atol=1e-3):
+                    raise ConfigError(f"the dense model {cfg.model.name!r} differs from the run's pruned model in "
+                                      f"{n}, which pruning does not touch; it is not the model this run pruned")
+            del untouched
+        placement = placement_for(cfg, model)
+        check_placement(cfg.recover, placement)
         ppl = dict(source.get("perplexity") or {})
         test_windows = None
         if cfg.eval.perplexity:
@@ -665,7 +686,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
         counts = param_counts(model)
         per_layer = (source.get("allocation") or {}).get("per_layer") or {}
         metadata = {"pruner": cfg.prune.pruner, "allocation": (source.get("allocation") or {}).get("method"),
-                    "recovery": cfg.recover.mode, "quantization": (record.get("quantization") or {}).get("scheme"), "per_layer": per_layer, "mixsparse_version": __version__}
+                    "recovery": cfg.recover.mode, "per_layer": per_layer, "mixsparse_version": __version__}
         artifacts = {}
         if cfg.export.checkpoint:
             with timer("export"):

@@ -42,7 +42,7 @@ def check_config(cfg: RunConfig) -> None:
         from .pipeline import level_space
 
         level_space(cfg, {"a": 1, "b": 1})
-    if cfg.quantize.method != "none" and cfg.export.quantized_hf and (cfg.export.checkpoint or cfg.export.compressed):
+    if cfg.quantize.method != "none" and cfg.export.quantized_hf:
         from .quant.ct_export import available
 
         if not available():

@@ -80,6 +80,11 @@ class LayerPruner:
     def compute(self, target: LayerSparsity) -> PruneResult:
         raise NotImplementedError
 
+    def changes_unpruned(self) -> bool:
+        """Whether ``compute`` changes a layer even at sparsity 0 (a pruner that also quantizes): the engine
+        then runs it on every layer of the map, not only on those it prunes."""
+        return False
+
     def free(self) -> None:
         """Drop accumulated statistics (called by the engine once the layer is pruned)."""
 

@@ -102,6 +102,9 @@ class SparseGPTPruner(LayerPruner):
             raise NumericalError(f"layer {self.layer_name!r}: SparseGPT update produced NaN/Inf")
         return PruneResult(W.to(W0.dtype), ~prune, quantized)
 
+    def changes_unpruned(self) -> bool:
+        return self.options.bits > 0
+
     def free(self) -> None:
         self.H = torch.zeros(0)
         self._factor = None

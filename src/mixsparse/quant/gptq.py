@@ -78,8 +78,11 @@ def obs_sweep(W0: torch.Tensor, Hinv: torch.Tensor, blocksize: int, *, target: L
                 col = i1 + i
                 if col % gs == 0:  # the group's range from its current values (pruned ones count as 0)
                     ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                    known = torch.cat([mask1[:, i:], torch.zeros(rows, max(0, gs - (count - i)), dtype=torch.bool,
-                                                                  device=W.device)], dim=1)[:, :gs]
+                    if fixed is not None:  # the whole group's pruned positions are known (later ones may have drifted)
+                        known = fixed[:, col: col + gs]
+                    else:
+                        known = torch.cat([mask1[:, i:], torch.zeros(rows, max(0, gs - (count - i)), dtype=torch.bool,
+                                                                      device=W.device)], dim=1)[:, :gs]
                     s, z = find_params(torch.where(known, torch.zeros((), device=W.device), ahead), spec, name, sd)
                     scales[:, col // gs], zeros[:, col // gs] = s.squeeze(1), z.squeeze(1)
                 s, z = scales[:, col // gs: col // gs + 1], zeros[:, col // gs: col // gs + 1]

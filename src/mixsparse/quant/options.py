@@ -33,3 +33,5 @@ class QuantizeSection:
             raise ConfigError(f"quantize.group_size must be >= 0 (0 = per channel), got {self.group_size}")
         if self.blocksize < 1 or self.percdamp < 0:
             raise ConfigError("quantize.blocksize must be >= 1 and quantize.percdamp >= 0")
+        if self.calibration_samples is not None and self.calibration_samples < 1:
+            raise ConfigError(f"quantize.calibration_samples must be >= 1, got {self.calibration_samples}")

@@ -48,8 +48,8 @@ def quantize_model(model: nn.Module, method: str, spec: QuantSpec, calib_ids: to
     t0 = time.perf_counter()
     if method == "rtn":
         out = {}
-        for name, lin in tqdm(prunable_linears(model).items(), desc="quantize[rtn]", disable=not progress):
-            out[name] = _write(lin, quantize_rtn(lin.weight.data, spec, name))
+        for name, lin in tqdm(prunable_linears(model).items(), desc="quantize[rtn]", disable=not progress):  # noqa: B007
+            out[name] = _write(lin, quantize_rtn(lin.weight.data, spec, name), name)
     elif method == "gptq":
         if calib_ids is None:
             raise ConfigError("quantize.method gptq needs calibration data")
@@ -62,10 +62,10 @@ def quantize_model(model: nn.Module, method: str, spec: QuantSpec, calib_ids: to
 
 
 @torch.no_grad()
-def _write(lin: nn.Linear, qw: QuantizedWeight) -> QuantizedWeight:
+def _write(lin: nn.Linear, qw: QuantizedWeight, name: str) -> QuantizedWeight:
     w = qw.dequantize()
     if not bool(torch.all((w == 0) | (lin.weight.data != 0))):
-        raise AssertionError(f"quantization moved a pruned weight of {lin}")  # 0 is on every grid: a bug if hit
+        raise AssertionError(f"quantization moved a pruned weight of {name}")  # 0 is on every grid: a bug if hit
     lin.weight.data.copy_(w.to(lin.weight.dtype))
     return qw.cpu()
 
@@ -75,12 +75,13 @@ def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress) -> d
     from .gptq import obs_sweep
 
     runner = LayerwiseRunner(model, device=placement)
+    prunable = set(prunable_linears(model))  # the same layers as rtn and check_groups
     state = runner.catch(split_batches(calib_ids, 1))
     out = {}
     options = SparseGPTPruner.Options(blocksize=blocksize, percdamp=percdamp)
     for i, block in enumerate(tqdm(runner.blocks, desc="quantize[gptq]", disable=not progress)):
         with runner.on_device(block):
-            lin = block_linears(block)
+            lin = {n: m for n, m in block_linears(block).items() if f"{runner.blocks_name}.{i}.{n}" in prunable}
             stats = {n: SparseGPTPruner(l, options, layer_name=f"{runner.blocks_name}.{i}.{n}") for n, l in lin.items()}
             hooks = [l.register_forward_hook(lambda m, inp, o, p=stats[n]: p.add_batch(inp[0])) for n, l in lin.items()]
             try:
@@ -91,7 +92,7 @@ def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress) -> d
             for n, p in stats.items():
                 W0 = lin[n].weight.data
                 W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=p.layer_name)
-                out[p.layer_name] = _write(lin[n], qw)
+                out[p.layer_name] = _write(lin[n], qw, p.layer_name)
                 p.free()
             state.hidden = runner.run_block(block, state)  # the next block sees quantized outputs
     return out

@@ -183,11 +183,12 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
             if lora:
                 from peft import LoraConfig, get_peft_model
 
-                torch.manual_seed(seed)  # the adapters' random init: a resumed run must build the same ones
                 cfg = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                                  target_modules=list(linears), bias="none")
                 cfg._register_custom_module({nn.Linear: _masked_lora_linear()})
-                peft_model = get_peft_model(model, cfg)
+                with torch.random.fork_rng(devices=[]):  # seeded adapter init (a resumed run builds the same ones),
+                    torch.manual_seed(seed)  # without reseeding the caller's generator
+                    peft_model = get_peft_model(model, cfg)
                 net, mask = peft_model, None
                 tuned = {n: p for n, p in net.named_parameters() if p.requires_grad}
             else:
@@ -232,6 +233,8 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, 
     # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
     prefix = "activation" if hasattr(net, "activation_checkpointing_enable") else "gradient"
     gc = opts.gradient_checkpointing and hasattr(net, f"{prefix}_checkpointing_enable")
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    had_hooks = bool(getattr(base, "_require_grads_hooks", None))
     if gc:
         getattr(net, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
     try:
@@ -262,7 +265,8 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, 
                 _restore(tuned, None, last)
                 raise NumericalError(f"fine-tuning loss became {value} at step {step}; the model is back at the last "
                                      f"good checkpoint (step {last['step']}"
-                                     f"{', ' + str(ckpt.path) if ckpt.path else ''}). Lower recover.finetune.lr")
+                                     f"{', ' + str(ckpt.path) if ckpt.path else ''}). Lower recover.finetune."
+                                     f"{'lora_lr' if mask is None else 'lr'}")
             loss.backward()
             if mask is not None:
                 mask.zero_grads()
@@ -281,9 +285,18 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, 
                 ckpt.save(done, tuned, opt, history)
             if on_step is not None:
                 on_step(done)
+        bad = [n for n, p in tuned.items() if not bool(torch.isfinite(p).all())]
+        if bad:  # the last step's update can be non-finite even when its loss was not
+            last = ckpt.load()
+            _restore(tuned, None, last)
+            raise NumericalError(f"fine-tuning left non-finite weights in {bad[0]}; the model is back at the last good "
+                                 f"checkpoint (step {last['step']}). Lower the learning rate")
     finally:
         if gc:
             getattr(net, f"{prefix}_checkpointing_disable")()
+            # enabling also hooked the input embeddings to require grads; disabling leaves that hook on
+            if not had_hooks and getattr(base, "_require_grads_hooks", None):
+                base.disable_input_require_grads()
         net.eval()
     return {"steps": opts.steps, "resumed_from": resumed, "trainable_params": sum(p.numel() for p in tuned.values()),
             "loss": history["loss"], "val_ppl": history["val_ppl"],

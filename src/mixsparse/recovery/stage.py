@@ -23,8 +23,9 @@ def needs_dense(recover) -> bool:
 
 def check_placement(recover, placement: Placement) -> None:
     if recover.mode in ("finetune", "lora") and placement.mode != "whole":
-        raise ConfigError(f"recover.mode={recover.mode} trains the whole model on {placement.device}, but it does not "
-                          "fit there (placement blockwise); use recover.mode=blockwise, which holds one block at a time")
+        raise ConfigError(f"recover.mode={recover.mode} trains the whole model on {placement.device}, but this run places "
+                          "it block by block (model.placement blockwise, chosen or because it does not fit); use "
+                          "recover.mode=blockwise, which holds one block at a time")
 
 
 def mask_digest(model: nn.Module) -> dict[str, str]:
@@ -79,6 +80,7 @@ def recover(model: nn.Module, tokenizer, cfg, *, dense: DenseStore | None, devic
         check_windows(train, options.batch_size, f"recover.finetune.corpus {options.corpus!r}")
         val = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), options.seqlen,
                            options.val_windows * options.seqlen, prefix=prefix)
+        check_windows(val, 1, f"the validation corpus data.validation {cfg.data.validation!r}")
         fp = _fingerprint({"model": model_fingerprint(model), "options": options, "mode": r.mode,
                            "dense": dense.meta if dense is not None else None,
                            "data": [options.corpus, cfg.data.validation, cfg.data.seed, prefix]})
