@@ -2,7 +2,7 @@
 and 50%/70% sparse models (uniform and MSP allocations, Wanda), each stored in float16, or with its kept
 weights quantized to 4 bits (RTN and GPTQ with the mask fixed) or 8 bits (RTN).
 
-MSP maps are the ones benchmarks/allocation.py searched (allocation.json); a map is pruned one-shot on dense
+MSP maps are the ones benchmarks/allocation.py searched with Wanda (allocation.json), pruned one-shot on dense
 activations (= the stitched model the search scored). Sizes are those of mixsparse's compressed checkpoint
 (bitmask + packed codes + float16 scales); "fp16" rows are evaluated with their weights rounded to float16.
 Writes benchmarks/results/quantization.json (entries "<allocation>/<pruner>@<target>/<scheme>", target

@@ -3,8 +3,9 @@ recovery mode (none, blockwise, finetune, lora), for uniform and MSP allocations
 Wanda and at 70% with SparseGPT, on the embedded model, with the CPU time each recovery took.
 
 MSP maps are the ones benchmarks/allocation.py searched (allocation.json, default 200-generation search
-where the table says so); a map is pruned one-shot on dense activations, which is exactly the "stitched"
-model the search scored. Uniform prunes sequentially (the engine's default). Writes
+where the table says so) and are pruned as that benchmark pruned them: one-shot on dense activations when the
+map was searched with the same pruner (exactly the "stitched" model the search scored), sequentially when it
+was searched with another (SparseGPT reuses Wanda's map). Uniform prunes sequentially (the engine's default). Writes
 benchmarks/results/recovery.json (entries "<allocation>/<pruner>@<target>/<mode>" with "ppl", "dense_ppl",
 "seconds", "sparsity") and recovery.md. Run it alone: a second torch process on 2 cores distorts times.
 
@@ -89,7 +90,9 @@ def main() -> None:
         if alloc == "uniform":
             smap, sequential = SparsityMap.uniform(float(target), counts), True
         else:
-            smap, sequential = SparsityMap(maps[f"msp/{pruner}@{target}"]["per_layer"], counts), False
+            entry = maps[f"msp/{pruner}@{target}"]
+            smap = SparsityMap(entry["per_layer"], counts)
+            sequential = entry.get("searched_with", pruner) != pruner  # stitched only for the searching pruner
         t0 = time.perf_counter()
         prune_layerwise(model, calib, smap, pruner, device=place, sequential=sequential, progress=False)
         prune_seconds = time.perf_counter() - t0

@@ -74,3 +74,15 @@ def test_unquoted_nm_in_yaml_is_a_pattern_not_sexagesimal(tmp_path):
     p.write_text("prune:\n  sparsity: 2:4\nsearch:\n  patterns: [1:4, 2:4, 3:4]\n")
     cfg = load_config(p)
     assert cfg.prune.sparsity == NM(2, 4) and cfg.search.patterns == ["1:4", "2:4", "3:4"]
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from mixsparse.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        load_config(path)
+    assert load_config(configs[0].parent / "msp70-recover.yaml").recover.mode == "blockwise"
