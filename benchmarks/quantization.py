@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--cells", default=",".join(CELLS))
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--asym", action="store_true", help="asymmetric grids (zero points)")
+    ap.add_argument("--suffix", default="", help="appended to the scheme names of the entries, e.g. -asym-g32")
     ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows (pruning and GPTQ)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -67,7 +69,8 @@ def main() -> None:
     for cell in args.cells.split(","):
         alloc, rest = cell.split("/")
         pruner, target = rest.split("@")
-        todo = [s for s in args.schemes.split(",") if not res.has(f"{cell}/{s}") or f"{cell}/{s}" in redo]
+        todo = [s for s in args.schemes.split(",")
+                if not res.has(f"{cell}/{s}{args.suffix}") or f"{cell}/{s}{args.suffix}" in redo]
         if not todo:
             continue
         model.load_state_dict(pristine)
@@ -87,8 +90,8 @@ def main() -> None:
             else:
                 method, bits = SCHEMES[scheme]
                 t0 = time.perf_counter()
-                codes, _ = quantize_model(model, method, QuantSpec(bits, args.group_size, True), calib, device=place,
-                                          progress=False)
+                codes, _ = quantize_model(model, method, QuantSpec(bits, args.group_size, not args.asym), calib,
+                                          device=place, progress=False)
                 seconds = time.perf_counter() - t0
             ppl = perplexity(model, test, device=place, progress=False)
             with tempfile.TemporaryDirectory() as d:
@@ -97,9 +100,10 @@ def main() -> None:
             entry = {"ppl": ppl, "prunable_bytes": sizes["prunable_compressed_bytes"],
                      "total_bytes": sizes["compressed_bytes"], "bits_per_weight": sizes["bits_per_weight"],
                      "prunable_fp16_dense_bytes": sizes["prunable_dense_bytes"], "sparsity": overall,
-                     "quantize_seconds": round(seconds, 1)}
-            res.add(f"{cell}/{scheme}", entry)
-            print(f"{cell}/{scheme}: ppl {ppl:.2f}, {entry['bits_per_weight']:.3f} bits/weight, "
+                     "quantize_seconds": round(seconds, 1),
+                     "grid": f"{'asymmetric' if args.asym else 'symmetric'}, group {args.group_size}"}
+            res.add(f"{cell}/{scheme}{args.suffix}", entry)
+            print(f"{cell}/{scheme}{args.suffix}: ppl {ppl:.2f}, {entry['bits_per_weight']:.3f} bits/weight, "
                   f"{entry['total_bytes'] / 2**20:.1f} MiB", flush=True)
     render(res, args.out)
 
@@ -118,6 +122,8 @@ def render(res: Results, out: str) -> None:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, v in e.items():
         cell, scheme = key.rsplit("/", 1)
+        if v.get("grid") and scheme != "fp16" and "-" in scheme:
+            scheme += f" ({v['grid']})"
         base = e.get(f"{cell}/fp16") or {}
         ref = dense.get("prunable_bytes")
         lines.append(f"| {cell} | {scheme} | {fmt(v['ppl'])} | {fmt(v['ppl'] / base['ppl'] if base else None, 3)} | "

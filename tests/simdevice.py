@@ -38,6 +38,9 @@ def register() -> torch.device:
         from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
         _setup_privateuseone_for_python_backend(NAME)
+        # a real backend's module says which dtypes autocast supports; torch.utils.checkpoint asks every
+        # registered backend for its autocast state, so without this any later checkpointed forward fails
+        getattr(torch, NAME).get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16]
     if not _LIBS:
         lib = torch.library.Library("aten", "IMPL")
 
