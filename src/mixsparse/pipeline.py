@@ -523,29 +523,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": record["allocation"]["target"],
                     "recovery": cfg.recover.mode, "quantization": (record.get("quantization") or {}).get("scheme"),
                     "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
-        artifacts = {}
-        if cfg.export.checkpoint:
-            from .export import save_hf
-
-            with timer("export"):
-                save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
-            artifacts["checkpoint"] = "model/"
-        if cfg.export.compressed:
-            from .export import save_compressed
-
-            with timer("export_compressed"):
-                record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
-                                                  sparsity_map=alloc.sparsity_map, tokenizer=tokenizer, metadata=metadata,
-                                                  overwrite=True, quantized=quantized)
-            artifacts["compressed"] = "compressed/"
-        if cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
-            from .quant.ct_export import save_compressed_tensors
-
-            with timer("export_quantized"):
-                record["quantization"]["export"] = save_compressed_tensors(model, quantized, out / "model-quantized",
-                                                                           tokenizer, overwrite=True)
-            artifacts["quantized"] = "model-quantized/"
-        record["artifacts"] = artifacts
+        record["artifacts"] = export_run(model, tokenizer, cfg, out, record, timer, metadata, alloc.sparsity_map,
+                                         quantized)
     except BaseException as e:
         record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         record["error"] = f"{type(e).__name__}: {e}"
@@ -568,6 +547,33 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         render_report(out)
     return record
 
+def export_run(model: nn.Module, tokenizer, cfg: RunConfig, out: Path, record: dict, timer: Timer, metadata: dict,
+               sparsity_map: SparsityMap | None, quantized: dict) -> dict:
+    """The run's checkpoints, as ``export.*`` asks: ``model/``, ``compressed/`` (sizes into ``record``) and, for a
+    quantized run, ``model-quantized/``. Returns the artifacts written."""
+    from .export import save_compressed, save_hf
+
+    artifacts = {}
+    if cfg.export.checkpoint:
+        with timer("export"):
+            save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
+        artifacts["checkpoint"] = "model/"
+    if cfg.export.compressed:
+        with timer("export_compressed"):
+            record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
+                                              sparsity_map=sparsity_map, tokenizer=tokenizer, metadata=metadata,
+                                              overwrite=True, quantized=quantized)
+        artifacts["compressed"] = "compressed/"
+    if cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
+        from .quant.ct_export import save_compressed_tensors
+
+        with timer("export_quantized"):
+            record["quantization"]["export"] = save_compressed_tensors(model, quantized, out / "model-quantized",
+                                                                       tokenizer, overwrite=True)
+        artifacts["quantized"] = "model-quantized/"
+    return artifacts
+
+
 def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, overrides: dict | None = None, *,
                 command: str | None = None, progress: bool = True, overwrite: bool = False) -> tuple[dict, Path]:
     """Recover the pruned model of a finished run into a new run directory (``RUN_DIR-MODE`` by default).
@@ -576,7 +582,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     ``compressed/`` checkpoint), whose zeros must match what the run recorded. The source run is never
     modified."""
     from .config import RunConfig, from_dict
-    from .export import load_compressed, save_compressed, save_hf
+    from .export import load_compressed
     from .loading import load_model, parse_dtype
     from .preflight import check_config, check_run_dir
     from .recovery.common import check_zeros_match
@@ -687,19 +693,8 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
         per_layer = (source.get("allocation") or {}).get("per_layer") or {}
         metadata = {"pruner": cfg.prune.pruner, "allocation": (source.get("allocation") or {}).get("method"),
                     "recovery": cfg.recover.mode, "per_layer": per_layer, "mixsparse_version": __version__}
-        artifacts = {}
-        if cfg.export.checkpoint:
-            with timer("export"):
-                save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
-            artifacts["checkpoint"] = "model/"
-        if cfg.export.compressed:
-            with timer("export_compressed"):
-                smap = SparsityMap(per_layer, counts) if per_layer else None
-                record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
-                                                  sparsity_map=smap, tokenizer=tokenizer, metadata=metadata,
-                                                  overwrite=True)
-            artifacts["compressed"] = "compressed/"
-        record["artifacts"] = artifacts
+        record["artifacts"] = export_run(model, tokenizer, cfg, out, record, timer, metadata,
+                                         SparsityMap(per_layer, counts) if per_layer else None, {})
     except BaseException as e:
         record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         record["error"] = f"{type(e).__name__}: {e}"
