@@ -22,10 +22,9 @@ from common import RESULTS, Results, command_line, fmt, load_setup, measure, wri
 from mixsparse.config import load_config
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.modeling import param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
 from mixsparse.pipeline import allocate
 from mixsparse.report import plot_allocations
-from mixsparse.sparsity import measured_sparsity
 
 METHODS = ["uniform", "owl", "hessian", "fisher", "msp"]
 
@@ -113,7 +112,7 @@ def main() -> None:
                 prune_layerwise(model, calib, alloc.sparsity_map, pruner, progress=False)
         else:
             m = {"seconds": 0.0}
-        _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+        _, overall = measured_sparsity(model)
         ppl = perplexity(model, test, progress=False)
         entry = {"target": str(target), "method": method, "pruner": pruner, "ppl": ppl, "sparsity": overall,
                  "requested_average": alloc.sparsity_map.average(counts), "allocation_seconds": round(alloc_s, 1),

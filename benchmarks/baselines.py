@@ -17,8 +17,8 @@ import torch
 from common import RESULTS, Results, command_line, fmt, load_setup, measure, write_markdown
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.modeling import param_counts, prunable_linears
-from mixsparse.sparsity import SparsityMap, measured_sparsity
+from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
+from mixsparse.sparsity import SparsityMap
 
 SETTINGS = ["0.5", "0.6", "0.7", "0.8", "2:4"]
 PRUNERS = ["magnitude", "wanda", "sparsegpt"]
@@ -58,7 +58,7 @@ def main() -> None:
             model.load_state_dict(pristine)
             with measure() as m:
                 prune_layerwise(model, calib, SparsityMap.uniform(setting, counts), pruner, progress=False)
-            _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+            _, overall = measured_sparsity(model)
             with measure() as e:
                 ppl = perplexity(model, test, progress=False)
             res.add(key, {"pruner": pruner, "setting": setting, "ppl": ppl, "sparsity": overall,

@@ -35,8 +35,8 @@ from torch import nn
 from common import RESULTS, Results, _rss_mb, command_line, fmt, measure, write_markdown
 from mixsparse.engine import prune_layerwise
 from mixsparse.errors import ConfigError
-from mixsparse.modeling import param_counts, prunable_linears
-from mixsparse.sparsity import SparsityMap, measured_sparsity
+from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
+from mixsparse.sparsity import SparsityMap
 
 DEVICE_TARGET = 0.30  # peak device memory / dense model size the engine should stay under on a GPU
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.synchronize(device)
         peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         model.to("cpu")  # the engine leaves the embeddings and head on the device
-        _, sparsity = measured_sparsity((n, lin.weight) for n, lin in prunable_linears(model).items())
+        _, sparsity = measured_sparsity(model)
         working = m["peak_rss_mb"] - rss_before
         entry = {
             "shape": label, **asdict(shape), "dtype": dtype_name, "device_type": device.type,

@@ -24,7 +24,7 @@ from pathlib import Path
 from common import RESULTS, command_line, write_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = ["--set", "data.calibration_samples=8", "--set", "allocation.sensitivity_samples=4",
+QUICK = ["--set", "data.calibration_samples=8", "--set", "allocation.msp.samples=4",
          "--set", "search.generations=3", "--set", "search.offspring=4", "--set", "data.eval_tokens=4096",
          "--set", "eval.zeroshot=[]"]
 

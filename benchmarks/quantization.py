@@ -27,11 +27,11 @@ from common import RESULTS, Results, command_line, fmt, load_setup, write_markdo
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
 from mixsparse.export import save_compressed
-from mixsparse.modeling import param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
 from mixsparse.placement import Placement
 from mixsparse.quant.grid import QuantSpec
 from mixsparse.quant.stage import quantize_model
-from mixsparse.sparsity import SparsityMap, measured_sparsity
+from mixsparse.sparsity import SparsityMap
 
 CELLS = ["dense/none@dense", "uniform/wanda@0.5", "msp/wanda@0.5", "uniform/wanda@0.7", "msp/wanda@0.7"]
 SCHEMES = {"fp16": None, "rtn4": ("rtn", 4), "gptq4": ("gptq", 4), "int8": ("rtn", 8)}
@@ -96,7 +96,7 @@ def main() -> None:
             ppl = perplexity(model, test, device=place, progress=False)
             with tempfile.TemporaryDirectory() as d:
                 sizes = save_compressed(model, Path(d) / "c", dtype=torch.float16, sparsity_map=smap, quantized=codes)
-            _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+            _, overall = measured_sparsity(model)
             entry = {"ppl": ppl, "prunable_bytes": sizes["prunable_compressed_bytes"],
                      "total_bytes": sizes["compressed_bytes"], "bits_per_weight": sizes["bits_per_weight"],
                      "prunable_fp16_dense_bytes": sizes["prunable_dense_bytes"], "sparsity": overall,

@@ -26,10 +26,10 @@ from common import RESULTS, Results, command_line, fmt, load_setup, write_markdo
 from mixsparse.config import load_config, parse_override
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.modeling import param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
 from mixsparse.placement import Placement
 from mixsparse.recovery.stage import dense_snapshot, recover
-from mixsparse.sparsity import SparsityMap, measured_sparsity
+from mixsparse.sparsity import SparsityMap
 from mixsparse.zeroshot import evaluate_zeroshot
 
 CELLS = ["msp/wanda@0.7", "uniform/wanda@0.7", "msp/wanda@0.8", "uniform/wanda@0.8", "msp/sparsegpt@0.7",
@@ -104,7 +104,7 @@ def main() -> None:
             t0 = time.perf_counter()
             rec = recover(model, tok, cfg, dense=store, device=place, progress=False) if mode != "none" else {}
             seconds = time.perf_counter() - t0
-            _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+            _, overall = measured_sparsity(model)
             ppl = perplexity(model, test, device=place, progress=False)
             entry = {"ppl": ppl, "dense_ppl": dense_ppl, "seconds": round(seconds if mode != "none" else prune_seconds, 1),
                      "sparsity": overall, "ratio_to_dense": ppl / dense_ppl, "zeroshot": zeroshot(),

@@ -35,7 +35,7 @@ def _search_argv(model_dir, corpus, out):
             "--set", f"data.validation={corpus}", "--set", "search.fitness_seqlen=32",
             "--set", "search.fitness_windows=2", "--set", "search.stages=[[1,2],[2,1]]",
             "--set", "search.generations=2", "--set", "search.offspring=3", "--set", "search.population=2",
-            "--set", "allocation.sensitivity_samples=2", "--set", "allocation.sensitivity_seqlen=32",
+            "--set", "allocation.msp.samples=2", "--set", "allocation.msp.seqlen=32",
             "--set", "search.step=0.1", "--set", "search.max_shift=0.2", "--out", str(out)]
 
 

@@ -30,7 +30,7 @@ def test_yaml_file(tmp_path):
     ({"data.calibration_samples": 0}, "calibration_samples"),
     ({"search.fitness": "acc"}, "search.fitness"),
     ({"search.fitness_windows": 1, "search.stages": [[1, 1], [4, 1]]}, "fitness_windows"),
-    ({"allocation.min_sparsity": 0.9, "allocation.max_sparsity": 0.5}, "min_sparsity"),
+    ({"allocation.msp.min_sparsity": 0.9, "allocation.msp.max_sparsity": 0.5}, "min_sparsity"),
     ({"prune.allocation": "file"}, "allocation_file"),
 ])
 def test_bad_values_are_named(overrides, message):

@@ -13,13 +13,14 @@ from mixsparse.data import eval_windows, load_corpus
 from mixsparse.evaluation import perplexity
 from mixsparse.export import load_compressed
 from mixsparse.modeling import param_counts
-from mixsparse.pipeline import load_allocation, run
+from mixsparse.allocation.file import load_allocation
+from mixsparse.pipeline import run
 
 pytestmark = pytest.mark.integration
 
 FEW = {
     "data.calibration_samples": 2, "data.seqlen": 128, "data.eval_tokens": 1024,
-    "allocation.sensitivity_samples": 2, "allocation.sensitivity_seqlen": 128,
+    "allocation.msp.samples": 2, "allocation.msp.seqlen": 128,
     "search.generations": 1, "search.population": 2, "search.offspring": 2, "search.stages": [[1, 1]],
     "search.fitness_windows": 1, "search.fitness_seqlen": 128,
     "eval.zeroshot": ["sentiment", "cloze"], "eval.zeroshot_n": 6,

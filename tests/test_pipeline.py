@@ -17,7 +17,7 @@ def _cfg(corpus, final):
     return load_config(None, {
         "data.calibration": str(corpus), "data.validation": str(corpus), "data.calibration_samples": 2,
         "data.seqlen": 32, "model.device": "cpu", "prune.sparsity": 0.5, "prune.allocation": "msp",
-        "allocation.sensitivity_samples": 2, "allocation.sensitivity_seqlen": 32,
+        "allocation.msp.samples": 2, "allocation.msp.seqlen": 32,
         "search.generations": 2, "search.population": 2, "search.offspring": 3, "search.stages": [[1, 2], [2, 1]],
         "search.fitness_windows": 2, "search.fitness_seqlen": 32, "search.step": 0.1, "search.max_shift": 0.2,
         "search.final": final})

@@ -296,10 +296,10 @@ def test_13_owl_and_hessian_honour_min_and_max_sparsity(tiny_llama, word_corpus,
 
     model, tok = tiny_llama
     cfg = load_config(None, {"data.calibration": str(word_corpus), "data.calibration_samples": 2, "data.seqlen": 32,
-                             "prune.sparsity": 0.6, "prune.allocation": method, "allocation.alpha": 0.3,
-                             "allocation.owl_lambda": 0.3, "allocation.hessian_samples": 1,
-                             "allocation.hessian_probes": 1, "allocation.sensitivity_seqlen": 32,
-                             "allocation.min_sparsity": 0.55, "allocation.max_sparsity": 0.65})
+                             "prune.sparsity": 0.6, "prune.allocation": method, "allocation.hessian.alpha": 0.3,
+                             "allocation.owl.lam": 0.3, "allocation.hessian.samples": 1,
+                             "allocation.hessian.probes": 1, "allocation.hessian.seqlen": 32,
+                             f"allocation.{method}.min_sparsity": 0.55, f"allocation.{method}.max_sparsity": 0.65})
     alloc = allocate(model, tok, cfg, device=torch.device("cpu"), progress=False)
     vals = [float(v) for v in alloc.sparsity_map.to_dict().values()]
     assert min(vals) >= 0.55 - 1e-9 and max(vals) <= 0.65 + 1e-9

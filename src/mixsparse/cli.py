@@ -16,12 +16,15 @@ EPILOG = "Examples:\n  mixsparse prune --sparsity 0.7 --allocation msp --out run
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from .allocation import available_allocations
+
     p.add_argument("--config", help="YAML run config (keys = field names, see configs/)")
     p.add_argument("--model", help="'embedded' (default, offline SmolLM2-135M), a local HF dir, or a hub id")
     p.add_argument("--pruner", help="base pruner: magnitude, wanda (default), sparsegpt, or a registered one")
     p.add_argument("--sparsity", help="global target sparsity in [0, 1), e.g. 0.7, or an N:M pattern")
     p.add_argument("--pattern", help="N:M pattern such as 2:4 (same as --sparsity 2:4)")
-    p.add_argument("--allocation", help="uniform | owl | hessian | fisher | msp | file")
+    p.add_argument("--allocation", help="per-layer allocation: " + " | ".join(available_allocations())
+                   + " (options: --set allocation.NAME.FIELD=VALUE)")
     p.add_argument("--allocation-file", help="YAML per-layer map (from `mixsparse search`)")
     p.add_argument("--calib-samples", type=int, help="calibration sequences")
     p.add_argument("--seqlen", type=int, help="tokens per calibration/evaluation window")
@@ -166,10 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .loading import load_model
 
         model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
-    from .sparsity import measured_sparsity
-    from .modeling import prunable_linears
+    from .modeling import measured_sparsity
 
-    _, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+    _, overall = measured_sparsity(model)
     windows = eval_windows(tok, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen, cfg.data.eval_tokens or None,
                            prefix=window_prefix(tok, cfg.data.bos))
     placement = placement_for(cfg, model)  # the model stays at home; whole or blockwise as the policy says
@@ -220,11 +222,11 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .config import ALLOCATIONS
+    from .allocation import available_allocations
     from .pruners import available_pruners
 
     print("pruners:    " + ", ".join(available_pruners()))
-    print("allocations: " + ", ".join(ALLOCATIONS))
+    print("allocations: " + ", ".join(available_allocations()))
     return 0
 
 

@@ -12,14 +12,12 @@ from typing import Any
 
 import yaml
 
+from .allocation import available_allocations, get_allocation
 from .errors import ConfigError
 from .quant import QuantizeSection
 from .recovery import MODES as RECOVER_MODES, BlockwiseOptions, FinetuneOptions
-from .search import SearchConfig
+from .search.options import SearchSection
 from .sparsity import NM, parse_layer_sparsity
-
-ALLOCATIONS = ("uniform", "owl", "hessian", "fisher", "msp", "file")
-
 
 class _Loader(yaml.SafeLoader):
     """YAML without YAML 1.1 sexagesimal numbers: ``sparsity: 2:4`` must stay the string '2:4'
@@ -99,8 +97,8 @@ class PruneSection:
         # whether the user gave a target: an allocation file then has to agree with it
         self.sparsity_given = self.sparsity is not None
         self.sparsity = parse_layer_sparsity(0.5 if self.sparsity is None else self.sparsity, "prune.sparsity")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"prune.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation not in available_allocations():
+            raise ConfigError(f"prune.allocation must be one of {', '.join(available_allocations())}, got {self.allocation!r}")
         if self.allocation == "file" and not self.allocation_file:
             raise ConfigError("prune.allocation 'file' needs prune.allocation_file (a YAML map from `mixsparse search`)")
         if self.allocation_file and self.allocation not in ("file", "uniform"):  # uniform is the default
@@ -108,77 +106,10 @@ class PruneSection:
                               f"(--allocation-file alone) or the method (--allocation {self.allocation} without a file)")
         if self.allocation_file:
             self.allocation = "file"
-        if isinstance(self.sparsity, NM) and self.allocation not in ("uniform", "msp", "file"):
+        if isinstance(self.sparsity, NM) and not get_allocation(self.allocation).assigns_patterns:
+            able = [m for m in available_allocations() if get_allocation(m).assigns_patterns and m != "file"]
             raise ConfigError(f"allocation {self.allocation!r} assigns unstructured sparsities; with an N:M target use "
-                              "'uniform' or 'msp' (mixed N:M search)")
-
-
-@dataclass
-class AllocationConfig:
-    """Settings of the sensitivity measures and score-to-sparsity mappings."""
-
-    sensitivity_samples: int = 16  # calibration sequences for Fisher / Hessian traces
-    sensitivity_seqlen: int = 512
-    alpha: float = 0.1  # Shao et al.: sparsities in [p - alpha, p + alpha]
-    fisher_mode: str = "log"  # FIM-only mapping: "log" (standardised log-trace) or "rank"
-    fisher_alpha: float = 0.15
-    fisher_normalize: bool = False  # divide the Fisher trace by the layer's parameter count
-    hessian_probes: int = 8
-    hessian_samples: int = 4  # double backward is ~5 forwards per probe and sample: keep it small on a CPU
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    min_sparsity: float = 0.0
-    max_sparsity: float = 0.95
-    per_block: bool = False  # rank/allocate whole blocks instead of single linears
-
-    def __post_init__(self) -> None:
-        if self.fisher_mode not in ("log", "rank"):
-            raise ConfigError(f"allocation.fisher_mode must be 'log' or 'rank', got {self.fisher_mode!r}")
-        if not 0 <= self.min_sparsity < self.max_sparsity < 1:
-            raise ConfigError("allocation: need 0 <= min_sparsity < max_sparsity < 1")
-
-
-@dataclass
-class SearchSection(SearchConfig):
-    step: float = 0.05  # level step of the unstructured grid
-    max_shift: float = 0.25  # levels reach target +/- max_shift
-    patterns: list | None = None  # mixed N:M, e.g. ["1:4", "2:4", "3:4"] around a 2:4 target
-    fitness: str = "kl"  # "kl" to the dense model, or "ppl"
-    fitness_windows: int = 4  # held-out validation windows (>= the last stage's windows)
-    fitness_seqlen: int = 512
-    calibration_samples: int | None = None  # samples for the level cache (default: data.calibration_samples)
-    # "stitched": the final model is the searched candidate itself (layers from the level cache, pruned on
-    # dense activations), i.e. exactly what the fitness scored; "sequential": prune again layer by layer on
-    # the pruned model's activations. Stitched measured better here (benchmarks/results/final_mode.md).
-    final: str = "stitched"
-    # fitness cost cutters (benchmarks/results/search_speed.md measures each)
-    fitness_dtype: str = "auto"  # "auto": bfloat16 where bf16 matmuls are native (AMX CPUs, GPUs), else the model's
-    kl_topk: int = 64  # dense reference keeps the top-k log-probs + rest mass per token; 0 = exact full-vocabulary KL
-    incremental: bool = False  # start at the first block whose levels differ from a kept candidate (exact; ~3% fewer
-    # block forwards measured on the embedded model, since crossover and mutation touch early blocks)
-    state_cache_mb: float = 256.0  # bound on the block inputs kept for incremental evaluation
-    db_ram_mb: float = 0.0  # RAM for recently read SparseGPT level weights (the rest stays on disk, memory-mapped)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.kl_topk < 0:
-            raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact KL), got {self.kl_topk}")
-        if self.fitness_dtype not in ("auto", "model", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"search.fitness_dtype must be auto, model, float32, bfloat16 or float16, got {self.fitness_dtype!r}")
-        if self.state_cache_mb < 0 or self.db_ram_mb < 0:
-            raise ConfigError("search.state_cache_mb and search.db_ram_mb must be >= 0")
-        if self.fitness not in ("kl", "ppl"):
-            raise ConfigError(f"search.fitness must be 'kl' or 'ppl', got {self.fitness!r}")
-        if self.fitness_windows < self.final_windows:
-            raise ConfigError(
-                f"search.fitness_windows ({self.fitness_windows}) must cover the last stage's windows ({self.final_windows})"
-            )
-        if self.final not in ("sequential", "stitched"):
-            raise ConfigError(f"search.final must be 'sequential' or 'stitched', got {self.final!r}")
-
-    def core(self) -> SearchConfig:
-        names = {f.name for f in dataclasses.fields(SearchConfig)}
-        return SearchConfig(**{k: getattr(self, k) for k in names})
+                              f"one of {', '.join(able)}")
 
 
 @dataclass
@@ -228,7 +159,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneSection = field(default_factory=PruneSection)
-    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    # every registered method's options, by method name (allocation.owl.lam, allocation.msp.samples, ...)
+    allocation: dict = field(default_factory=dict)
     search: SearchSection = field(default_factory=SearchSection)
     recover: RecoverSection = field(default_factory=RecoverSection)
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
@@ -236,6 +168,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        self.allocation = _allocation_options(self.allocation)
         q = self.quantize
         if q.method == "joint":
             if self.prune.pruner != "sparsegpt":
@@ -253,6 +186,10 @@ class RunConfig:
             raise ConfigError(f"prune.options {', '.join(sorted(taken))}: quantization is set under quantize "
                               "(quantize.method joint for SparseGPT's one-sweep mode)")
 
+    def allocation_options(self, method: str | None = None):
+        """The typed options of ``method`` (default: the run's ``prune.allocation``)."""
+        return self.allocation[method or self.prune.allocation]
+
     def pruner_options(self) -> dict:
         """``prune.options``, plus the grid of a joint SparseGPT quantization."""
         q = self.quantize
@@ -266,6 +203,34 @@ class RunConfig:
         if not self.prune.sparsity_given:  # so that config.yaml reloads as "not given" (an allocation file decides)
             d["prune"]["sparsity"] = None
         return d
+
+
+# keys of the flat allocation section before methods had their own options: named in the error
+_OLD_ALLOCATION_KEYS = {"sensitivity_samples": "msp.samples / fisher.samples", "sensitivity_seqlen": "msp.seqlen",
+                        "alpha": "hessian.alpha", "fisher_mode": "msp.mode / fisher.mode", "fisher_alpha": "msp.alpha",
+                        "fisher_normalize": "msp.normalize", "hessian_probes": "hessian.probes",
+                        "hessian_samples": "hessian.samples", "owl_m": "owl.m", "owl_lambda": "owl.lam",
+                        "min_sparsity": "<method>.min_sparsity", "max_sparsity": "<method>.max_sparsity",
+                        "per_block": "hessian.per_block"}
+
+
+def _allocation_options(data: Any) -> dict:
+    """``allocation.<method>`` sections typed by each registered method's ``Options`` (defaults for the rest)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"allocation: expected a mapping of method -> options, got {data!r}")
+    for key in data:
+        if key in _OLD_ALLOCATION_KEYS:
+            raise ConfigError(f"allocation.{key}: allocation settings are per method now; use "
+                              f"allocation.{_OLD_ALLOCATION_KEYS[key]}")
+        if key not in available_allocations():
+            raise ConfigError(f"unknown config key(s): allocation.{key}; valid keys under allocation (one per "
+                              f"method): {', '.join(available_allocations())}")
+    out = {}
+    for name in available_allocations():
+        cls = get_allocation(name).Options
+        given = data.get(name)
+        out[name] = given if isinstance(given, cls) else from_dict(cls, given, f"allocation.{name}")
+    return out
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

@@ -28,7 +28,7 @@ from .errors import DataError, SparsityError
 from .modeling import block_linears, find_decoder_blocks, take_placement
 from .placement import Placement
 from .pruners import LayerPruner, get_pruner
-from .sparsity import SparsityMap, sparsity_of
+from .sparsity import SparsityMap, sparsity_of, weighted_average
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,7 @@ class PruneReport:
     quantized: dict[str, Any] = field(default_factory=dict)  # codes of layers a pruner also quantized
 
     def overall(self, param_counts: dict[str, int]) -> float:
-        total = sum(param_counts[n] for n in self.achieved)
-        return sum(self.achieved[n] * param_counts[n] for n in self.achieved) / max(1, total)
+        return weighted_average(self.achieved, param_counts)
 
 
 def prune_layerwise(

@@ -54,10 +54,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError, NumericalError
-from .io import atomic_dir, atomic_write_text
+from .errors import ModelLoadError, NumericalError
+from .io import atomic_dir, atomic_write_text, to_plain
 from .modeling import prunable_linears
-from .sparsity import NM, SparsityMap, parse_layer_sparsity
+from .sparsity import NM, parse_layer_sparsity
 
 FORMAT_NAME = "mixsparse-compressed"
 FORMAT_VERSION = 1
@@ -185,32 +185,13 @@ def nm_decode(values: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...]
 # --------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any, where: str = "metadata") -> Any:
-    """Plain JSON types from metadata that may hold SparsityMap/NM/tensors/paths."""
-    if isinstance(value, SparsityMap):
-        return value.to_dict()
-    if isinstance(value, NM):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where) for v in value]
-    if isinstance(value, (torch.Tensor, np.generic)) and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise ConfigError(f"{where}: cannot store a {type(value).__name__} in the checkpoint config")
-
-
 def _clean_config(model: nn.Module, metadata: dict | None) -> Any:
     """A copy of the model's config without GGUF quantisation info, with ``mixsparse`` metadata."""
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
     if metadata is not None:
-        cfg.mixsparse = _jsonable(metadata)
+        cfg.mixsparse = to_plain(metadata, "metadata", strict=True)
     return cfg
 
 

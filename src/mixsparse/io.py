@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,20 +91,45 @@ def atomic_dir(
         raise
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+def to_plain(value: Any, where: str = "value", strict: bool = False) -> Any:
+    """JSON/YAML types from what records and checkpoint metadata hold: sparsity maps and N:M patterns as
+    their strings, 0-d tensors and numpy scalars as numbers, paths as strings, infinities as "inf"/"-inf"
+    and NaN as null (strict JSON that other tools read). Anything else is ``str()``-ed, or with ``strict``
+    refused (a checkpoint's config must not hold an unreadable repr)."""
+    from .sparsity import NM, SparsityMap
+
+    if isinstance(value, SparsityMap):
+        return value.to_dict()
+    if isinstance(value, NM):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v, f"{where}.{k}", strict) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v, where, strict) for v in value]
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # torch/numpy scalars, without importing torch
+        return to_plain(value.item(), where, strict)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if strict:
+        raise ConfigError(f"{where}: cannot store a {type(value).__name__} as JSON")
+    return str(value)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     """Strict JSON that other tools read: infinities are written as the strings "inf"/"-inf", NaN as null."""
-    return atomic_write_text(path, json.dumps(_jsonable(data), indent=1, default=str, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(to_plain(data), indent=1, default=str, allow_nan=False) + "\n")
 
 
 def atomic_write_yaml(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, yaml.safe_dump(_jsonable(data), sort_keys=False))
+    return atomic_write_text(path, yaml.safe_dump(to_plain(data), sort_keys=False))
+
+
+def fingerprint(payload: Any) -> str:
+    """Short stable hash of JSON-able settings: the key of a cache entry or a resumable state."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import UnknownNameError
+from .sparsity import weighted_average
 
 
 @dataclass(frozen=True)
@@ -82,16 +83,11 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {name: lin.weight.numel() for name, lin in prunable_linears(model).items()}
 
 
-def block_index(layer_name: str, blocks_name: str) -> int:
-    """Index of the block a qualified layer name belongs to ('model.layers.3.mlp.up_proj' -> 3)."""
-    rest = layer_name[len(blocks_name) + 1 :]
-    return int(rest.split(".", 1)[0])
-
-
-def layer_kind(layer_name: str, blocks_name: str) -> str:
-    """Name inside the block ('self_attn.q_proj'): layers of one kind share a shape."""
-    rest = layer_name[len(blocks_name) + 1 :]
-    return rest.split(".", 1)[1]
+def measured_sparsity(model: nn.Module) -> tuple[dict[str, float], float]:
+    """Share of exact zeros in every prunable layer, and their parameter-weighted average."""
+    linears = prunable_linears(model)
+    per_layer = {n: float((lin.weight == 0).sum().item()) / lin.weight.numel() for n, lin in linears.items()}
+    return per_layer, weighted_average(per_layer, {n: lin.weight.numel() for n, lin in linears.items()})
 
 
 def take_placement(model: nn.Module) -> None:

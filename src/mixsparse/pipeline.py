@@ -23,19 +23,17 @@ import torch
 from torch import nn
 
 from . import __version__
-from .allocation import linear_rank_allocation, owl_allocation, score_allocation
+from .allocation import Allocation, AllocationContext, get_allocation
+from .allocation.file import file_allocation
 from .config import RunConfig
 from .data import calibration_ids, eval_windows, load_corpus, tokenize, window_prefix
 from .engine import prune_layerwise
-from .errors import ConfigError, MixsparseError
+from .errors import ConfigError
 from .evaluation import perplexity
 from .io import atomic_write_json, atomic_write_yaml
-from .modeling import find_decoder_blocks, param_counts, prunable_linears
+from .modeling import find_decoder_blocks, measured_sparsity, param_counts, prunable_linears
 from .placement import Placement, check_device
-from .search import Fitness, LevelDatabase, LevelSpace, block_index_map, evolutionary_search
-from .search.fitness import resolve_dtype
-from .sensitivity import cached_scores, model_fingerprint
-from .sparsity import NM, SparsityMap, measured_sparsity
+from .sparsity import SparsityMap
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +67,6 @@ class Timer:
             self.peak_rss_after[stage] = peak_memory()["cpu_rss_mb"]
 
 
-# --------------------------------------------------------------------------------------------
-# Allocation
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Allocation:
-    method: str
-    sparsity_map: SparsityMap
-    sensitivity: dict[str, float] | None = None
-    sensitivity_kind: str | None = None
-    search: dict | None = None
-    stitched: bool = False  # the searched candidate is already written into the model (search.final == "stitched")
-
-
 class Calibration:
     """Calibration windows for every stage of one run. The corpus is read and tokenised once (a few
     seconds on the wiki split), then each stage draws its ``(n, seqlen)`` windows from the same ids."""
@@ -101,166 +86,20 @@ class Calibration:
         return window_prefix(self.tokenizer, self.cfg.data.bos)
 
 
-def _score_cache(cfg: RunConfig, kind: str, model: nn.Module, settings: dict, compute: Callable[[], dict],
-                 cache_dir: Path | None) -> dict[str, float]:
-    if cache_dir is None:
-        return compute()
-    settings = {"model": model_fingerprint(model), "calibration": cfg.data.calibration, "seed": cfg.data.seed, **settings}
-    return cached_scores(kind, settings, compute, cache_dir)
-
-
-def fisher_scores(model, calib: Calibration, cfg: RunConfig, device, cache_dir: Path | None,
-                  progress=True) -> dict[str, float]:
-    a = cfg.allocation
-    from .sensitivity.fisher import fisher_trace
-
-    return _score_cache(cfg, "fisher", model,
-                        {"samples": a.sensitivity_samples, "seqlen": a.sensitivity_seqlen, "normalize": a.fisher_normalize,
-                         "prefix": calib.prefix},
-                        lambda: fisher_trace(model, calib.ids(a.sensitivity_samples, a.sensitivity_seqlen), device=device,
-                                             normalize=a.fisher_normalize, progress=progress),
-                        cache_dir)
-
-
 def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Path | None = None,
              cache_dir: Path | None = None, progress: bool = True, timer: Timer | None = None,
              calib: Calibration | None = None, workers=None) -> Allocation:
-    """Per-layer sparsity for ``cfg.prune.allocation``; never looks at the test split. Sensitivity
-    scores are cached in ``cache_dir`` (default ``run_dir/cache``), the search state in ``run_dir``.
+    """Per-layer sparsity from the registered method ``cfg.prune.allocation``; never looks at the test split.
+    Sensitivity scores are cached in ``cache_dir`` (default ``run_dir/cache``), the search state in ``run_dir``.
     ``workers`` (:func:`mixsparse.distributed.from_env`) shares the search's evaluations over ranks."""
-    timer = timer or Timer()
-    calib = calib or Calibration(tokenizer, cfg)
-    method, target, a = cfg.prune.allocation, cfg.prune.sparsity, cfg.allocation
-    counts = param_counts(model)
-    blocks_name, _ = find_decoder_blocks(model)
+    method = get_allocation(cfg.prune.allocation)(cfg.allocation_options())
     if cache_dir is None and run_dir is not None:
         cache_dir = run_dir / "cache"
-    if method == "uniform":
-        return Allocation(method, SparsityMap.uniform(target, counts))
-    if method == "file":
-        return Allocation(method, file_allocation(cfg, counts))
-    if method == "owl":
-        from .sensitivity.owl import owl_outlier_ratios
-
-        with timer("sensitivity"):
-            ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
-            ratios = owl_outlier_ratios(model, ids, M=a.owl_m, device=device, progress=progress)
-        sm = SparsityMap(owl_allocation(ratios, target, counts, blocks_name, lam=a.owl_lambda,
-                                        min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity), counts)
-        block_of = block_index_map(model, list(counts))  # one look-up of the blocks, not one per layer
-        sens = {n: float(ratios[block_of[n]]) for n in counts}
-        return Allocation(method, sm, sens, "owl")
-    if method == "hessian":
-        from .sensitivity.hessian import hessian_trace
-
-        with timer("sensitivity"):
-            scores = _score_cache(cfg, "hessian", model,
-                                  {"samples": a.hessian_samples, "seqlen": a.sensitivity_seqlen, "probes": a.hessian_probes,
-                                   "prefix": calib.prefix},
-                                  lambda: hessian_trace(model, calib.ids(a.hessian_samples, a.sensitivity_seqlen), n_probes=a.hessian_probes, seed=cfg.data.seed,
-                                                        device=device, progress=progress),
-                                  cache_dir)
-        sm = SparsityMap(linear_rank_allocation(scores, target, counts, a.alpha, blocks_name=blocks_name,
-                                                per_block=a.per_block, min_sparsity=a.min_sparsity,
-                                                max_sparsity=a.max_sparsity), counts)
-        return Allocation(method, sm, scores, "hessian")
-    if method in ("fisher", "msp"):
-        with timer("sensitivity"):
-            scores = fisher_scores(model, calib, cfg, device, cache_dir, progress)
-        if isinstance(target, NM):
-            continuous = score_allocation(scores, target.sparsity, counts, mode=a.fisher_mode, alpha=a.fisher_alpha)
-        else:
-            continuous = score_allocation(scores, target, counts, mode=a.fisher_mode, alpha=a.fisher_alpha,
-                                          min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity)
-        if method == "fisher":
-            return Allocation(method, SparsityMap(continuous, counts), scores, "fisher")
-        with timer("search"):
-            return _msp_search(model, tokenizer, calib, cfg, continuous, scores, device=device, run_dir=run_dir,
-                               progress=progress, workers=workers)
-    raise ConfigError(f"unknown allocation {method!r}")
-
-
-def level_space(cfg: RunConfig, counts: dict[str, int]) -> LevelSpace:
-    target, s, a = cfg.prune.sparsity, cfg.search, cfg.allocation
-    if isinstance(target, NM):
-        patterns = s.patterns or [NM(n, target.m) for n in range(max(1, target.n - 1), min(target.m - 1, target.n + 1) + 1)]
-        return LevelSpace.mixed_nm(target, patterns, counts)
-    if s.patterns:
-        raise ConfigError("search.patterns (mixed N:M) needs an N:M target such as prune.sparsity: '2:4'")
-    return LevelSpace.unstructured(target, counts, step=s.step, max_shift=s.max_shift,
-                                   min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity)
-
-
-def _msp_search(model, tokenizer, calib: Calibration, cfg: RunConfig, continuous: dict[str, float],
-                scores: dict[str, float], *, device, run_dir: Path | None, progress: bool, workers=None) -> Allocation:
-    s = cfg.search
-    counts = param_counts(model)
-    space = level_space(cfg, counts)
-    init = space.snap(continuous)
-    n_cal = s.calibration_samples or cfg.data.calibration_samples
-    ids = calib.ids(n_cal, cfg.data.seqlen)
-    calib_fp = [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed, calib.prefix]
-    placement = Placement.resolve(device, cfg.model.placement, model)
-    model_dtype = next(model.parameters()).dtype
-    # a reconstructing pruner's levels are stored in the fitness dtype (what the fitness scores), unless the
-    # final model is stitched from them: then in the model's own, so the saved model loses no precision
-    store_dtype = model_dtype if s.final == "stitched" else resolve_dtype(s.fitness_dtype, model_dtype, placement.device)
-    db_fp = _fingerprint({"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
-                          "calibration": calib_fp, "space": [str(space.target), space.step, space.min_offset,
-                                                             space.max_offset], "dtype": str(store_dtype)})
-    store = None
-    if run_dir is not None:
-        store = run_dir / "cache" / f"levels-{db_fp}"
-    from .distributed import share_flag
-    from .pruners import get_pruner
-
-    shared_store = workers is not None and store is not None and get_pruner(cfg.prune.pruner).reconstructs
-    if shared_store and not workers.is_main:
-        # rank 0 writes the on-disk store; the others wait for its word, then open it (same fingerprint)
-        if not share_flag(workers, None):
-            raise MixsparseError("rank 0 failed to build the level database (see its error); nothing to search")
-    ok = False
-    try:
-        cache = LevelDatabase.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=placement,
-                                    store_dir=store, fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20),
-                                    store_dtype=store_dtype, progress=progress)
-        ok = True
-    finally:
-        if shared_store and workers.is_main:
-            share_flag(workers, ok)
-    with cache:  # freed when the search is done (evaluation and export need none of it), also after an error
-        windows = eval_windows(tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
-                               s.fitness_windows * s.fitness_seqlen, prefix=calib.prefix)
-        fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
-                          dtype=s.fitness_dtype, kl_topk=s.kl_topk,
-                          incremental=s.incremental, state_cache_mb=s.state_cache_mb)
-        uniform_offsets = {n: 0 for n in counts}
-        result = evolutionary_search(
-            fitness, space, [init, uniform_offsets], s.core(),
-            blocks_of=block_index_map(model, list(counts)),
-            checkpoint=(run_dir / "search_state.json") if run_dir is not None else None,
-            write_checkpoint=workers is None or workers.is_main,
-            fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
-                               "calibration": calib_fp,
-                               "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
-                               "fitness": [s.fitness, str(fitness.dtype), s.kl_topk]},
-            progress=progress,
-        )
-        init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
-        search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
-                  "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
-                  "generations": result.generations, "best_fitness": result.fitness,
-                  "init_fitness": init_fit, "uniform_fitness": uni_fit,
-                  "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
-                  "incremental": s.incremental, "blocks_run": fitness.blocks_run,
-                  "placement": fitness.forward.placement.mode,
-                  "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
-                               "reused": cache.reused},
-                  "reference_bytes_per_token": fitness.reference_bytes_per_token()}
-        del fitness  # device replica, block states and dense reference go before the model is touched
-        if s.final == "stitched":
-            cache.write(result.offsets)
-        return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
+    ctx = AllocationContext(model=model, tokenizer=tokenizer, cfg=cfg, target=cfg.prune.sparsity,
+                            counts=param_counts(model), blocks_name=find_decoder_blocks(model)[0], device=device,
+                            calib=calib or Calibration(tokenizer, cfg), cache_dir=cache_dir, run_dir=run_dir,
+                            progress=progress, workers=workers, timer=timer or Timer())
+    return method.allocate(ctx)
 
 
 _OUTPUTS = ("run.json", "config.yaml", "allocation.yaml", "search_state.json", "search.json", "report.md", "model",
@@ -296,36 +135,6 @@ def _best_effort(step: Callable[[], Any], what: str) -> None:
         step()
     except Exception as e:  # noqa: BLE001 - a secondary failure must not replace the error being reported
         log.warning("could not %s: %s", what, e)
-
-
-def _fingerprint(payload: dict) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_allocation(cfg: RunConfig, counts: dict[str, int]) -> SparsityMap:
-    """``prune.allocation_file``'s map, checked against the model and, when given, ``--sparsity``."""
-    sm = load_allocation(cfg.prune.allocation_file, counts)
-    avg, target = sm.average(counts), cfg.prune.sparsity
-    if cfg.prune.sparsity_given and not isinstance(target, NM) and abs(avg - float(target)) > 5e-4:
-        raise ConfigError(f"allocation file {cfg.prune.allocation_file} averages {avg:.4f} but --sparsity is {target}; "
-                          "drop --sparsity (the file decides) or search a map for that target")
-    return sm
-
-
-def load_allocation(path: str | Path, counts: dict[str, int]) -> SparsityMap:
-    """The map of an allocation file; it must name every prunable layer of this model (a layer left out
-    would silently stay dense)."""
-    from .preflight import read_allocation_file
-
-    layers = read_allocation_file(path)
-    missing = [n for n in counts if n not in layers]
-    if missing:
-        raise ConfigError(f"allocation file {path} has no sparsity for {len(missing)} of {len(counts)} prunable layers "
-                          f"(e.g. {missing[0]}); it was made for another model? Regenerate it with `mixsparse search`")
-    return SparsityMap(layers, counts)
 
 
 def target_of(cfg: RunConfig, alloc: Allocation, counts: dict[str, int]) -> str:
@@ -366,7 +175,7 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
                                   batch_size=cfg.data.batch_size, offload=cfg.prune.offload,
                                   sequential=cfg.prune.sequential, progress=progress)
             seconds, quantized = rep.total_seconds, rep.quantized
-    achieved, overall = measured_sparsity((n, l.weight) for n, l in prunable_linears(model).items())
+    achieved, overall = measured_sparsity(model)
     return {
         "allocation": {"method": alloc.method,
                        "target": target_of(cfg, alloc, counts),

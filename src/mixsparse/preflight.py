@@ -21,6 +21,7 @@ STATUS_FINISHED = "finished"
 
 def check_config(cfg: RunConfig) -> None:
     """Everything about ``cfg`` that can be checked without loading the model."""
+    from .allocation import get_allocation
     from .data import check_corpus
     from .placement import check_device
     from .pruners import get_pruner
@@ -29,19 +30,15 @@ def check_config(cfg: RunConfig) -> None:
     check_model_spec(cfg.model.name)
     get_pruner(cfg.prune.pruner).make_options(cfg.prune.options)
     check_corpus(cfg.data.calibration, "calibration")
-    if cfg.prune.allocation == "msp":
+    method = get_allocation(cfg.prune.allocation)(cfg.allocation_options())
+    if method.needs_validation:
         check_corpus(cfg.data.validation, "validation")
     if cfg.eval.perplexity:
         check_corpus(cfg.data.evaluation, "test")
         if cfg.data.eval_tokens and cfg.data.eval_tokens < cfg.data.seqlen:
             raise ConfigError(f"data.eval_tokens ({cfg.data.eval_tokens}) is below data.seqlen ({cfg.data.seqlen}): "
                               "not one evaluation window fits; raise --eval-tokens or lower --seqlen (0 = whole test split)")
-    if cfg.prune.allocation == "file":
-        read_allocation_file(cfg.prune.allocation_file)
-    if cfg.prune.allocation == "msp":  # the level grid's settings; layer sizes come with the model
-        from .pipeline import level_space
-
-        level_space(cfg, {"a": 1, "b": 1})
+    method.check(cfg)
     if cfg.quantize.method != "none" and cfg.export.quantized_hf:
         from .quant.ct_export import available
 

@@ -9,11 +9,10 @@ qualified names of prunable linear layers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Union
 
-import torch
 
 from .errors import SparsityError, UnknownNameError
 
@@ -126,10 +125,7 @@ class SparsityMap(Mapping[str, LayerSparsity]):
         counts = param_counts if param_counts is not None else self.param_counts
         if not self._targets:
             return 0.0
-        if counts is None:
-            return sum(self.sparsities().values()) / len(self._targets)
-        total = sum(counts[k] for k in self._targets)
-        return sum(sparsity_of(v) * counts[k] for k, v in self._targets.items()) / total
+        return weighted_average(self.sparsities(), counts)
 
     def to_dict(self) -> dict[str, float | str]:
         return {k: format_layer_sparsity(v) for k, v in self._targets.items()}
@@ -144,18 +140,12 @@ class SparsityMap(Mapping[str, LayerSparsity]):
                 )
 
 
-def weight_sparsity(weight: torch.Tensor) -> float:
-    """Sparsity measured from the weights: share of exact zeros."""
-    return float((weight == 0).sum().item()) / max(1, weight.numel())
-
-
-def measured_sparsity(named_weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, float], float]:
-    """Per-layer and parameter-weighted overall sparsity, counted from the weights."""
-    per_layer: dict[str, float] = {}
-    zeros = total = 0
-    for name, w in named_weights:
-        z = int((w == 0).sum().item())
-        per_layer[name] = z / max(1, w.numel())
-        zeros += z
-        total += w.numel()
-    return per_layer, (zeros / total if total else 0.0)
+def weighted_average(values: Mapping[str, float], param_counts: Mapping[str, int] | None) -> float:
+    """Parameter-weighted average of per-layer sparsities (plain mean without counts; 0 when empty): the
+    one definition of a model's overall sparsity, requested or measured."""
+    if not values:
+        return 0.0
+    if param_counts is None:
+        return math.fsum(float(v) for v in values.values()) / len(values)
+    total = sum(int(param_counts[n]) for n in values)
+    return math.fsum(float(v) * int(param_counts[n]) for n, v in values.items()) / total

@@ -49,7 +49,8 @@ def recover(model: nn.Module, tokenizer, cfg, *, dense: DenseStore | None, devic
     """Run ``cfg.recover`` on the pruned ``model`` in place; returns its record. The zero pattern of every
     prunable weight is the same afterwards (checked; an error otherwise)."""
     from ..data import eval_windows, load_corpus, tokenize, window_prefix
-    from ..pipeline import Calibration, _fingerprint
+    from ..io import fingerprint as _fingerprint
+    from ..pipeline import Calibration
     from ..sensitivity import model_fingerprint
 
     r = cfg.recover

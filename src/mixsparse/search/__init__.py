@@ -1,10 +1,23 @@
 """MSP's search for per-layer sparsities: level space and operators (``space``), level database
-(``database``), fitness (``fitness``) and the evolutionary loop with its resumable state (``evolution``)."""
+(``database``), fitness (``fitness``), the evolutionary loop with its resumable state (``evolution``),
+the run-level driver (``driver``) and the settings (``options``, torch-free).
 
-from .database import LevelDatabase
-from .evolution import SearchConfig, SearchResult, SearchState, evolutionary_search
-from .fitness import Fitness, TopK, topk_kl
-from .space import LevelSpace, Offsets, _has_move, block_index_map, crossover, mutate, offsets_key
+Names are imported on first use, so the typed config can read :mod:`.options` without importing torch.
+"""
 
-__all__ = ["Fitness", "LevelDatabase", "LevelSpace", "Offsets", "SearchConfig", "SearchResult", "SearchState", "TopK",
-           "_has_move", "block_index_map", "crossover", "evolutionary_search", "mutate", "offsets_key", "topk_kl"]
+from importlib import import_module
+
+_LAZY = {
+    "LevelDatabase": "database", "SearchConfig": "options", "SearchSection": "options", "SearchResult": "evolution",
+    "SearchState": "evolution", "evolutionary_search": "evolution", "Fitness": "fitness", "TopK": "fitness",
+    "topk_kl": "fitness", "LevelSpace": "space", "Offsets": "space", "_has_move": "space",
+    "block_index_map": "space", "crossover": "space", "mutate": "space", "offsets_key": "space",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,47 +26,10 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_json
 from ..sparsity import SparsityMap
+from .options import SearchConfig
 from .space import LevelSpace, Offsets, _has_move, crossover, mutate, offsets_key
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SearchConfig:
-    """Knobs of the search; every field is a YAML key of the ``search`` section."""
-
-    # upper bound; ~4.3 s each on the embedded model on 2 CPU cores with the defaults (bf16 fitness, top-64 KL;
-    # 8 children: 17 windows of 512 tokens), so 200 generations fit the 15-minute budget of the main job
-    generations: int = 200
-    population: int = 4  # parents kept (elitism: the best always survive)
-    offspring: int = 8  # children per generation
-    # [[windows, survivors], ...]; a stage may add a third number, tokens: score on each window's first
-    # ``tokens`` tokens only (a cheaper first stage, EvoPress's "super-fast" idea); the last stage uses whole windows
-    stages: list = field(default_factory=lambda: [[1, 3], [4, 1]])
-    max_mutations: int = 3  # level moves per child: 1..max_mutations
-    crossover_rate: float = 0.5  # share of children made by crossover of two parents before mutation
-    init_perturbations: int = 4  # level moves applied to the sensitivity allocation for other initial parents
-    patience: int = 30  # stop after this many generations without improvement
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.generations < 0 or self.population < 1 or self.offspring < 1:
-            raise ConfigError("search: generations >= 0, population >= 1 and offspring >= 1 are required")
-        stages = [list(s) for s in self.stages]
-        if not stages or any(len(s) not in (2, 3) or any(not isinstance(v, int) or v < 1 for v in s) for s in stages):
-            raise ConfigError(f"search.stages must be a list of [windows, survivors] (or [windows, survivors, tokens]) "
-                              f"with integers >= 1, got {self.stages!r}")
-        if len(stages[-1]) == 3:
-            raise ConfigError("search.stages: the last stage scores whole windows (no tokens entry)")
-        if any(b[0] < a[0] for a, b in zip(stages, stages[1:])):
-            raise ConfigError("search.stages: windows must not decrease from one stage to the next")
-        self.stages = stages
-        if not 0 <= self.crossover_rate <= 1:
-            raise ConfigError(f"search.crossover_rate must be in [0, 1], got {self.crossover_rate}")
-
-    @property
-    def final_windows(self) -> int:
-        return self.stages[-1][0]
 
 
 @dataclass

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..allocation import snap_to_grid
 from ..errors import ConfigError, SparsityError
-from ..modeling import block_index, find_decoder_blocks
+from ..modeling import find_decoder_blocks
+from ..names import block_index
 from ..sparsity import NM, LayerSparsity, SparsityMap, parse_layer_sparsity
 
 Offsets = dict[str, int]

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import atomic_write_text
-from ..modeling import block_index
+from ..names import block_index
 from .fisher import fisher_trace
 from .hessian import hessian_trace
 from .owl import outlier_ratio, owl_outlier_ratios

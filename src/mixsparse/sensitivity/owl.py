@@ -14,7 +14,8 @@ from torch import nn
 
 from ..engine import prune_layerwise
 from ..errors import ConfigError
-from ..modeling import block_index, find_decoder_blocks, prunable_linears
+from ..modeling import find_decoder_blocks, prunable_linears
+from ..names import block_index
 from ..pruners import LayerPruner
 from ..sparsity import SparsityMap
 from .fisher import check_calib_ids, eval_mode

@@ -22,9 +22,9 @@ from typing import Union
 
 import numpy as np
 
-from .errors import ConfigError, SparsityError, UnknownNameError
-from .modeling import block_index
-from .sparsity import SparsityMap
+from ..errors import ConfigError, SparsityError, UnknownNameError
+from ..names import block_index
+from ..sparsity import SparsityMap, weighted_average
 
 Bound = Union[float, Mapping[str, float]]
 
@@ -86,11 +86,6 @@ def _bound_values(bound: Bound, names: list[str], what: str) -> np.ndarray:
     if bad:
         raise SparsityError(f"{what} must be in [0, 1); layer {bad[0]!r} has {arr[names.index(bad[0])]!r}")
     return arr
-
-
-def weighted_average(sparsities: Mapping[str, float], param_counts: Mapping[str, int]) -> float:
-    total = sum(int(param_counts[n]) for n in sparsities)
-    return math.fsum(float(s) * int(param_counts[n]) for n, s in sparsities.items()) / total
 
 
 # --- exact budget ---------------------------------------------------------------------------
@@ -172,20 +167,11 @@ def _units(
         return dict(vals), {n: n for n in vals}
     if not blocks_name:
         raise ConfigError("per-block allocation needs blocks_name (e.g. 'model.layers')")
-    unit_of = {n: _block_of(n, blocks_name) for n in vals}
+    unit_of = {n: block_index(n, blocks_name) for n in vals}
     sums: dict[object, float] = {}
     for n, v in vals.items():
         sums[unit_of[n]] = sums.get(unit_of[n], 0.0) + v
     return sums, unit_of
-
-
-def _block_of(name: str, blocks_name: str) -> int:
-    if not name.startswith(blocks_name + "."):
-        raise SparsityError(f"layer {name!r} is not inside the decoder blocks {blocks_name!r}")
-    try:
-        return block_index(name, blocks_name)
-    except (ValueError, IndexError):
-        raise SparsityError(f"cannot read a block index from layer name {name!r}") from None
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -332,7 +318,7 @@ def owl_allocation(
     t = _check_target(target)
     lam = _check_alpha(lam, "lam")
     _check_counts(param_counts)
-    unit_of: dict[str, object] = {n: _block_of(n, blocks_name) for n in param_counts}
+    unit_of: dict[str, object] = {n: block_index(n, blocks_name) for n in param_counts}
     missing = sorted({b for b in unit_of.values() if b not in ratios_by_block})  # type: ignore[type-var]
     if missing:
         raise SparsityError(f"OWL outlier ratios missing for block(s) {missing[:5]}")

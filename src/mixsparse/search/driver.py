@@ -1,0 +1,102 @@
+"""MSP's search as one step of a run: level space from the config, level database, fitness on held-out
+validation windows, the evolutionary loop, and the final model (stitched from the levels or left to the
+engine). Called by the ``msp`` allocation method with the run's :class:`AllocationContext`."""
+
+from __future__ import annotations
+
+from ..allocation.registry import Allocation, AllocationContext, Bounds
+from ..data import eval_windows, load_corpus
+from ..errors import ConfigError, MixsparseError
+from ..io import fingerprint
+from ..placement import Placement
+from ..sensitivity import model_fingerprint
+from ..sparsity import NM
+from .database import LevelDatabase
+from .evolution import evolutionary_search
+from .fitness import Fitness, resolve_dtype
+from .space import LevelSpace, block_index_map
+
+
+def level_space(cfg, bounds: Bounds, counts: dict[str, int]) -> LevelSpace:
+    """The search's levels: mixed N:M patterns around an N:M target, else ``target + k * step``."""
+    target, s = cfg.prune.sparsity, cfg.search
+    if isinstance(target, NM):
+        patterns = s.patterns or [NM(n, target.m) for n in range(max(1, target.n - 1), min(target.m - 1, target.n + 1) + 1)]
+        return LevelSpace.mixed_nm(target, patterns, counts)
+    if s.patterns:
+        raise ConfigError("search.patterns (mixed N:M) needs an N:M target such as prune.sparsity: '2:4'")
+    return LevelSpace.unstructured(target, counts, step=s.step, max_shift=s.max_shift,
+                                   min_sparsity=bounds.min_sparsity, max_sparsity=bounds.max_sparsity)
+
+
+def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, float],
+               scores: dict[str, float]) -> Allocation:
+    cfg, model, workers = ctx.cfg, ctx.model, ctx.workers
+    s = cfg.search
+    counts = ctx.counts
+    space = level_space(cfg, bounds, counts)
+    init = space.snap(continuous)
+    n_cal = s.calibration_samples or cfg.data.calibration_samples
+    ids = ctx.calib.ids(n_cal, cfg.data.seqlen)
+    calib_fp = [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed, ctx.calib.prefix]
+    placement = Placement.resolve(ctx.device, cfg.model.placement, model)
+    model_dtype = next(model.parameters()).dtype
+    # a reconstructing pruner's levels are stored in the fitness dtype (what the fitness scores), unless the
+    # final model is stitched from them: then in the model's own, so the saved model loses no precision
+    store_dtype = model_dtype if s.final == "stitched" else resolve_dtype(s.fitness_dtype, model_dtype, placement.device)
+    db_fp = fingerprint({"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
+                         "calibration": calib_fp, "space": [str(space.target), space.step, space.min_offset,
+                                                            space.max_offset], "dtype": str(store_dtype)})
+    store = None
+    if ctx.run_dir is not None:
+        store = ctx.run_dir / "cache" / f"levels-{db_fp}"
+    from ..distributed import share_flag
+    from ..pruners import get_pruner
+
+    shared_store = workers is not None and store is not None and get_pruner(cfg.prune.pruner).reconstructs
+    if shared_store and not workers.is_main:
+        # rank 0 writes the on-disk store; the others wait for its word, then open it (same fingerprint)
+        if not share_flag(workers, None):
+            raise MixsparseError("rank 0 failed to build the level database (see its error); nothing to search")
+    ok = False
+    try:
+        cache = LevelDatabase.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=placement,
+                                    store_dir=store, fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20),
+                                    store_dtype=store_dtype, progress=ctx.progress)
+        ok = True
+    finally:
+        if shared_store and workers.is_main:
+            share_flag(workers, ok)
+    with cache:  # freed when the search is done (evaluation and export need none of it), also after an error
+        windows = eval_windows(ctx.tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
+                               s.fitness_windows * s.fitness_seqlen, prefix=ctx.calib.prefix)
+        fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
+                          dtype=s.fitness_dtype, kl_topk=s.kl_topk,
+                          incremental=s.incremental, state_cache_mb=s.state_cache_mb)
+        uniform_offsets = {n: 0 for n in counts}
+        result = evolutionary_search(
+            fitness, space, [init, uniform_offsets], s.core(),
+            blocks_of=block_index_map(model, list(counts)),
+            checkpoint=(ctx.run_dir / "search_state.json") if ctx.run_dir is not None else None,
+            write_checkpoint=workers is None or workers.is_main,
+            fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
+                               "calibration": calib_fp,
+                               "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
+                               "fitness": [s.fitness, str(fitness.dtype), s.kl_topk]},
+            progress=ctx.progress,
+        )
+        init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
+        search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
+                  "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
+                  "generations": result.generations, "best_fitness": result.fitness,
+                  "init_fitness": init_fit, "uniform_fitness": uni_fit,
+                  "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
+                  "incremental": s.incremental, "blocks_run": fitness.blocks_run,
+                  "placement": fitness.forward.placement.mode,
+                  "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
+                               "reused": cache.reused},
+                  "reference_bytes_per_token": fitness.reference_bytes_per_token()}
+        del fitness  # device replica, block states and dense reference go before the model is touched
+        if s.final == "stitched":
+            cache.write(result.offsets)
+        return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")

@@ -1,0 +1,90 @@
+"""Settings of MSP's search (the ``search`` section of a run config). Imports no torch, so the typed
+config can be read and checked without it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+
+@dataclass
+class SearchConfig:
+    """Knobs of the search; every field is a YAML key of the ``search`` section."""
+
+    # upper bound; ~4.3 s each on the embedded model on 2 CPU cores with the defaults (bf16 fitness, top-64 KL;
+    # 8 children: 17 windows of 512 tokens), so 200 generations fit the 15-minute budget of the main job
+    generations: int = 200
+    population: int = 4  # parents kept (elitism: the best always survive)
+    offspring: int = 8  # children per generation
+    # [[windows, survivors], ...]; a stage may add a third number, tokens: score on each window's first
+    # ``tokens`` tokens only (a cheaper first stage, EvoPress's "super-fast" idea); the last stage uses whole windows
+    stages: list = field(default_factory=lambda: [[1, 3], [4, 1]])
+    max_mutations: int = 3  # level moves per child: 1..max_mutations
+    crossover_rate: float = 0.5  # share of children made by crossover of two parents before mutation
+    init_perturbations: int = 4  # level moves applied to the sensitivity allocation for other initial parents
+    patience: int = 30  # stop after this many generations without improvement
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.generations < 0 or self.population < 1 or self.offspring < 1:
+            raise ConfigError("search: generations >= 0, population >= 1 and offspring >= 1 are required")
+        stages = [list(s) for s in self.stages]
+        if not stages or any(len(s) not in (2, 3) or any(not isinstance(v, int) or v < 1 for v in s) for s in stages):
+            raise ConfigError(f"search.stages must be a list of [windows, survivors] (or [windows, survivors, tokens]) "
+                              f"with integers >= 1, got {self.stages!r}")
+        if len(stages[-1]) == 3:
+            raise ConfigError("search.stages: the last stage scores whole windows (no tokens entry)")
+        if any(b[0] < a[0] for a, b in zip(stages, stages[1:])):
+            raise ConfigError("search.stages: windows must not decrease from one stage to the next")
+        self.stages = stages
+        if not 0 <= self.crossover_rate <= 1:
+            raise ConfigError(f"search.crossover_rate must be in [0, 1], got {self.crossover_rate}")
+
+    @property
+    def final_windows(self) -> int:
+        return self.stages[-1][0]
+
+
+@dataclass
+class SearchSection(SearchConfig):
+    step: float = 0.05  # level step of the unstructured grid
+    max_shift: float = 0.25  # levels reach target +/- max_shift
+    patterns: list | None = None  # mixed N:M, e.g. ["1:4", "2:4", "3:4"] around a 2:4 target
+    fitness: str = "kl"  # "kl" to the dense model, or "ppl"
+    fitness_windows: int = 4  # held-out validation windows (>= the last stage's windows)
+    fitness_seqlen: int = 512
+    calibration_samples: int | None = None  # samples for the level cache (default: data.calibration_samples)
+    # "stitched": the final model is the searched candidate itself (layers from the level cache, pruned on
+    # dense activations), i.e. exactly what the fitness scored; "sequential": prune again layer by layer on
+    # the pruned model's activations. Stitched measured better here (benchmarks/results/final_mode.md).
+    final: str = "stitched"
+    # fitness cost cutters (benchmarks/results/search_speed.md measures each)
+    fitness_dtype: str = "auto"  # "auto": bfloat16 where bf16 matmuls are native (AMX CPUs, GPUs), else the model's
+    kl_topk: int = 64  # dense reference keeps the top-k log-probs + rest mass per token; 0 = exact full-vocabulary KL
+    incremental: bool = False  # start at the first block whose levels differ from a kept candidate (exact; ~3% fewer
+    # block forwards measured on the embedded model, since crossover and mutation touch early blocks)
+    state_cache_mb: float = 256.0  # bound on the block inputs kept for incremental evaluation
+    db_ram_mb: float = 0.0  # RAM for recently read SparseGPT level weights (the rest stays on disk, memory-mapped)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_topk < 0:
+            raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact KL), got {self.kl_topk}")
+        if self.fitness_dtype not in ("auto", "model", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"search.fitness_dtype must be auto, model, float32, bfloat16 or float16, got {self.fitness_dtype!r}")
+        if self.state_cache_mb < 0 or self.db_ram_mb < 0:
+            raise ConfigError("search.state_cache_mb and search.db_ram_mb must be >= 0")
+        if self.fitness not in ("kl", "ppl"):
+            raise ConfigError(f"search.fitness must be 'kl' or 'ppl', got {self.fitness!r}")
+        if self.fitness_windows < self.final_windows:
+            raise ConfigError(
+                f"search.fitness_windows ({self.fitness_windows}) must cover the last stage's windows ({self.final_windows})"
+            )
+        if self.final not in ("sequential", "stitched"):
+            raise ConfigError(f"search.final must be 'sequential' or 'stitched', got {self.final!r}")
+
+    def core(self) -> SearchConfig:
+        names = {f.name for f in dataclasses.fields(SearchConfig)}
+        return SearchConfig(**{k: getattr(self, k) for k in names})
