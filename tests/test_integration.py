@@ -15,6 +15,7 @@ from mixsparse.export import load_compressed
 from mixsparse.modeling import param_counts
 from mixsparse.allocation.file import load_allocation
 from mixsparse.pipeline import run
+from mixsparse.record import RunRecord
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def test_msp_pipeline_end_to_end(embedded, tmp_path):
     # the saved checkpoint is what was evaluated
     windows = eval_windows(tok, load_corpus("wiki", "test"), 128, 1024)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
-    assert perplexity(reloaded, windows, progress=False) == pytest.approx(rec["perplexity"]["pruned"], rel=1e-5)
+    assert perplexity(reloaded, windows, progress=False) == pytest.approx(rec.perplexity.pruned, rel=1e-5)
     assert reloaded.config.mixsparse["allocation"] == "msp"
     half = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float16).eval()
     compressed = load_compressed(tmp_path / "compressed")
@@ -59,12 +60,12 @@ def test_cli_prune_then_eval_reloads_same_perplexity(tmp_path, capsys):
     args = ["--calib-samples", "2", "--seqlen", "128", "--eval-tokens", "512", "--quiet"]
     assert main(["prune", "--pruner", "sparsegpt", "--pattern", "2:4", "--no-zeroshot", "--out", str(out), *args,
                  "--set", "export.compressed=false"]) == 0
-    rec = json.loads((out / "run.json").read_text())
-    assert rec["pruning"]["overall_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    rec = RunRecord.load(out)
+    assert rec.pruning.overall_sparsity == pytest.approx(0.5, abs=1e-6)
     capsys.readouterr()
     assert main(["eval", "--model", str(out / "model"), *args, "--json", str(tmp_path / "eval.json")]) == 0
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["perplexity"] == pytest.approx(rec["perplexity"]["pruned"], rel=1e-5)
+    assert ev["perplexity"] == pytest.approx(rec.perplexity.pruned, rel=1e-5)
     assert ev["sparsity"] == pytest.approx(0.5, abs=1e-6)
 
 

@@ -28,12 +28,12 @@ def test_final_model_is_the_searched_map_pruned_one_shot_or_sequentially(tiny_ll
     model, tok = tiny_llama
     dense = copy.deepcopy(model)
     cfg = _cfg(word_corpus, final)
-    rec = prune(model, tok, cfg, progress=False)
-    smap = SparsityMap(rec["allocation"]["per_layer"], param_counts(model))
+    rec = prune(model, tok, cfg, progress=False).record
+    smap = SparsityMap(rec.allocation.per_layer, param_counts(model))
     assert smap.average() == pytest.approx(0.5, abs=1e-12)
     # the same map pruned directly: one-shot (dense activations) == stitched, sequential == sequential
     ids = Calibration(tok, cfg).ids(cfg.data.calibration_samples, cfg.data.seqlen)
     prune_layerwise(dense, ids, smap, "wanda", sequential=final == "sequential", progress=False)
     for (n, a), (_, b) in zip(model.named_parameters(), dense.named_parameters()):
         assert torch.equal(a, b), n
-    assert (rec["pruning"]["seconds"] == 0.0) == (final == "stitched")
+    assert (rec.pruning.seconds == 0.0) == (final == "stitched")

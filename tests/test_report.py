@@ -5,7 +5,8 @@ import json
 import pytest
 
 from mixsparse.errors import ConfigError, MixsparseError
-from mixsparse.report import load_run, plot_allocations, render_report
+from mixsparse.record import RunRecord
+from mixsparse.report import plot_allocations, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KINDS = ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -162,8 +163,8 @@ def test_bad_run_json_is_refused(tmp_path):
 
 def test_load_run_fills_absent_sections(tmp_path):
     _write(tmp_path, {"config": {"a": 1}})
-    run = load_run(tmp_path)
-    assert run["config"] == {"a": 1} and run["search"] is None and run["sizes"] is None
+    run = RunRecord.load(tmp_path)
+    assert run.config == {"a": 1} and run.search is None and run.sizes is None
 
 
 def test_plot_allocations(tmp_path):

@@ -234,18 +234,18 @@ def _command() -> str:
     return "mixsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _summary(rec: dict, out: Path) -> None:
-    ppl = rec.get("perplexity") or {}
-    pr = rec.get("pruning") or {}
-    lines = [f"run directory: {out}", f"overall sparsity (measured): {pr.get('overall_sparsity', 0):.4f}"]
-    if ppl:
-        line = f"perplexity ({ppl.get('tokens')} test tokens): dense {ppl.get('dense')}, pruned {ppl.get('pruned')}"
-        if ppl.get("recovered") is not None:
-            line += f", after recovery ({(rec.get('recovery') or {}).get('mode')}) {ppl['recovered']}"
-        if ppl.get("quantized") is not None:
-            line += f", quantized ({(rec.get('quantization') or {}).get('scheme')}) {ppl['quantized']}"
+def _summary(rec, out: Path) -> None:
+    """A few lines from the run's :class:`~mixsparse.record.RunRecord`."""
+    ppl, pr = rec.perplexity, rec.pruning
+    lines = [f"run directory: {out}", f"overall sparsity (measured): {(pr.overall_sparsity if pr else None) or 0:.4f}"]
+    if ppl is not None:
+        line = f"perplexity ({ppl.tokens} test tokens): dense {ppl.dense}, pruned {ppl.pruned}"
+        if ppl.recovered is not None:
+            line += f", after recovery ({(rec.recovery or {}).get('mode')}) {ppl.recovered}"
+        if ppl.quantized is not None:
+            line += f", quantized ({(rec.quantization or {}).get('scheme')}) {ppl.quantized}"
         lines.append(line)
-    for task, r in (rec.get("zeroshot") or {}).items():
+    for task, r in (rec.zeroshot or {}).items():
         lines.append(f"zero-shot {task}: {r['accuracy']:.3f} ± {r['stderr']:.3f} (n={r['n']})")
     if (out / "report.md").exists():
         lines.append(f"report: {out / 'report.md'}")

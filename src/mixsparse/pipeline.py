@@ -30,9 +30,11 @@ from .data import calibration_ids, eval_windows, load_corpus, tokenize, window_p
 from .engine import prune_layerwise
 from .errors import ConfigError
 from .evaluation import perplexity
-from .io import atomic_write_json, atomic_write_yaml
+from .io import atomic_write_yaml
 from .modeling import find_decoder_blocks, measured_sparsity, param_counts, prunable_linears
 from .placement import Placement, check_device
+from .record import (RUN_FILE, AllocationInfo, ModelInfo, PeakMemory, Perplexity, PlacementInfo, PruningInfo,
+                     RunRecord, WindowsInfo)
 from .sparsity import SparsityMap
 
 log = logging.getLogger(__name__)
@@ -154,13 +156,23 @@ def save_allocation(path: Path, alloc: Allocation, cfg: RunConfig, counts: dict[
 # --------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------
+@dataclass
+class PruneOutcome:
+    """What :func:`prune` did: its sections of the run record, the method's decision (with its
+    :class:`SparsityMap`), and the codes of a joint SparseGPT quantization (for the packed checkpoint)."""
+
+    record: RunRecord  # config, allocation, search, pruning, timings
+    allocation: Allocation
+    quantized: dict = field(default_factory=dict)
+
+
 def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_dir: str | Path | None = None,
-          progress: bool = True) -> dict:
-    """Python API: allocate per-layer sparsity and prune ``model`` in place. Returns the run record
-    (allocation, pruning report) as a dict; evaluation/export are separate steps (see :func:`run`)."""
+          progress: bool = True, timer: Timer | None = None) -> PruneOutcome:
+    """Python API: allocate per-layer sparsity and prune ``model`` in place. Evaluation and export are
+    separate steps (see :func:`run`)."""
     cfg = config or RunConfig()
     device = placement_for(cfg, model)  # one placement policy for every stage of the run
-    timer = Timer()
+    timer = timer or Timer()
     rd = Path(run_dir) if run_dir is not None else None
     counts = param_counts(model)
     calib = Calibration(tokenizer, cfg)
@@ -176,23 +188,112 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
                                   sequential=cfg.prune.sequential, progress=progress)
             seconds, quantized = rep.total_seconds, rep.quantized
     achieved, overall = measured_sparsity(model)
-    return {
-        "allocation": {"method": alloc.method,
-                       "target": target_of(cfg, alloc, counts),
-                       "average_requested": alloc.sparsity_map.average(counts),
-                       "per_layer": alloc.sparsity_map.to_dict(), "sensitivity": alloc.sensitivity,
-                       "sensitivity_kind": alloc.sensitivity_kind},
-        "search": alloc.search,
-        "pruning": {"pruner": cfg.prune.pruner, "achieved": achieved, "overall_sparsity": overall, "seconds": seconds},
-        "timings": timer.timings,
-        "peak_rss_after": timer.peak_rss_after,
-        "_allocation": alloc,
-        "_quantized": quantized,  # codes of a joint SparseGPT quantization (for the packed checkpoint)
-    }
+    record = RunRecord(
+        config=cfg.to_dict(),
+        allocation=AllocationInfo(method=alloc.method, target=target_of(cfg, alloc, counts),
+                                  average_requested=alloc.sparsity_map.average(counts),
+                                  per_layer=alloc.sparsity_map.to_dict(), sensitivity=alloc.sensitivity,
+                                  sensitivity_kind=alloc.sensitivity_kind),
+        search=alloc.search,
+        pruning=PruningInfo(pruner=cfg.prune.pruner, achieved=achieved, overall_sparsity=overall, seconds=seconds),
+        timings=timer.timings)
+    return PruneOutcome(record, alloc, quantized)
+
+
+class _Writer:
+    """The run record of one run directory and its stages: every stage updates the record and saves it
+    (``run.json``), so a crash keeps what was done; evaluations shared by ``prune`` and ``recover`` live here."""
+
+    def __init__(self, out: Path, record: RunRecord, cfg: RunConfig, progress: bool):
+        self.out, self.record, self.cfg, self.progress = out, record, cfg, progress
+        self.timer = Timer()
+        self.test_windows: torch.Tensor | None = None
+
+    def save(self) -> None:
+        self.record.timings = self.timer.timings
+        self.record.peak_memory = PeakMemory(**peak_memory(), after_stage_mb=self.timer.peak_rss_after)
+        self.record.save(self.out / RUN_FILE)
+
+    def failed(self, e: BaseException) -> None:
+        self.record.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        self.record.error = f"{type(e).__name__}: {e}"
+
+    def perplexity(self, which: str, model: nn.Module, tokenizer, placement: Placement) -> None:
+        """Test perplexity of ``model`` as ``perplexity.<which>`` (dense, pruned, recovered, quantized)."""
+        cfg = self.cfg
+        if not cfg.eval.perplexity:
+            return
+        if self.test_windows is None:
+            self.test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
+                                             cfg.data.eval_tokens or None, prefix=window_prefix(tokenizer, cfg.data.bos))
+        ppl = self.record.perplexity
+        tokens = int(self.test_windows.numel())
+        if ppl is None or (ppl.tokens, ppl.seqlen) != (tokens, cfg.data.seqlen):  # values on other windows don't compare
+            self.record.perplexity = Perplexity(split="test", tokens=tokens, seqlen=cfg.data.seqlen)
+        with self.timer(f"eval_{which}"):
+            value = perplexity(model, self.test_windows, batch_size=cfg.data.batch_size, device=placement,
+                               progress=self.progress)
+        setattr(self.record.perplexity, which, value)
+        self.save()
+
+    def downstream(self, model: nn.Module, tokenizer, placement: Placement) -> None:
+        """Zero-shot tasks and lm-eval tasks, as ``eval`` asks."""
+        cfg = self.cfg
+        if cfg.eval.zeroshot:
+            from .zeroshot import evaluate_zeroshot
+
+            with self.timer("zeroshot"):
+                self.record.zeroshot = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot),
+                                                         n=cfg.eval.zeroshot_n, device=placement, seed=cfg.data.seed,
+                                                         progress=self.progress)
+            self.save()
+        if cfg.eval.lm_eval_tasks:
+            from .lmeval import run_lm_eval
+
+            with self.timer("lm_eval"):
+                if placement.mode == "blockwise":
+                    log.warning("lm-eval needs the whole model on one device; the model does not fit on %s, so "
+                                "lm-eval runs on the CPU (slow for large models)", placement.device)
+                self.record.lm_eval = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
+                                                  device=placement.device if placement.mode == "whole" else "cpu")
+            self.save()
+
+    def export(self, model: nn.Module, tokenizer, metadata: dict, sparsity_map: SparsityMap | None,
+               quantized: dict) -> None:
+        """The run's checkpoints, as ``export.*`` asks: ``model/``, ``compressed/`` (sizes into the record) and,
+        for a quantized run, ``model-quantized/``."""
+        from .export import save_compressed, save_hf
+
+        cfg, out, timer, record = self.cfg, self.out, self.timer, self.record
+        artifacts = {}
+        if cfg.export.checkpoint:
+            with timer("export"):
+                save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
+            artifacts["checkpoint"] = "model/"
+        if cfg.export.compressed:
+            with timer("export_compressed"):
+                record.sizes = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
+                                               sparsity_map=sparsity_map, tokenizer=tokenizer, metadata=metadata,
+                                               overwrite=True, quantized=quantized)
+            artifacts["compressed"] = "compressed/"
+        if cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
+            from .quant.ct_export import save_compressed_tensors
+
+            with timer("export_quantized"):
+                record.quantization["export"] = save_compressed_tensors(model, quantized, out / "model-quantized",
+                                                                        tokenizer, overwrite=True)
+            artifacts["quantized"] = "model-quantized/"
+        record.artifacts = artifacts
+
+
+def _new_record(cfg: RunConfig, command: str | None) -> RunRecord:
+    return RunRecord(config=cfg.to_dict(), command=command or " ".join(shlex.quote(a) for a in sys.argv),
+                     version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     status="running")
 
 
 def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, progress: bool = True,
-        model: nn.Module | None = None, tokenizer=None, overwrite: bool = False) -> dict:
+        model: nn.Module | None = None, tokenizer=None, overwrite: bool = False) -> RunRecord:
     """Load, prune, evaluate, export and report; everything lands in ``out_dir``.
 
     The configuration, the files it names, the device and ``out_dir`` are checked before the model is
@@ -201,28 +302,18 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
     failed or interrupted (with the error)."""
     from .loading import load_model
     from .preflight import check_config, check_run_dir, run_status
+    from .report import render_report
 
     check_config(cfg)
     out = check_run_dir(out_dir, overwrite=overwrite)
     # an overwritten run is set aside, not deleted, until the new one has finished (restored if it fails)
     previous = _set_aside(out) if overwrite and run_status(out) is not None else None
-    timer = Timer()
-    record: dict[str, Any] = {
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-        "status": "running",
-    }
+    w = _Writer(out, _new_record(cfg, command), cfg, progress)
+    record, timer = w.record, w.timer
     atomic_write_yaml(out / "config.yaml", cfg.to_dict())
 
-    def save() -> None:
-        record["timings"] = timer.timings
-        record["peak_memory"] = {**peak_memory(), "after_stage_mb": timer.peak_rss_after}
-        atomic_write_json(out / "run.json", record)
-
     try:
-        save()  # status "running" from the start (a resumed directory no longer says "failed")
+        w.save()  # status "running" from the start (a resumed directory no longer says "failed")
         with timer("load"):
             if model is None:
                 model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
@@ -230,12 +321,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         if cfg.prune.allocation == "file":  # its layers and average, before the dense evaluation
             file_allocation(cfg, counts)
         _, blocks = find_decoder_blocks(model)
-        record["model"] = {"name": cfg.model.name, "num_params": sum(p.numel() for p in model.parameters()),
-                           "prunable_params": sum(counts.values()), "blocks": len(blocks)}
+        record.model = ModelInfo(name=cfg.model.name, num_params=sum(p.numel() for p in model.parameters()),
+                                 prunable_params=sum(counts.values()), blocks=len(blocks))
         placement = placement_for(cfg, model)
-        record["placement"] = {"device": str(placement.device), "mode": placement.mode}
-        prefix = window_prefix(tokenizer, cfg.data.bos)
-        record["windows"] = {"bos": cfg.data.bos, "prefix_ids": prefix}
+        record.placement = PlacementInfo(device=str(placement.device), mode=placement.mode)
+        record.windows = WindowsInfo(bos=cfg.data.bos, prefix_ids=window_prefix(tokenizer, cfg.data.bos))
 
         from .recovery.stage import check_placement, dense_snapshot, needs_dense, recover
 
@@ -245,48 +335,27 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
 
             check_not_quantized(model)
             check_groups(model, spec_of(cfg.quantize))
-        test_windows = None
-        ppl: dict[str, Any] = {}
-        if cfg.eval.perplexity:
-            test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
-                                        cfg.data.eval_tokens or None, prefix=window_prefix(tokenizer, cfg.data.bos))
-            ppl = {"split": "test", "tokens": int(test_windows.numel()), "seqlen": cfg.data.seqlen, "dense": None}
-            if cfg.eval.dense_baseline:
-                with timer("eval_dense"):
-                    ppl["dense"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                              progress=progress)
-            record["perplexity"] = ppl
-            save()
+        if cfg.eval.dense_baseline:
+            w.perplexity("dense", model, tokenizer, placement)
 
         dense = None
         if needs_dense(cfg.recover):  # the recovery's teacher; on disk, not a second model in memory
             with timer("dense_snapshot"):
                 dense = dense_snapshot(model, out / "cache")
-        result = prune(model, tokenizer, cfg, run_dir=out, progress=progress)
-        alloc: Allocation = result.pop("_allocation")
-        quantized = result.pop("_quantized")
-        for k, v in result.pop("timings").items():
-            timer.timings[k] = v
-        timer.peak_rss_after.update(result.pop("peak_rss_after"))
-        record.update(result)
+        pruned = prune(model, tokenizer, cfg, run_dir=out, progress=progress, timer=timer)
+        alloc, quantized = pruned.allocation, pruned.quantized
+        record.allocation, record.search, record.pruning = (pruned.record.allocation, pruned.record.search,
+                                                            pruned.record.pruning)
         save_allocation(out / "allocation.yaml", alloc, cfg, counts)
-        save()
+        w.save()
 
-        if cfg.eval.perplexity:
-            with timer("eval_pruned"):
-                ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                           progress=progress)
-            save()
+        w.perplexity("pruned", model, tokenizer, placement)
         if cfg.recover.mode != "none":
             with timer("recover"):
-                record["recovery"] = recover(model, tokenizer, cfg, dense=dense, device=placement, run_dir=out,
-                                             progress=progress)
-            save()
-            if cfg.eval.perplexity:
-                with timer("eval_recovered"):
-                    ppl["recovered"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                                  progress=progress)
-                save()
+                record.recovery = recover(model, tokenizer, cfg, dense=dense, device=placement, run_dir=out,
+                                          progress=progress)
+            w.save()
+            w.perplexity("recovered", model, tokenizer, placement)
         if cfg.quantize.method in ("rtn", "gptq"):
             from .quant.stage import quantize_model, spec_of
 
@@ -294,115 +363,63 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
             with timer("quantize"):
                 ids = Calibration(tokenizer, cfg).ids(q.calibration_samples or cfg.data.calibration_samples,
                                                       cfg.data.seqlen) if q.method == "gptq" else None
-                quantized, record["quantization"] = quantize_model(model, q.method, spec_of(q), ids, device=placement,
-                                                                   blocksize=q.blocksize, percdamp=q.percdamp,
-                                                                   progress=progress)
-            save()
+                quantized, record.quantization = quantize_model(model, q.method, spec_of(q), ids, device=placement,
+                                                                blocksize=q.blocksize, percdamp=q.percdamp,
+                                                                progress=progress)
+            w.save()
+            w.perplexity("quantized", model, tokenizer, placement)
         elif cfg.quantize.method == "joint":
             from .quant.stage import spec_of
 
-            record["quantization"] = {"method": "joint", "scheme": spec_of(cfg.quantize).label(),
-                                      "seconds": record["pruning"]["seconds"],
-                                      "note": "pruned and quantized in one sweep: the pruned perplexity is the quantized one"}
-            if "pruned" in ppl:
-                ppl["quantized"] = ppl["pruned"]
-        if cfg.quantize.method in ("rtn", "gptq") and cfg.eval.perplexity:
-            with timer("eval_quantized"):
-                ppl["quantized"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                              progress=progress)
-            save()
-        if cfg.eval.zeroshot:
-            from .zeroshot import evaluate_zeroshot
+            record.quantization = {"method": "joint", "scheme": spec_of(cfg.quantize).label(),
+                                   "seconds": record.pruning.seconds,
+                                   "note": "pruned and quantized in one sweep: the pruned perplexity is the quantized one"}
+            if record.perplexity is not None and record.perplexity.pruned is not None:
+                record.perplexity.quantized = record.perplexity.pruned
+        w.downstream(model, tokenizer, placement)
 
-            with timer("zeroshot"):
-                record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot), n=cfg.eval.zeroshot_n,
-                                                       device=placement, seed=cfg.data.seed, progress=progress)
-            save()
-        if cfg.eval.lm_eval_tasks:
-            from .lmeval import run_lm_eval
-
-            with timer("lm_eval"):
-                if placement.mode == "blockwise":
-                    log.warning("lm-eval needs the whole model on one device; the model does not fit on %s, so "
-                                "lm-eval runs on the CPU (slow for large models)", placement.device)
-                record["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
-                                                device=placement.device if placement.mode == "whole" else "cpu")
-            save()
-
-        metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": record["allocation"]["target"],
-                    "recovery": cfg.recover.mode, "quantization": (record.get("quantization") or {}).get("scheme"),
+        metadata = {"pruner": cfg.prune.pruner, "allocation": alloc.method, "target": record.allocation.target,
+                    "recovery": cfg.recover.mode, "quantization": (record.quantization or {}).get("scheme"),
                     "per_layer": alloc.sparsity_map.to_dict(), "mixsparse_version": __version__}
-        record["artifacts"] = export_run(model, tokenizer, cfg, out, record, timer, metadata, alloc.sparsity_map,
-                                         quantized)
+        w.export(model, tokenizer, metadata, alloc.sparsity_map, quantized)
     except BaseException as e:
-        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
+        w.failed(e)
         if previous is not None:
             _restore(previous, out)  # the finished run that --overwrite was to replace comes back whole
         else:
-            _best_effort(save, "record the failure in run.json")  # never hides the original error
-            if cfg.export.report and (out / "run.json").exists():
-                from .report import render_report
-
+            _best_effort(w.save, "record the failure in run.json")  # never hides the original error
+            if cfg.export.report and (out / RUN_FILE).exists():
                 _best_effort(lambda: render_report(out), "render the report of the failed run")
         raise
-    record["status"] = "finished"
-    save()
+    record.status = "finished"
+    w.save()
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
     if cfg.export.report:
-        from .report import render_report
-
         render_report(out)
     return record
 
-def export_run(model: nn.Module, tokenizer, cfg: RunConfig, out: Path, record: dict, timer: Timer, metadata: dict,
-               sparsity_map: SparsityMap | None, quantized: dict) -> dict:
-    """The run's checkpoints, as ``export.*`` asks: ``model/``, ``compressed/`` (sizes into ``record``) and, for a
-    quantized run, ``model-quantized/``. Returns the artifacts written."""
-    from .export import save_compressed, save_hf
-
-    artifacts = {}
-    if cfg.export.checkpoint:
-        with timer("export"):
-            save_hf(model, tokenizer, out / "model", metadata, overwrite=True)
-        artifacts["checkpoint"] = "model/"
-    if cfg.export.compressed:
-        with timer("export_compressed"):
-            record["sizes"] = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
-                                              sparsity_map=sparsity_map, tokenizer=tokenizer, metadata=metadata,
-                                              overwrite=True, quantized=quantized)
-        artifacts["compressed"] = "compressed/"
-    if cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
-        from .quant.ct_export import save_compressed_tensors
-
-        with timer("export_quantized"):
-            record["quantization"]["export"] = save_compressed_tensors(model, quantized, out / "model-quantized",
-                                                                       tokenizer, overwrite=True)
-        artifacts["quantized"] = "model-quantized/"
-    return artifacts
-
 
 def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, overrides: dict | None = None, *,
-                command: str | None = None, progress: bool = True, overwrite: bool = False) -> tuple[dict, Path]:
+                command: str | None = None, progress: bool = True, overwrite: bool = False) -> tuple[RunRecord, Path]:
     """Recover the pruned model of a finished run into a new run directory (``RUN_DIR-MODE`` by default).
 
     The dense teacher is the run's own ``model.name``; the pruned model is the run's ``model/`` (or its
     ``compressed/`` checkpoint), whose zeros must match what the run recorded. The source run is never
     modified."""
-    from .config import RunConfig, from_dict
+    from .config import from_dict
     from .export import load_compressed
     from .loading import load_model, parse_dtype
     from .preflight import check_config, check_run_dir
     from .recovery.common import check_zeros_match
-    from .recovery.stage import check_placement, dense_snapshot, recover
-    from .report import load_run, render_report
+    from .recovery.stage import check_placement, dense_snapshot, needs_dense, recover
+    from .report import render_report
 
     src = Path(run_dir)
-    source = load_run(src)
-    if source.get("status") not in (None, "finished"):
-        raise ConfigError(f"run {src} did not finish (status {source.get('status')}); finish it first (same command)")
-    data = source["config"]
+    source = RunRecord.load(src)
+    if source.status not in (None, "finished"):
+        raise ConfigError(f"run {src} did not finish (status {source.status}); finish it first (same command)")
+    data = source.config
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -415,7 +432,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     cfg = from_dict(RunConfig, data)
     if cfg.recover.mode == "none":
         raise ConfigError("mixsparse recover needs --mode blockwise, finetune or lora")
-    achieved = (source.get("pruning") or {}).get("achieved")
+    achieved = source.pruning.achieved if source.pruning is not None else None
     if not achieved:
         raise ConfigError(f"{src}/run.json records no pruned layers (pruning.achieved); is it a `mixsparse prune` run?")
     dtype = parse_dtype(cfg.model.dtype)
@@ -436,25 +453,19 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
                           "separate directory (the source run is never modified)")
     check_config(cfg)
     out = check_run_dir(out_path, overwrite=overwrite)
-    timer = Timer()
-    record: dict[str, Any] = {
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv), "version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "config": cfg.to_dict(),
-        "status": "running", "recovered_from": str(src_path),
-        **{k: source.get(k) for k in ("model", "allocation", "search", "pruning", "windows") if source.get(k)},
-    }
-
-    def save() -> None:
-        record["timings"] = timer.timings
-        record["peak_memory"] = {**peak_memory(), "after_stage_mb": timer.peak_rss_after}
-        atomic_write_json(out / "run.json", record)
+    record = _new_record(cfg, command)
+    record.recovered_from = str(src_path)
+    record.model, record.allocation, record.search, record.pruning, record.windows = (
+        source.model, source.allocation, source.search, source.pruning, source.windows)
+    # the source run's perplexities (dense, pruned) stay: the pruned one is measured again below
+    record.perplexity = source.perplexity
+    w = _Writer(out, record, cfg, progress)
+    timer = w.timer
 
     atomic_write_yaml(out / "config.yaml", cfg.to_dict())
     try:
-        save()
-        from .recovery.stage import needs_dense
-
-        dense, dense_model = None, None
+        w.save()
+        dense = None
         if needs_dense(cfg.recover):  # the dense teacher first, to disk, then freed: one model in memory at a time
             with timer("dense_snapshot"):
                 dense_model, _ = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
@@ -474,43 +485,24 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
             del untouched
         placement = placement_for(cfg, model)
         check_placement(cfg.recover, placement)
-        ppl = dict(source.get("perplexity") or {})
-        test_windows = None
-        if cfg.eval.perplexity:
-            test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
-                                        cfg.data.eval_tokens or None, prefix=window_prefix(tokenizer, cfg.data.bos))
-            with timer("eval_pruned"):
-                ppl["pruned"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                           progress=progress)
-            record["perplexity"] = ppl
+        w.perplexity("pruned", model, tokenizer, placement)
         with timer("recover"):
-            record["recovery"] = recover(model, tokenizer, cfg, dense=dense, device=placement, run_dir=out,
-                                         progress=progress)
-        save()
-        if cfg.eval.perplexity:
-            with timer("eval_recovered"):
-                ppl["recovered"] = perplexity(model, test_windows, batch_size=cfg.data.batch_size, device=placement,
-                                              progress=progress)
-        if cfg.eval.zeroshot:
-            from .zeroshot import evaluate_zeroshot
-
-            with timer("zeroshot"):
-                record["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=tuple(cfg.eval.zeroshot),
-                                                       n=cfg.eval.zeroshot_n, device=placement, seed=cfg.data.seed,
-                                                       progress=progress)
+            record.recovery = recover(model, tokenizer, cfg, dense=dense, device=placement, run_dir=out,
+                                      progress=progress)
+        w.save()
+        w.perplexity("recovered", model, tokenizer, placement)
+        w.downstream(model, tokenizer, placement)
         counts = param_counts(model)
-        per_layer = (source.get("allocation") or {}).get("per_layer") or {}
-        metadata = {"pruner": cfg.prune.pruner, "allocation": (source.get("allocation") or {}).get("method"),
+        per_layer = source.allocation.per_layer if source.allocation is not None else {}
+        metadata = {"pruner": cfg.prune.pruner, "allocation": source.allocation.method if source.allocation else None,
                     "recovery": cfg.recover.mode, "per_layer": per_layer, "mixsparse_version": __version__}
-        record["artifacts"] = export_run(model, tokenizer, cfg, out, record, timer, metadata,
-                                         SparsityMap(per_layer, counts) if per_layer else None, {})
+        w.export(model, tokenizer, metadata, SparsityMap(per_layer, counts) if per_layer else None, {})
     except BaseException as e:
-        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
-        _best_effort(save, "record the failure in run.json")
+        w.failed(e)
+        _best_effort(w.save, "record the failure in run.json")
         raise
-    record["status"] = "finished"
-    save()
+    record.status = "finished"
+    w.save()
     if cfg.export.report:
         render_report(out)
     return record, out

@@ -1,30 +1,11 @@
 """Turn a run directory's ``run.json`` into ``report.md`` plus PNG plots in ``plots/``.
 
-``run.json`` schema (every section except ``config`` is optional; ``null`` is the same as absent)::
+The record's shape is :class:`mixsparse.record.RunRecord` (every section except ``config`` optional).
 
-    {"command": "mixsparse prune ...",        # the command line that produced the run
-     "version": "0.1.0", "created": "ISO time",
-     "config": {...},                         # the full config as given (required)
-     "model": {"name": str, "num_params": int, "prunable_params": int, "blocks": int},
-     "allocation": {"method": "msp", "target": 0.7,
-                    "per_layer": {layer: float | "N:M"},          # requested, in forward order
-                    "sensitivity": {layer: float} | null,
-                    "sensitivity_kind": "fisher" | "hessian" | "owl" | null},
-     "search": {"history": [{"generation": int, "evaluations": int, "best_fitness": float,
-                             "seconds": float}],
-                "fitness": "kl" | "ppl", "seconds": float} | null,
-     "pruning": {"pruner": str, "achieved": {layer: float}, "overall_sparsity": float, "seconds": float},
-     "perplexity": {"split": "test", "tokens": int, "seqlen": int, "dense": float | null, "pruned": float},
-     "zeroshot": {task: {"accuracy": float, "stderr": float, "n": int}} | null,
-     "timings": {stage: seconds},             # a "total" entry wins over the sum of the stages
-     "peak_memory": {"cpu_rss_mb": float, "device_mb": float | null},
-     "sizes": {"dense_bytes": int, "compressed_bytes": int, "ratio": float, "prunable_ratio": float,
-               "prunable_dense_bytes": int, "prunable_compressed_bytes": int} | null,  # last two optional
-     "artifacts": {"checkpoint": "model/", "compressed": "compressed/"}}
-
-Layer names are qualified linear names (``model.layers.3.mlp.up_proj``): the first number is the
-block index and what follows it the layer kind. Plots are drawn on matplotlib ``Figure`` objects with
-an explicit Agg canvas, so rendering touches no pyplot/global backend state and needs no display.
+Layer names are qualified linear names (``model.layers.3.mlp.up_proj``), split by
+:func:`mixsparse.names.split_layer` into block index and layer kind. Plots are drawn on matplotlib
+``Figure`` objects with an explicit Agg canvas, so rendering touches no pyplot/global backend state and
+needs no display.
 """
 
 from __future__ import annotations
@@ -32,92 +13,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MixsparseError
 from .io import atomic_write, atomic_write_text
+from .names import split_layer
+from .record import AllocationInfo, ModelInfo, Perplexity, PruningInfo, RunRecord
 from .sparsity import parse_layer_sparsity, sparsity_of
 
 PLOTS_DIR = "plots"
 REPORT_FILE = "report.md"
-RUN_FILE = "run.json"
-
-_LAYER_RE = re.compile(r"^(?:(?P<prefix>.*?)\.)?(?P<block>\d+)\.(?P<kind>.+)$")
-
-# --------------------------------------------------------------------------------------------
-# Reading run.json
-# --------------------------------------------------------------------------------------------
-
-_SECTIONS: dict[str, type | tuple[type, ...]] = {
-    "command": str,
-    "version": str,
-    "created": str,
-    "config": dict,
-    "model": dict,
-    "allocation": dict,
-    "search": dict,
-    "pruning": dict,
-    "perplexity": dict,
-    "zeroshot": dict,
-    "timings": dict,
-    "peak_memory": dict,
-    "sizes": dict,
-    "artifacts": dict,
-    "lm_eval": dict,
-    "windows": dict,
-    "recovery": dict,
-    "quantization": dict,
-}
-_NUM = (int, float)
-# fields the report reads, with the types it needs: (section, field) -> types; "*" = every value of the section
-_FIELDS: dict[tuple[str, str], tuple] = {
-    ("perplexity", "dense"): _NUM, ("perplexity", "pruned"): _NUM, ("perplexity", "tokens"): _NUM,
-    ("perplexity", "recovered"): _NUM, ("perplexity", "quantized"): _NUM, ("sizes", "bits_per_weight"): _NUM, ("recovery", "seconds"): _NUM, ("recovery", "blocks"): (list,),
-    ("recovery", "loss"): (list,), ("recovery", "val_ppl"): (list,),
-    ("pruning", "overall_sparsity"): _NUM, ("pruning", "seconds"): _NUM, ("pruning", "achieved"): (dict,),
-    ("allocation", "per_layer"): (dict,), ("allocation", "sensitivity"): (dict,), ("search", "history"): (list,),
-    ("search", "seconds"): _NUM, ("peak_memory", "cpu_rss_mb"): _NUM, ("peak_memory", "device_mb"): _NUM,
-    ("sizes", "dense_bytes"): _NUM, ("sizes", "compressed_bytes"): _NUM, ("sizes", "ratio"): _NUM,
-    ("sizes", "prunable_ratio"): _NUM, ("timings", "*"): _NUM, ("zeroshot", "*"): (dict,), ("lm_eval", "*"): (dict,),
-    ("model", "num_params"): _NUM, ("model", "prunable_params"): _NUM, ("model", "blocks"): _NUM,
-}
-
-
-def load_run(run_dir: str | os.PathLike) -> dict:
-    """Read and shape-check ``run_dir/run.json``; absent optional sections become ``None``."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise ConfigError(f"no {RUN_FILE} in run directory {str(run_dir)!r}")
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from None
-    if not isinstance(run, dict):
-        raise ConfigError(f"{str(path)!r} must hold a JSON object, got {type(run).__name__}")
-    if run.get("config") is None:
-        raise ConfigError(f"{str(path)!r} has no 'config' section; it is required (the full config of the run)")
-    for key, kind in _SECTIONS.items():
-        value = run.get(key)
-        if value is not None and not isinstance(value, kind):
-            raise ConfigError(f"{str(path)!r}: section {key!r} must be a {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
-        run[key] = value
-    for (section, field), types in _FIELDS.items():
-        part = run.get(section) or {}
-        items = part.items() if field == "*" else [(field, part.get(field))]
-        for name, value in items:
-            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-                want = "a number" if types == _NUM else f"a {types[0].__name__}"
-                raise ConfigError(f"{str(path)!r}: {section}.{name} must be {want}, got {value!r}")
-    for name, value in ((run.get("pruning") or {}).get("achieved") or {}).items():
-        if not isinstance(value, _NUM):
-            raise ConfigError(f"{str(path)!r}: pruning.achieved.{name} must be a number, got {value!r}")
-    for i, h in enumerate((run.get("search") or {}).get("history") or []):
-        if not isinstance(h, dict) or not isinstance(h.get("best_fitness"), _NUM + (str, type(None))):
-            raise ConfigError(f"{str(path)!r}: search.history[{i}] must be an object with a numeric best_fitness")
-    return run
 
 
 def _layer_sparsity(value: Any, layer: str) -> float:
@@ -125,12 +32,6 @@ def _layer_sparsity(value: Any, layer: str) -> float:
         return sparsity_of(parse_layer_sparsity(value, where=f"layer {layer!r}"))
     except MixsparseError as e:
         raise ConfigError(f"run.json: {e}") from None
-
-
-def _split_layer(name: str) -> tuple[int | None, str]:
-    """``model.layers.3.mlp.up_proj`` -> (3, 'mlp.up_proj'); names without a block index -> (None, name)."""
-    m = _LAYER_RE.match(name)
-    return (int(m["block"]), m["kind"]) if m else (None, name)
 
 
 def _layer_order(*maps: Mapping[str, Any] | None) -> list[str]:
@@ -216,14 +117,14 @@ def _kinds(layers: Sequence[str]) -> dict[str, list[int]]:
     """Layer kind -> x positions (forward order)."""
     out: dict[str, list[int]] = {}
     for i, name in enumerate(layers):
-        out.setdefault(_split_layer(name)[1], []).append(i)
+        out.setdefault(split_layer(name)[1], []).append(i)
     return out
 
 
 def _block_means(layers: Sequence[str], values: Mapping[str, float]) -> dict[int, float]:
     sums: dict[int, list[float]] = {}
     for name in layers:
-        block = _split_layer(name)[0]
+        block = split_layer(name)[0]
         if block is not None and name in values:
             sums.setdefault(block, []).append(values[name])
     return {b: sum(v) / len(v) for b, v in sorted(sums.items())}
@@ -372,53 +273,49 @@ def _total_time(timings: dict | None) -> float | None:
     return sum(float(v) for v in timings.values() if v is not None)
 
 
-def _summary(run: dict) -> list[str]:
-    model, alloc, prun = run["model"] or {}, run["allocation"] or {}, run["pruning"] or {}
-    ppl, search, mem, sizes = run["perplexity"] or {}, run["search"] or {}, run["peak_memory"] or {}, run["sizes"] or {}
-    rows: list[tuple[str, str]] = [("Model", model.get("name", "n/a"))]
-    if model.get("num_params") is not None:
-        extra = f" ({_num(model['prunable_params'])} prunable)" if model.get("prunable_params") is not None else ""
-        rows.append(("Parameters", _num(int(model["num_params"])) + extra))
-    if model.get("blocks") is not None:
-        rows.append(("Decoder blocks", str(model["blocks"])))
+def _ratio(value: float | None, dense: float | None) -> str:
+    text = _num(value)
+    if value is not None and dense:
+        text += f" ({float(value) / float(dense):.2f}x dense)"
+    return text
+
+
+def _summary(run: RunRecord) -> list[str]:
+    model = run.model or ModelInfo()
+    alloc, prun = run.allocation or AllocationInfo(), run.pruning or PruningInfo()
+    ppl, search, mem, sizes = run.perplexity, run.search or {}, run.peak_memory, run.sizes or {}
+    rows: list[tuple[str, str]] = [("Model", model.name or "n/a")]
+    if model.num_params is not None:
+        extra = f" ({_num(model.prunable_params)} prunable)" if model.prunable_params is not None else ""
+        rows.append(("Parameters", _num(int(model.num_params)) + extra))
+    if model.blocks is not None:
+        rows.append(("Decoder blocks", str(model.blocks)))
     rows += [
-        ("Pruner", prun.get("pruner", "n/a")),
-        ("Allocation", alloc.get("method", "n/a")),
-        ("Target sparsity", _requested_str(alloc["target"], "target") if alloc.get("target") is not None else "n/a"),
-        ("Achieved overall sparsity", _pct(prun.get("overall_sparsity"))),
+        ("Pruner", prun.pruner or "n/a"),
+        ("Allocation", alloc.method or "n/a"),
+        ("Target sparsity", _requested_str(alloc.target, "target") if alloc.target is not None else "n/a"),
+        ("Achieved overall sparsity", _pct(prun.overall_sparsity)),
     ]
-    if ppl:
-        where = f" ({ppl.get('split', '?')} split, {_num(ppl.get('tokens'))} tokens, seqlen {ppl.get('seqlen', '?')})"
-        rows.append(("Perplexity, dense" + where, _num(ppl.get("dense"))))
-        pruned = _num(ppl.get("pruned"))
-        if ppl.get("dense") and ppl.get("pruned") is not None:
-            pruned += f" ({float(ppl['pruned']) / float(ppl['dense']):.2f}x dense)"
-        rows.append(("Perplexity, pruned" + where, pruned))
-        if ppl.get("recovered") is not None:
-            rec = _num(ppl["recovered"])
-            if ppl.get("dense"):
-                rec += f" ({float(ppl['recovered']) / float(ppl['dense']):.2f}x dense)"
-            mode = (run.get("recovery") or {}).get("mode", "?")
-            rows.append((f"Perplexity, after recovery ({mode})" + where, rec))
-        if ppl.get("quantized") is not None:
-            qp = _num(ppl["quantized"])
-            if ppl.get("dense"):
-                qp += f" ({float(ppl['quantized']) / float(ppl['dense']):.2f}x dense)"
-            scheme = (run.get("quantization") or {}).get("scheme", "?")
-            rows.append((f"Perplexity, quantized ({scheme})" + where, qp))
-    windows = run.get("windows") or {}
-    if windows:
-        prefix = windows.get("prefix_ids") or []
-        rows.append(("Window start (data.bos)", f"{windows.get('bos')}: " + (f"token ids {prefix}" if prefix else "no BOS")))
+    if ppl is not None:
+        where = f" ({ppl.split or '?'} split, {_num(ppl.tokens)} tokens, seqlen {ppl.seqlen or '?'})"
+        rows.append(("Perplexity, dense" + where, _num(ppl.dense)))
+        rows.append(("Perplexity, pruned" + where, _ratio(ppl.pruned, ppl.dense)))
+        # the later stages, in pipeline order, named with what produced them
+        for label, value in ((f"after recovery ({(run.recovery or {}).get('mode', '?')})", ppl.recovered),
+                             (f"quantized ({(run.quantization or {}).get('scheme', '?')})", ppl.quantized)):
+            if value is not None:
+                rows.append((f"Perplexity, {label}" + where, _ratio(value, ppl.dense)))
+    if run.windows is not None:
+        prefix = run.windows.prefix_ids
+        rows.append(("Window start (data.bos)", f"{run.windows.bos}: " + (f"token ids {prefix}" if prefix else "no BOS")))
     if search:
         rows.append(("Search time", _secs(search.get("seconds"))))
-    if prun.get("seconds") is not None:
-        rows.append(("Pruning time", _secs(prun["seconds"])))
-    rows.append(("Total time", _secs(_total_time(run["timings"]))))
-    if mem:
-        rows.append(("Peak CPU memory (RSS)", f"{_num(mem.get('cpu_rss_mb'), 1)} MB"))
-        dev = mem.get("device_mb")
-        rows.append(("Peak device memory", f"{_num(dev, 1)} MB" if dev is not None else "n/a"))
+    if prun.seconds is not None:
+        rows.append(("Pruning time", _secs(prun.seconds)))
+    rows.append(("Total time", _secs(_total_time(run.timings))))
+    if mem is not None:
+        rows.append(("Peak CPU memory (RSS)", f"{_num(mem.cpu_rss_mb, 1)} MB"))
+        rows.append(("Peak device memory", f"{_num(mem.device_mb, 1)} MB" if mem.device_mb is not None else "n/a"))
     if sizes:
         rows.append(("Dense checkpoint size", _bytes(sizes.get("dense_bytes"))))
         rows.append(("Compressed checkpoint size", _bytes(sizes.get("compressed_bytes"))))
@@ -429,11 +326,11 @@ def _summary(run: dict) -> list[str]:
     return ["## Summary", "", *_table(["", "value"], rows)]
 
 
-def _recovery(rec: dict, ppl: dict) -> list[str]:
+def _recovery(rec: dict, ppl: Perplexity | None) -> list[str]:
     md = ["## Recovery", "", f"Mode **{rec.get('mode')}**, {_secs(rec.get('seconds'))}; the zeros of every pruned layer "
           f"are {'exactly the same' if rec.get('zeros_unchanged') else 'NOT checked'} after recovery.", ""]
-    if ppl.get("pruned") is not None and ppl.get("recovered") is not None:
-        md += [f"Test perplexity {_num(ppl['pruned'])} after pruning, {_num(ppl['recovered'])} after recovery.", ""]
+    if ppl is not None and ppl.pruned is not None and ppl.recovered is not None:
+        md += [f"Test perplexity {_num(ppl.pruned)} after pruning, {_num(ppl.recovered)} after recovery.", ""]
     blocks = rec.get("blocks") or []
     if blocks:
         rows = [[b.get("block"), _num(b.get("mse_before"), 4), _num(b.get("mse_after"), 4),
@@ -494,7 +391,7 @@ def _per_block(layers: list[str], per_layer: dict, achieved: dict) -> list[str]:
     req = {l: _layer_sparsity(v, l) for l, v in per_layer.items()}
     blocks: dict[int | None, list[str]] = {}
     for l in layers:
-        blocks.setdefault(_split_layer(l)[0], []).append(l)
+        blocks.setdefault(split_layer(l)[0], []).append(l)
     rows = []
     for b, names in sorted(blocks.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
         r = [req[l] for l in names if l in req]
@@ -525,12 +422,10 @@ def _timings(timings: dict) -> list[str]:
 def render_report(run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/plots/*.png`` from ``run_dir/run.json``."""
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
+    run = RunRecord.load(run_dir)
     plots = run_dir / PLOTS_DIR
-    alloc, prun, search = run["allocation"] or {}, run["pruning"] or {}, run["search"] or {}
-    per_layer = alloc.get("per_layer") or {}
-    achieved = prun.get("achieved") or {}
-    sens = alloc.get("sensitivity") or {}
+    alloc, prun, search = run.allocation or AllocationInfo(), run.pruning or PruningInfo(), run.search or {}
+    per_layer, achieved, sens = alloc.per_layer or {}, prun.achieved or {}, alloc.sensitivity or {}
     layers = _layer_order(per_layer, achieved, sens)
     images: list[tuple[str, Path]] = []
 
@@ -538,41 +433,39 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         requested = {l: _layer_sparsity(v, l) for l, v in per_layer.items()}
         images.append(("Per-layer sparsity", _plot_sparsity(layers, requested, {k: float(v) for k, v in achieved.items()}, plots / "sparsity.png")))
     if sens:
-        images.append(("Per-layer sensitivity", _plot_sensitivity(layers, sens, alloc.get("sensitivity_kind"), plots / "sensitivity.png")))
+        images.append(("Per-layer sensitivity", _plot_sensitivity(layers, sens, alloc.sensitivity_kind, plots / "sensitivity.png")))
     if search.get("history"):
         images.append(("Search curve", _plot_search(search["history"], search.get("fitness"), plots / "search.png")))
-    rec = run.get("recovery") or {}
+    rec = run.recovery or {}
     if rec.get("blocks") or rec.get("loss"):
         images.append(("Recovery", _plot_recovery(rec, plots / "recovery.png")))
-    if run["sizes"] and run["sizes"].get("dense_bytes") is not None:
-        images.append(("Checkpoint sizes", _plot_sizes(run["sizes"], plots / "sizes.png")))
+    if run.sizes and run.sizes.get("dense_bytes") is not None:
+        images.append(("Checkpoint sizes", _plot_sizes(run.sizes, plots / "sizes.png")))
 
-    model_name = (run["model"] or {}).get("name", "model")
-    md = [f"# mixsparse report: {model_name}", ""]
-    meta = [f"mixsparse {run['version']}" if run["version"] else None, f"created {run['created']}" if run["created"] else None]
+    md = [f"# mixsparse report: {(run.model.name if run.model else None) or 'model'}", ""]
+    meta = [f"mixsparse {run.version}" if run.version else None, f"created {run.created}" if run.created else None]
     if any(meta):
         md += [", ".join(m for m in meta if m), ""]
-    status = run.get("status")
-    if status not in (None, "finished"):
-        md += [f"**This run did not finish: {status}.** {run.get('error') or ''}".rstrip(), ""]
+    if run.status not in (None, "finished"):
+        md += [f"**This run did not finish: {run.status}.** {run.error or ''}".rstrip(), ""]
     md += _summary(run)
     if rec.get("mode") not in (None, "none"):
-        md += _recovery(rec, run["perplexity"] or {})
-    if run["zeroshot"]:
-        md += _zeroshot(run["zeroshot"])
-    if run["lm_eval"]:
-        md += _lm_eval(run["lm_eval"])
+        md += _recovery(rec, run.perplexity)
+    if run.zeroshot:
+        md += _zeroshot(run.zeroshot)
+    if run.lm_eval:
+        md += _lm_eval(run.lm_eval)
     if layers:
         md += _per_block(layers, per_layer, achieved)
-    if run["timings"]:
-        md += _timings(run["timings"])
-    if run["artifacts"]:
-        md += ["## Artifacts", "", *[f"- {k}: `{v}`" for k, v in run["artifacts"].items()], ""]
-    if run["command"]:
-        md += ["## Command", "", "```", run["command"], "```", ""]
+    if run.timings:
+        md += _timings(run.timings)
+    if run.artifacts:
+        md += ["## Artifacts", "", *[f"- {k}: `{v}`" for k, v in run.artifacts.items()], ""]
+    if run.command:
+        md += ["## Command", "", "```", run.command, "```", ""]
     if images:
         md += ["## Plots", ""]
         md += [f"![{title}]({p.relative_to(run_dir).as_posix()})" + "\n" for title, p in images]
-    md += ["## Configuration", "", "```json", json.dumps(run["config"], indent=2, default=str), "```", ""]
+    md += ["## Configuration", "", "```json", json.dumps(run.config, indent=2, default=str), "```", ""]
 
     return atomic_write_text(run_dir / REPORT_FILE, "\n".join(md), mode=0o644)
