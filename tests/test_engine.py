@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from mixsparse.engine import LayerwiseRunner, prune_layerwise
+from mixsparse.engine import LayerwiseRunner, observe_layerwise, prune_layerwise
 from mixsparse.errors import DataError, SparsityError
 from mixsparse.masks import is_nm
 from mixsparse.modeling import find_decoder_blocks, param_counts, prunable_linears
+from mixsparse.pruners import get_pruner
 from mixsparse.sparsity import NM, SparsityMap
 
 from .tiny import CONFIGS, tiny_ids, tiny_model
@@ -96,8 +97,8 @@ def test_sequential_and_one_shot_differ_only_after_first_block():
 def test_on_layer_sees_every_linear_with_statistics():
     model = tiny_model("llama")
     seen = {}
-    prune_layerwise(model, tiny_ids(), SparsityMap({}), "wanda", on_layer=lambda n, p: seen.__setitem__(n, p.nsamples),
-                    progress=False)
+    observe_layerwise(model, tiny_ids(), lambda n, lin: get_pruner("wanda")(lin, layer_name=n),
+                      lambda n, p: seen.__setitem__(n, p.nsamples))
     assert set(seen) == set(prunable_linears(model)) and set(seen.values()) == {4 * 16}
 
 
@@ -153,3 +154,22 @@ def test_offloaded_meta_weights_are_a_clear_error(tiny_llama, tmp_path):
                                offload_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="offloaded by accelerate"):
         LayerwiseRunner(offloaded)
+
+
+def test_arch_skip_is_honoured_by_pruning_and_by_the_observe_pass(monkeypatch):
+    from mixsparse.modeling import ARCHITECTURES, ArchSpec
+
+    monkeypatch.setitem(ARCHITECTURES, "llama", ArchSpec(skip=("mlp.down_proj",)))
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    assert counts and not any(n.endswith("down_proj") for n in counts)
+    seen = set()
+    observe_layerwise(model, tiny_ids(), lambda n, lin: get_pruner("wanda")(lin, layer_name=n), lambda n, p: seen.add(n))
+    assert seen == set(counts)
+    skipped = "model.layers.0.mlp.down_proj"
+    with pytest.raises(SparsityError, match="does not prune"):
+        prune_layerwise(model, tiny_ids(), SparsityMap({skipped: 0.5}), "wanda", progress=False)
+    before = model.get_submodule(skipped).weight.detach().clone()
+    report = prune_layerwise(model, tiny_ids(), SparsityMap.uniform(0.5, counts), "wanda", progress=False)
+    assert set(report.achieved) == set(counts)
+    assert torch.equal(model.get_submodule(skipped).weight, before)

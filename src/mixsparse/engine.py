@@ -7,7 +7,10 @@ runner serves pruning, statistics collection and evaluation of models larger tha
 
 :func:`prune_layerwise` is the pruning engine. It knows no pruner by name: it asks the registry for a
 :class:`~mixsparse.pruners.LayerPruner`, feeds it each linear's inputs through forward hooks, and
-writes back the weight it computes for the layer's target from the :class:`SparsityMap`.
+writes back the weight it computes for the layer's target from the :class:`SparsityMap`. The hooks are
+the engine's one calibrate/observe step (:func:`_calibrated_blocks`), which :func:`observe_layerwise`
+also offers without pruning: OWL's activation statistics and the search's level database use it. Both
+see the prunable linears only (``ArchSpec.skip`` honoured).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,9 +28,10 @@ from tqdm.auto import tqdm
 
 from .data import batches as split_batches
 from .errors import DataError, SparsityError
-from .modeling import block_linears, find_decoder_blocks, take_placement
+from .modeling import find_decoder_blocks, prunable_linears, take_placement
+from .names import block_index
 from .placement import Placement
-from .pruners import LayerPruner, get_pruner
+from .pruners import get_pruner
 from .sparsity import SparsityMap, sparsity_of, weighted_average
 
 log = logging.getLogger(__name__)
@@ -238,6 +242,90 @@ class PruneReport:
         return weighted_average(self.achieved, param_counts)
 
 
+class Observer(Protocol):
+    """Collects statistics of one linear layer's inputs (a :class:`LayerPruner` is one)."""
+
+    def add_batch(self, inp: torch.Tensor) -> None: ...
+
+
+def _block_layers(model: nn.Module, runner: "LayerwiseRunner", wanted: Iterable[str] | None) -> list[dict[str, nn.Linear]]:
+    """Per block, the prunable linears (``ArchSpec.skip`` honoured) to observe: all, or those in ``wanted``."""
+    prunable = prunable_linears(model)
+    if wanted is not None:
+        wanted = set(wanted)
+        unknown = sorted(wanted - set(prunable))
+        if unknown:
+            raise SparsityError(f"sparsity map names layers this model does not have (or does not prune): "
+                                f"{', '.join(unknown[:5])}")
+    per_block: list[dict[str, nn.Linear]] = [{} for _ in runner.blocks]
+    for name, lin in prunable.items():
+        if wanted is None or name in wanted:
+            per_block[block_index(name, runner.blocks_name)][name] = lin
+    return per_block
+
+
+def _calibrated_blocks(runner: "LayerwiseRunner", state: BlockInputs | None, per_block: list[dict[str, nn.Linear]],
+                       make: Callable[[str, nn.Linear], Observer], sequential: bool, progress: bool, desc: str
+                       ) -> Iterator[tuple[int, dict[str, nn.Linear], dict[str, Observer]]]:
+    """The engine's calibrate/observe step, shared by pruning and every statistics pass: for each block (on
+    the device for the duration), hooks feed each wanted linear's inputs to its observer during one forward
+    of the calibration batches, then ``(index, linears, observers)`` is yielded so the caller can read the
+    statistics and change the weights; the block's outputs then feed the next block (recomputed with the
+    changed weights when ``sequential``, else the outputs seen while observing). ``state`` None: no data."""
+    bar = tqdm(list(enumerate(runner.blocks)), desc=desc, disable=not progress)
+    for i, block in bar:
+        linears = per_block[i]
+        if not linears:
+            if state is not None:
+                with runner.on_device(block):
+                    state.hidden = runner.run_block(block, state)
+            continue
+        with runner.on_device(block):
+            observers = {name: make(name, lin) for name, lin in linears.items()}
+            outs = None
+            if state is not None:
+                hooks = [lin.register_forward_hook(lambda m, inp, out, o=observers[name]: o.add_batch(inp[0]))
+                         for name, lin in linears.items()]
+                try:
+                    outs = runner.run_block(block, state)
+                finally:
+                    for h in hooks:
+                        h.remove()
+            yield i, linears, observers
+            if state is not None:
+                state.hidden = runner.run_block(block, state) if sequential else outs
+        bar.set_postfix(block=i)
+
+
+def observe_layerwise(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    make: Callable[[str, nn.Linear], Observer],
+    on_layer: Callable[[str, Observer], None],
+    *,
+    layers: Iterable[str] | None = None,
+    device: "str | torch.device | Placement | None" = None,
+    batch_size: int = 1,
+    offload: bool = True,
+    progress: bool = False,
+    desc: str = "observe",
+) -> None:
+    """Statistics of every prunable linear (or of ``layers``) on the dense model, block by block, nothing
+    changed: ``make(name, linear)`` builds an observer fed the layer's calibration inputs, and
+    ``on_layer(name, observer)`` is called once its statistics are complete (while its block is on the
+    device). OWL's outlier ratios and the search's level database are built this way."""
+    if calib_ids is None:
+        raise DataError("observing layer inputs needs calibration data")
+    with Placement.stage(model):
+        runner = LayerwiseRunner(model, device=device, offload=offload)
+        per_block = _block_layers(model, runner, layers)
+        state = runner.catch(split_batches(calib_ids, batch_size))
+        with contextlib.closing(_calibrated_blocks(runner, state, per_block, make, False, progress, desc)) as blocks:
+            for _, _, observers in blocks:
+                for name, obs in observers.items():
+                    on_layer(name, obs)
+
+
 def prune_layerwise(
     model: nn.Module,
     calib_ids: torch.Tensor | None,
@@ -249,79 +337,47 @@ def prune_layerwise(
     batch_size: int = 1,
     offload: bool = True,
     sequential: bool = True,
-    on_layer: Callable[[str, LayerPruner], None] | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block.
 
     ``targets`` maps qualified linear names to their sparsity; layers not in it stay dense. With
     ``sequential`` (default) each block is calibrated on the outputs of the already-pruned blocks
-    before it; otherwise on dense activations. ``on_layer(name, pruner)`` is called once a layer's
-    statistics are complete and before it is pruned (the search uses it to cache every level).
+    before it; otherwise on dense activations.
     """
     with Placement.stage(model):
         return _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, device=device, batch_size=batch_size,
-                                offload=offload, sequential=sequential, on_layer=on_layer, progress=progress)
+                                offload=offload, sequential=sequential, progress=progress)
 
 
 def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, device, batch_size, offload, sequential,
-                     on_layer, progress) -> PruneReport:
+                     progress) -> PruneReport:
     cls = get_pruner(pruner)
     options = cls.make_options(pruner_options)
     runner = LayerwiseRunner(model, device=device, offload=offload)
-    blocks_name = runner.blocks_name
-    known = {f"{blocks_name}.{i}.{n}": lin for i, b in enumerate(runner.blocks) for n, lin in block_linears(b).items()}
-    unknown = sorted(set(targets) - set(known))
-    if unknown:
-        raise SparsityError(f"sparsity map names layers this model does not have: {', '.join(unknown[:5])}")
-    targets.check_divisible({n: known[n].in_features for n in targets})
+    per_block = _block_layers(model, runner, targets)
+    targets.check_divisible({n: lin.in_features for layers in per_block for n, lin in layers.items()})
 
     report = PruneReport(pruner, targets.to_dict(), {})
     t_start = time.perf_counter()
-    needs_data = cls.needs_inputs or on_layer is not None
-    if needs_data and calib_ids is None:
+    if cls.needs_inputs and calib_ids is None:
         raise DataError(f"pruner {pruner!r} needs calibration data")
-    state = runner.catch(split_batches(calib_ids, batch_size)) if needs_data else None
-
-    bar = tqdm(list(enumerate(runner.blocks)), desc=f"prune[{pruner}]", disable=not progress)
-    for i, block in bar:
-        names = {n: f"{blocks_name}.{i}.{n}" for n in block_linears(block)}
-        active = {short: full for short, full in names.items() if full in targets or on_layer is not None}
-        if not active:
-            if state is not None:
-                with runner.on_device(block):
-                    state.hidden = runner.run_block(block, state)
-            continue
-        with runner.on_device(block):
-            lin = block_linears(block)
-            pruners = {short: cls(lin[short], options, layer_name=full) for short, full in active.items()}
-            if state is not None:
-                hooks = [
-                    lin[short].register_forward_hook(lambda m, inp, out, p=p: p.add_batch(inp[0]))
-                    for short, p in pruners.items()
-                ]
-                try:
-                    outs = runner.run_block(block, state)
-                finally:
-                    for h in hooks:
-                        h.remove()
-            for short, p in pruners.items():
-                full = active[short]
-                if on_layer is not None:
-                    on_layer(full, p)
-                if full in targets and (sparsity_of(targets[full]) > 0 or p.changes_unpruned()):
+    state = runner.catch(split_batches(calib_ids, batch_size)) if cls.needs_inputs else None
+    make = lambda name, lin: cls(lin, options, layer_name=name)  # noqa: E731
+    blocks = _calibrated_blocks(runner, state, per_block, make, sequential, progress, f"prune[{pruner}]")
+    with contextlib.closing(blocks):  # an error mid-block sends the block home now, not when the traceback dies
+        for _, linears, pruners in blocks:
+            for name, p in pruners.items():
+                lin = linears[name]
+                if sparsity_of(targets[name]) > 0 or p.changes_unpruned():
                     t0 = time.perf_counter()
-                    res = p.compute(targets[full])
-                    lin[short].weight.data.copy_(res.weight)
+                    res = p.compute(targets[name])
+                    lin.weight.data.copy_(res.weight)
                     if res.quantized is not None:
-                        report.quantized[full] = res.quantized.cpu()
-                    report.seconds[full] = time.perf_counter() - t0
-                w = lin[short].weight.data
-                if full in targets:
-                    report.achieved[full] = float((w == 0).sum().item()) / w.numel()
+                        report.quantized[name] = res.quantized.cpu()
+                    report.seconds[name] = time.perf_counter() - t0
+                w = lin.weight.data
+                report.achieved[name] = float((w == 0).sum().item()) / w.numel()
                 p.free()
-            if state is not None:
-                state.hidden = runner.run_block(block, state) if sequential else outs
-        bar.set_postfix(block=i)
     report.total_seconds = time.perf_counter() - t_start
     return report

@@ -34,12 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import prune_layerwise
+from ..engine import observe_layerwise
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_json
 from ..modeling import prunable_linears
 from ..pruners import get_pruner
-from ..sparsity import SparsityMap
 from .space import LevelSpace, Offsets
 
 log = logging.getLogger(__name__)
@@ -122,8 +121,6 @@ class LevelDatabase:
         levels = list(space.offsets)
 
         def on_layer(name: str, p) -> None:
-            if name not in db.layers:
-                return
             if masks_only:
                 count, prev = None, None
                 for k in levels:
@@ -144,12 +141,15 @@ class LevelDatabase:
                 tmp = path.with_name(path.name + ".tmp")
                 save_file(tensors, str(tmp))
                 os.replace(tmp, path)
+            p.free()
             bar.update(1)
 
         if len(levels) > 255:
             raise ConfigError(f"the level database holds at most 255 levels per layer, the space has {len(levels)}")
-        prune_layerwise(model, calib_ids, SparsityMap({}), pruner, pruner_options, device=device,
-                        sequential=False, on_layer=on_layer, progress=False)
+        pcls = get_pruner(pruner)
+        options = pcls.make_options(pruner_options)
+        observe_layerwise(model, calib_ids, lambda name, lin: pcls(lin, options, layer_name=name), on_layer,
+                          layers=db.layers, device=device)
         bar.close()
         db.seconds = time.perf_counter() - t0
 

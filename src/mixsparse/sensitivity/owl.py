@@ -12,12 +12,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..engine import prune_layerwise
+from ..engine import observe_layerwise
 from ..errors import ConfigError
-from ..modeling import find_decoder_blocks, prunable_linears
+from ..modeling import find_decoder_blocks
 from ..names import block_index
-from ..pruners import LayerPruner
-from ..sparsity import SparsityMap
+from ..pruners.wanda import column_sq_sums, wanda_scores
 from .fisher import check_calib_ids, eval_mode
 
 
@@ -27,6 +26,20 @@ def outlier_ratio(scores: Sequence[torch.Tensor], M: float) -> float:
     if flat.numel() == 0:
         return 0.0
     return float((flat > M * flat.mean()).sum()) / flat.numel()
+
+
+class _InputNorms:
+    """Observer of one linear: the sums of squares of its input features (Wanda's ``||X_j||^2``)."""
+
+    def __init__(self, layer: nn.Linear):
+        self.layer = layer
+        self.sq_norm = torch.zeros(layer.in_features, dtype=torch.float64, device=layer.weight.device)
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        self.sq_norm += column_sq_sums(inp.detach().reshape(-1, inp.shape[-1]))
+
+    def scores(self) -> torch.Tensor:
+        return wanda_scores(self.layer.weight.data, self.sq_norm)
 
 
 def owl_outlier_ratios(
@@ -41,15 +54,13 @@ def owl_outlier_ratios(
 ) -> dict[int, float]:
     """Outlier ratio (a fraction in [0, 1], not OWL's percent) of every decoder block, by block index.
 
-    Activation norms come from the dense model (nothing is pruned): the engine runs with an empty
-    sparsity map and hands every linear's Wanda statistics to a callback. Peak extra memory is one
-    block's worth of float32 scores on the CPU.
+    Activation norms come from the dense model, through the engine's observe pass (nothing is pruned).
+    Peak extra memory is one block's worth of float32 scores on the CPU.
     """
     check_calib_ids(calib_ids)
     if not (isinstance(M, (int, float)) and M > 0):
         raise ConfigError(f"OWL outlier threshold M must be a positive number, got {M!r}")
     blocks_name, _ = find_decoder_blocks(model)
-    wanted = set(prunable_linears(model))
     ratios: dict[int, float] = {}
     pending: dict[int, list[torch.Tensor]] = {}
 
@@ -58,17 +69,13 @@ def owl_outlier_ratios(
             if upto is None or b < upto:
                 ratios[b] = outlier_ratio(pending.pop(b), M)
 
-    def on_layer(name: str, pruner: LayerPruner) -> None:
-        if name not in wanted:
-            return
+    def on_layer(name: str, obs: _InputNorms) -> None:
         b = block_index(name, blocks_name)
         flush(b)  # blocks run in order: earlier blocks are complete
-        pending.setdefault(b, []).append(pruner.scores().float().cpu())  # type: ignore[attr-defined]
+        pending.setdefault(b, []).append(obs.scores().cpu())
 
     with eval_mode(model):
-        prune_layerwise(
-            model, calib_ids, SparsityMap({}), "wanda", device=device, batch_size=batch_size, offload=offload,
-            on_layer=on_layer, progress=progress,
-        )
+        observe_layerwise(model, calib_ids, lambda name, lin: _InputNorms(lin), on_layer, device=device,
+                          batch_size=batch_size, offload=offload, progress=progress, desc="observe[owl]")
     flush(None)
     return ratios
