@@ -5,6 +5,7 @@
   ``add_special_tokens`` is on).
 - ``tiny_llama``: ``(model, tokenizer)``, a tiny random Llama (vocab 128, 2 layers) in eval mode.
 - ``tiny_llama_dir``: that pair saved as a Hugging Face directory (safetensors).
+- ``quick_cli``: a function giving the CLI arguments of a seconds-long run on those two.
 - ``word_corpus``: a small .txt corpus (40 paragraphs of seeded random words) for the text-file loader.
 - ``embedded``: ``(model, tokenizer)`` of the real embedded SmolLM2, loaded once per session; for
   tests marked ``@pytest.mark.integration`` only. Do not modify it in place (prune a deep copy).
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 TINY_CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
 
@@ -37,14 +37,9 @@ def tiny_tokenizer():
 
 @pytest.fixture
 def tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from .tiny import tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=None, use_cache=False)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    return model, _tiny_tokenizer()
+    return tiny_model("llama", bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=False), _tiny_tokenizer()
 
 
 @pytest.fixture
@@ -72,3 +67,18 @@ def embedded():
     from mixsparse.loading import load_model
 
     return load_model("embedded")
+
+
+@pytest.fixture
+def quick_cli(tiny_llama_dir, word_corpus):
+    """``quick_cli(sparsity=0.5, calib_samples=4, report=True)``: CLI arguments of a seconds-long uniform
+    run on the tiny model and the word corpus (calibration, validation and test text alike)."""
+
+    def args(sparsity: float = 0.5, calib_samples: int = 4, report: bool = True) -> list[str]:
+        c = str(word_corpus)
+        return ["--model", str(tiny_llama_dir), "--calibration", c, "--set", f"data.validation={c}",
+                "--set", f"data.evaluation={c}", "--calib-samples", str(calib_samples), "--seqlen", "32",
+                "--eval-tokens", "64", "--set", "eval.zeroshot=[]", "--sparsity", str(sparsity), "--quiet",
+                "--device", "cpu", *([] if report else ["--set", "export.report=false"])]
+
+    return args

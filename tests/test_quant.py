@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixsparse.errors import ConfigError, NumericalError
-from mixsparse.quant.grid import QuantSpec, QuantizedWeight, find_params, quantize_rtn
+from mixsparse.quant.grid import QuantSpec, find_params, quantize_rtn
 from mixsparse.quant.gptq import obs_sweep
 from mixsparse.pruners.sparsegpt import inverse_hessian_factor
 
@@ -189,11 +189,8 @@ def test_an_already_quantized_model_is_refused():
 
 # the stage in a run ------------------------------------------------------------------------------
 @pytest.fixture
-def quick(tiny_llama_dir, word_corpus):
-    c = str(word_corpus)
-    return ["--model", str(tiny_llama_dir), "--calibration", c, "--set", f"data.validation={c}",
-            "--set", f"data.evaluation={c}", "--calib-samples", "4", "--seqlen", "32", "--eval-tokens", "64",
-            "--set", "eval.zeroshot=[]", "--sparsity", "0.5", "--quiet", "--device", "cpu"]
+def quick(quick_cli):
+    return quick_cli(sparsity=0.5)
 
 
 @pytest.mark.parametrize("method,pruner", [("gptq", "wanda"), ("rtn", "wanda"), ("joint", "sparsegpt")])

@@ -251,11 +251,8 @@ def test_a_too_small_corpus_is_refused():
 
 # the stage in a run ------------------------------------------------------------------------------
 @pytest.fixture
-def quick(tiny_llama_dir, word_corpus):
-    c = str(word_corpus)
-    return ["--model", str(tiny_llama_dir), "--calibration", c, "--set", f"data.validation={c}",
-            "--set", f"data.evaluation={c}", "--calib-samples", "4", "--seqlen", "32", "--eval-tokens", "64",
-            "--set", "eval.zeroshot=[]", "--sparsity", "0.6", "--quiet", "--device", "cpu"]
+def quick(quick_cli):
+    return quick_cli(sparsity=0.6)
 
 
 @pytest.mark.parametrize("mode", ["blockwise", "lora"])

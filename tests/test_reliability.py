@@ -14,13 +14,9 @@ from .tiny import tiny_model
 
 
 @pytest.fixture
-def quick(tiny_llama_dir, word_corpus):
+def quick(quick_cli):
     """CLI arguments of a seconds-long uniform run on the tiny model and the word corpus."""
-    c = str(word_corpus)
-    return ["--model", str(tiny_llama_dir), "--calibration", c, "--set", f"data.validation={c}",
-            "--set", f"data.evaluation={c}", "--calib-samples", "2", "--seqlen", "32", "--eval-tokens", "64",
-            "--set", "eval.zeroshot=[]", "--set", "export.report=false", "--sparsity", "0.5", "--quiet",
-            "--device", "cpu"]
+    return quick_cli(sparsity=0.5, calib_samples=2, report=False)
 
 
 @pytest.fixture
