@@ -22,7 +22,7 @@ from common import RESULTS, Results, command_line, fmt, load_setup, measure, wri
 from mixsparse.config import load_config
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity, param_counts
 from mixsparse.pipeline import allocate
 from mixsparse.report import plot_allocations
 

@@ -17,7 +17,7 @@ import torch
 from common import RESULTS, Results, command_line, fmt, load_setup, measure, write_markdown
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity, param_counts
 from mixsparse.sparsity import SparsityMap
 
 SETTINGS = ["0.5", "0.6", "0.7", "0.8", "2:4"]

@@ -34,6 +34,31 @@ def load_setup(model_name: str, calib_samples: int, seqlen: int, eval_tokens: in
     return model, tok, pristine, calib, test
 
 
+def prune_cell(model, calib, cell: str, place) -> tuple[object, float]:
+    """Prune ``model`` in place for a cell ``ALLOCATION/PRUNER@TARGET`` of the recovery and quantization
+    benchmarks: ``uniform`` at the target, sequentially; ``msp`` with the searched map of
+    results/allocation.json, one-shot for the pruner that searched it (that is the stitched model) and
+    sequentially for another (as allocation.py prunes it); ``dense`` leaves it. Returns (map, seconds)."""
+    from mixsparse.engine import prune_layerwise
+    from mixsparse.modeling import param_counts
+    from mixsparse.sparsity import SparsityMap
+
+    alloc, rest = cell.split("/")
+    pruner, target = rest.split("@")
+    if alloc == "dense":
+        return None, 0.0
+    counts = param_counts(model)
+    if alloc == "uniform":
+        smap, sequential = SparsityMap.uniform(float(target), counts), True
+    else:
+        entry = json.loads((RESULTS / "allocation.json").read_text())["entries"][f"msp/{pruner}@{target}"]
+        smap = SparsityMap(entry["per_layer"], counts)
+        sequential = (entry.get("searched_with") or pruner) != pruner
+    t0 = time.perf_counter()
+    prune_layerwise(model, calib, smap, pruner, device=place, sequential=sequential, progress=False)
+    return smap, time.perf_counter() - t0
+
+
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 

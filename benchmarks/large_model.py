@@ -35,7 +35,7 @@ from torch import nn
 from common import RESULTS, Results, _rss_mb, command_line, fmt, measure, write_markdown
 from mixsparse.engine import prune_layerwise
 from mixsparse.errors import ConfigError
-from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity, param_counts
 from mixsparse.sparsity import SparsityMap
 
 DEVICE_TARGET = 0.30  # peak device memory / dense model size the engine should stay under on a GPU

@@ -16,22 +16,19 @@ quantization.md. Run it alone.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, load_setup, write_markdown
-from mixsparse.engine import prune_layerwise
+from common import RESULTS, Results, command_line, fmt, load_setup, prune_cell, write_markdown
 from mixsparse.evaluation import perplexity
 from mixsparse.export import save_compressed
-from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity, prunable_linears
 from mixsparse.placement import Placement
 from mixsparse.quant.grid import QuantSpec
 from mixsparse.quant.stage import quantize_model
-from mixsparse.sparsity import SparsityMap
 
 CELLS = ["dense/none@dense", "uniform/wanda@0.5", "msp/wanda@0.5", "uniform/wanda@0.7", "msp/wanda@0.7"]
 SCHEMES = {"fp16": None, "rtn4": ("rtn", 4), "gptq4": ("gptq", 4), "int8": ("rtn", 8)}
@@ -63,22 +60,14 @@ def main() -> None:
     res = Results(Path(args.out + ".json"), meta, fresh=args.fresh)
     redo = {k for k in args.redo.split(",") if k}
     model, tok, pristine, calib, test = load_setup("embedded", args.calib_samples, args.seqlen, args.eval_tokens)
-    counts = param_counts(model)
     place = Placement(torch.device("cpu"), "whole")
-    maps = json.loads((RESULTS / "allocation.json").read_text())["entries"]
     for cell in args.cells.split(","):
-        alloc, rest = cell.split("/")
-        pruner, target = rest.split("@")
         todo = [s for s in args.schemes.split(",")
                 if not res.has(f"{cell}/{s}{args.suffix}") or f"{cell}/{s}{args.suffix}" in redo]
         if not todo:
             continue
         model.load_state_dict(pristine)
-        smap = None
-        if alloc != "dense":
-            smap = SparsityMap.uniform(float(target), counts) if alloc == "uniform" else \
-                SparsityMap(maps[f"msp/{pruner}@{target}"]["per_layer"], counts)
-            prune_layerwise(model, calib, smap, pruner, device=place, sequential=alloc == "uniform", progress=False)
+        smap, _ = prune_cell(model, calib, cell, place)
         pruned = {k: v.clone() for k, v in model.state_dict().items()}
         for scheme in todo:
             model.load_state_dict(pruned)

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, load_setup, write_markdown
+from common import RESULTS, Results, command_line, fmt, load_setup, prune_cell, write_markdown
 from mixsparse.config import load_config, parse_override
-from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
-from mixsparse.modeling import measured_sparsity, param_counts, prunable_linears
+from mixsparse.modeling import measured_sparsity
 from mixsparse.placement import Placement
 from mixsparse.recovery.stage import dense_snapshot, recover
-from mixsparse.sparsity import SparsityMap
 from mixsparse.zeroshot import evaluate_zeroshot
 
 CELLS = ["msp/wanda@0.7", "uniform/wanda@0.7", "msp/wanda@0.8", "uniform/wanda@0.8", "msp/sparsegpt@0.7",
@@ -67,7 +65,6 @@ def main() -> None:
     res = Results(Path(args.out + ".json"), meta, fresh=args.fresh)
     redo = {k for k in args.redo.split(",") if k}
     model, tok, pristine, calib, test = load_setup("embedded", args.calib_samples, args.seqlen, args.eval_tokens)
-    counts = param_counts(model)
     place = Placement(torch.device("cpu"), "whole")
 
     def zeroshot() -> dict:
@@ -79,23 +76,13 @@ def main() -> None:
     dense_ppl = res.get("dense")["ppl"]
     work = Path(args.out + "_work")
     store = dense_snapshot(model, work)
-    maps = json.loads((RESULTS / "allocation.json").read_text())["entries"]
     for cell in args.cells.split(","):
-        alloc, rest = cell.split("/")
-        pruner, target = rest.split("@")
+        target = cell.rsplit("@", 1)[1]
         todo = [m for m in args.modes.split(",") if not res.has(f"{cell}/{m}") or f"{cell}/{m}" in redo]
         if not todo:
             continue
         model.load_state_dict(pristine)
-        if alloc == "uniform":
-            smap, sequential = SparsityMap.uniform(float(target), counts), True
-        else:
-            entry = maps[f"msp/{pruner}@{target}"]
-            smap = SparsityMap(entry["per_layer"], counts)
-            sequential = entry.get("searched_with", pruner) != pruner  # stitched only for the searching pruner
-        t0 = time.perf_counter()
-        prune_layerwise(model, calib, smap, pruner, device=place, sequential=sequential, progress=False)
-        prune_seconds = time.perf_counter() - t0
+        _, prune_seconds = prune_cell(model, calib, cell, place)
         pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
         for mode in todo:
             model.load_state_dict(pruned_state)

@@ -1,15 +1,17 @@
 """lm-evaluation-harness adapter, run offline on a local 10-question task and a tiny random Llama."""
 
 import json
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from mixsparse.errors import ConfigError, MixsparseError, UnknownNameError
 from mixsparse.lmeval import LmEvalUnavailableError, _flatten_metrics, run_lm_eval
-from mixsparse.zeroshot import continuation_logprobs
-from tests.test_zeroshot import byte_tokenizer
+from tests.test_zeroshot import byte_tokenizer, reference_logprob, token_ids
 from tests.tiny import tiny_model
 
 TASK_DIR = Path(__file__).parent / "data" / "lmeval_task"
@@ -18,7 +20,7 @@ TASK = "mixsparse_toy_mc"
 
 def test_missing_lm_eval_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
-    with pytest.raises(LmEvalUnavailableError, match=r"pip install 'mixsparse\[lmeval\]'"):
+    with pytest.raises(LmEvalUnavailableError, match=r"pip install 'lm-eval>=0\.4\.13'"):
         run_lm_eval(tiny_model(), byte_tokenizer(), [TASK])
     assert issubclass(LmEvalUnavailableError, MixsparseError)
 
@@ -48,7 +50,6 @@ def test_flatten_metrics():
 @pytest.fixture()
 def local_task(tmp_path, monkeypatch):
     """A copy of the task YAML whose data_files points at the JSONL by absolute path."""
-    pytest.importorskip("lm_eval")
     import datasets
 
     # keep datasets' Arrow cache out of the user's home and never ask the hub for anything
@@ -65,11 +66,12 @@ def local_task(tmp_path, monkeypatch):
 
 
 def expected_accuracy(model, tok, docs):
-    """lm-eval's multiple-choice acc recomputed with mixsparse's own scorer (target delimiter " ")."""
+    """lm-eval's multiple-choice acc recomputed with plain forwards (target delimiter " "; the byte
+    tokenizer encodes context and continuation apart exactly as together)."""
     correct = []
     for d in docs:
-        context = f"Question: {d['question']}\nAnswer:"
-        scores = continuation_logprobs(model, tok, [context] * len(d["choices"]), [" " + c for c in d["choices"]])
+        context = token_ids(tok, f"Question: {d['question']}\nAnswer:")
+        scores = [reference_logprob(model, context, token_ids(tok, " " + c)) for c in d["choices"]]
         correct.append(max(range(len(scores)), key=scores.__getitem__) == d["label"])
     return sum(correct) / len(correct)
 
@@ -93,3 +95,18 @@ def test_run_lm_eval_local_task_in_memory_model(local_task):
 
     with pytest.raises(UnknownNameError, match="'no_such_task'"):
         run_lm_eval(model, tok, ["no_such_task"], include_path=task_dir, include_defaults=False)
+
+
+def test_run_lm_eval_keeps_the_callers_random_streams(local_task):
+    """lm-eval reseeds the global generators; a run that evaluates midway must draw what it would have."""
+    task_dir, _ = local_task
+    model, tok = tiny_model("llama", seed=0, vocab_size=257), byte_tokenizer()
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    expected = draws()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    run_lm_eval(model, tok, [TASK], include_path=task_dir, include_defaults=False, limit=2)
+    assert draws() == expected

@@ -151,16 +151,29 @@ def test_perplexity_on_the_device_equals_the_cpu(mode):
 
 
 @pytest.mark.parametrize("mode", ["whole", "blockwise"])
-def test_zero_shot_scoring_on_the_device_equals_the_cpu(tiny_llama, mode):
-    from mixsparse.zeroshot import continuation_logprobs
+def test_zero_shot_scoring_on_the_device_equals_the_cpu(tiny_llama, tmp_path, mode):
+    """lm-eval scores on the device: the whole model moved there, or (``blockwise``) block by block."""
+    from mixsparse.zeroshot import evaluate_zeroshot
 
     model, tok = tiny_llama
-    contexts, conts = ["the river is", "a stone", "seven"], [" green", " light", " north quiet"]
-    ref = continuation_logprobs(model, tok, contexts, conts, batch_size=2)
+    polarity = tmp_path / "polarity.csv"
+    polarity.write_text("".join(f'"{1 if i % 2 else -1}","the {w} stone is quiet"\n'
+                                for i, w in enumerate(["green", "north", "light", "paper"])))
+    cloze = "\n".join(" ".join(["the river is green and the stone is light"] * 7) + f" near the {w}."
+                      for w in ["north", "paper", "seven"])
+    kw = dict(n={"sentiment": 4, "cloze": 3}, batch_size=2, progress=False, polarity_path=polarity, cloze_text=cloze)
+    ref = evaluate_zeroshot(model, tok, **kw)
+    seen = set()  # where the forwards' inputs were
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.add((args[0] if args else kwargs["input_ids"]).device.type), with_kwargs=True)
     with simulated_device():
-        dev = continuation_logprobs(model, tok, contexts, conts, batch_size=2, device=Placement(DEV, mode))
+        dev = evaluate_zeroshot(model, tok, device=Placement(DEV, mode), **kw)
+    hook.remove()
+    assert seen == {DEV.type}
     assert at_home(model)
-    assert dev == pytest.approx(ref, rel=1e-4)
+    assert dev.keys() == ref.keys()
+    for task in ref:
+        assert dev[task] == pytest.approx(ref[task])
 
 
 def test_msp_pipeline_and_export_on_the_device(tiny_llama, word_corpus, tmp_path):
@@ -174,7 +187,7 @@ def test_msp_pipeline_and_export_on_the_device(tiny_llama, word_corpus, tmp_path
     over = {"data.calibration": str(word_corpus), "data.validation": str(word_corpus),
             "data.evaluation": str(word_corpus), "data.calibration_samples": 2, "data.seqlen": 32,
             "data.eval_tokens": 64, "prune.sparsity": 0.5, "prune.allocation": "msp",
-            "allocation.sensitivity_samples": 2, "allocation.sensitivity_seqlen": 32, "search.generations": 1,
+            "allocation.msp.samples": 2, "allocation.msp.seqlen": 32, "search.generations": 1,
             "search.population": 2, "search.offspring": 2, "search.stages": [[1, 1], [2, 1]],
             "search.fitness_windows": 2, "search.fitness_seqlen": 32, "search.step": 0.1, "search.max_shift": 0.2,
             "search.fitness_dtype": "model", "eval.zeroshot": [], "export.report": False}
@@ -184,9 +197,9 @@ def test_msp_pipeline_and_export_on_the_device(tiny_llama, word_corpus, tmp_path
         rec = run(load_config(None, {**over, "model.device": "simdev", "model.placement": "blockwise"}),
                   tmp_path / "dev", model=model, tokenizer=tok, progress=False)
     assert at_home(model)
-    assert rec["placement"] == {"device": "simdev", "mode": "blockwise"}
-    assert rec["allocation"]["per_layer"] == rec_cpu["allocation"]["per_layer"]
-    assert rec["perplexity"]["pruned"] == pytest.approx(rec_cpu["perplexity"]["pruned"], rel=1e-4)
+    assert rec.to_dict()["placement"] == {"device": "simdev", "mode": "blockwise"}
+    assert rec.allocation.per_layer == rec_cpu.allocation.per_layer
+    assert rec.perplexity.pruned == pytest.approx(rec_cpu.perplexity.pruned, rel=1e-4)
     assert (tmp_path / "dev" / "model" / "model.safetensors").exists()
     assert_same_weights(model, cpu_model, rtol=1e-5, atol=1e-6)
 

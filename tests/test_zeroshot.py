@@ -1,31 +1,33 @@
-"""Offline zero-shot tasks: data building, padding-invariant scoring, greedy matching, errors.
+"""Offline zero-shot tasks: data building, the local lm-eval tasks they become, scoring through lm-eval.
 
-Everything runs on a tiny random Llama with hand-built offline tokenizers; no packaged asset is read.
+Everything runs on tiny random Llamas with hand-built offline tokenizers; no packaged asset is read.
+The accuracies lm-eval reports are checked against plain, unbatched forward passes done here.
 """
 
 import math
+import random
+import tempfile
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 from mixsparse.errors import ConfigError, DataError, MixsparseError, UnknownNameError
+from mixsparse.placement import Placement
 from mixsparse.zeroshot import (
+    LM_EVAL_TASKS,
+    SENTIMENT_PROMPT,
     ClozeExample,
     SentimentExample,
-    accuracy_summary,
-    cloze_correct,
     cloze_passages,
-    continuation_logprobs,
-    encode_pair,
     evaluate_zeroshot,
-    greedy_match,
     load_polarity,
-    model_on_device,
     sample_cloze,
     sample_sentiment,
-    sentiment_correct,
+    write_lmeval_tasks,
 )
 from tests.tiny import tiny_model
 
@@ -44,20 +46,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-WORDS = [f"w{i}" for i in range(40)]
+# alphabetic 3-letter words, so that cloze_passages accepts each of them as a passage's last word
+WORDS = [f"x{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(40)]
 
 
-def word_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
-    """Whitespace word-level tokenizer over w0..w39 (w0 doubles as <unk>); optional BOS prefix."""
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    vocab["<s>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if bos:
-        from tokenizers.processors import TemplateProcessing
-
-        tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="w0")
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over WORDS and "." that puts a BOS token first by itself, as Llama-2's does."""
+    vocab = {"<unk>": 0, "<s>": 1, ".": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +70,38 @@ def bmodel():
 
 
 @pytest.fixture(scope="module")
+def bmodel_opinionated():
+    """Larger random weights: which sentiment answer the model prefers depends on the sentence (at the
+    default scale the answers' own tokens decide, whatever the prompt)."""
+    return tiny_model("llama", seed=1, vocab_size=257, initializer_range=0.5)
+
+
+@pytest.fixture(scope="module")
+def wtok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
 def wmodel():
-    return tiny_model("llama", seed=1, vocab_size=41)
+    return tiny_model("llama", seed=1, vocab_size=len(WORDS) + 3)
+
+
+@pytest.fixture(autouse=True)
+def _offline_datasets(monkeypatch):
+    """datasets never asks the hub for anything here (the task data are local JSONL files)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def token_ids(tok, text):
+    """The ids as lm-eval's HFLM encodes text: with the tokenizer's own special tokens."""
+    return tok(text)["input_ids"]
+
+
+def last_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
 def reference_logprob(model, ctx_ids, cont_ids):
@@ -179,124 +208,51 @@ def test_sample_cloze_seeded_in_order_and_errors():
         sample_cloze("Too short a text.", 3)
 
 
-# ---------------------------------------------------------------------------------------- scoring
+# --------------------------------------------------------------------------------------- lm-eval tasks
 
 
-def test_encode_pair_splits_joint_encoding(btok):
-    ctx, cont = encode_pair(btok, "ab ", "cd")  # trailing space moves to the continuation
-    assert ctx == btok("ab", add_special_tokens=False)["input_ids"]
-    assert cont == btok(" cd", add_special_tokens=False)["input_ids"]
-    wt = word_tokenizer(bos=True)
-    ctx, cont = encode_pair(wt, "w3 w4", " w5", prefix=[40])
-    assert (ctx, cont) == ([40, 3, 4], [5])
-    with pytest.raises(DataError):
-        encode_pair(btok, "ab", "")
+def test_written_tasks_are_what_lm_eval_reads(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    sentiment = [SentimentExample('a "{{quoted}}" gem, naïve , fun', 1), SentimentExample("dull", 0)]
+    cloze = [ClozeExample("The old mill stands by the", " river"), ClozeExample("It ends near the", " harbour")]
+    names = write_lmeval_tasks(tmp_path, {"sentiment": sentiment, "cloze": cloze})
+    assert names == [LM_EVAL_TASKS["sentiment"], LM_EVAL_TASKS["cloze"]] == ["mixsparse_sentiment", "mixsparse_cloze"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mixsparse_cloze.jsonl", "mixsparse_cloze.yaml", "mixsparse_sentiment.jsonl", "mixsparse_sentiment.yaml"]
+    config = yaml.safe_load((tmp_path / "mixsparse_sentiment.yaml").read_text())
+    assert config["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "mixsparse_sentiment.jsonl").resolve())
+
+    loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(names)["tasks"]
+    requests = {}
+    for name in names:
+        task = loaded[name]
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        requests[name] = [(i.doc_id, i.request_type, i.args) for i in task.instances]
+    # the prompt is the sentence verbatim (no Jinja evaluation of its braces) and the continuations are
+    # exactly " negative" / " positive": one space, from the choices themselves
+    assert sorted(requests["mixsparse_sentiment"]) == [
+        (0, "loglikelihood", ('Review: a "{{quoted}}" gem, naïve , fun\nSentiment:', " negative")),
+        (0, "loglikelihood", ('Review: a "{{quoted}}" gem, naïve , fun\nSentiment:', " positive")),
+        (1, "loglikelihood", ("Review: dull\nSentiment:", " negative")),
+        (1, "loglikelihood", ("Review: dull\nSentiment:", " positive")),
+    ]
+    assert SENTIMENT_PROMPT.format(sentence="dull") == "Review: dull\nSentiment:"
+    assert [loaded["mixsparse_sentiment"].doc_to_target(d) for d in loaded["mixsparse_sentiment"].test_docs()] == [1, 0]
+    assert sorted(requests["mixsparse_cloze"]) == [
+        (0, "loglikelihood", ("The old mill stands by the", " river")),
+        (1, "loglikelihood", ("It ends near the", " harbour")),
+    ]
 
 
-def test_continuation_logprobs_exact_and_batch_invariant(bmodel, btok):
-    # the three "a" requests share inputs: "b" and "c" are scored from one forward of "a"
-    contexts = ["Review: great fun\nSentiment:", "a", "The quick brown fox jumps over the", "xy z", "a", "a"]
-    conts = [" positive", "b", " lazy dog", "!", "c", "bc"]
-    one = continuation_logprobs(bmodel, btok, contexts, conts, batch_size=1)
-    four = continuation_logprobs(bmodel, btok, contexts, conts, batch_size=4)
-    three = continuation_logprobs(bmodel, btok, contexts, conts, batch_size=3)
-    assert one == pytest.approx(four, abs=1e-4)
-    assert one == pytest.approx(three, abs=1e-4)
-    for c, x, got in zip(contexts, conts, one):
-        ctx, cont = encode_pair(btok, c, x)
-        assert got == pytest.approx(reference_logprob(bmodel, ctx, cont), abs=1e-4)
-        assert got < 0
-
-
-def test_bos_prefix_is_prepended(wmodel):
-    wt = word_tokenizer(bos=True)
-    got = continuation_logprobs(wmodel, wt, ["w1 w2"], [" w3"])[0]
-    assert got == pytest.approx(reference_logprob(wmodel, [40, 1, 2], [3]), abs=1e-5)
-    assert got != pytest.approx(reference_logprob(wmodel, [1, 2], [3]), abs=1e-5)
-
-
-def test_empty_context_starts_from_bos(wmodel):
-    wt = word_tokenizer()
-    got = continuation_logprobs(wmodel, wt, [""], ["w7 w8"])[0]
-    assert got == pytest.approx(reference_logprob(wmodel, [40], [7, 8]), abs=1e-5)
-
-
-def test_long_context_is_truncated_from_the_left():
-    model = tiny_model("llama", seed=2, vocab_size=41, max_position_embeddings=8)
-    wt = word_tokenizer()
-    ctx = " ".join(f"w{i}" for i in range(1, 13))  # 12 tokens + 2 continuation > 8 positions
-    got = continuation_logprobs(model, wt, [ctx], [" w20 w21"])[0]
-    assert got == pytest.approx(reference_logprob(model, list(range(6, 13)), [20, 21]), abs=1e-5)
-    with pytest.raises(DataError, match="does not fit"):
-        continuation_logprobs(model, wt, ["w1"], [" " + " ".join(["w2"] * 9)])
-    # a continuation of exactly 8 tokens still fits, behind the context's last token
-    fits = continuation_logprobs(model, wt, [ctx], [" " + " ".join(["w2"] * 8)])[0]
-    assert fits == pytest.approx(reference_logprob(model, [12], [2] * 8), abs=1e-5)
-
-
-def _greedy_chain(model, ids, steps):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids
-
-
-def test_greedy_match_on_the_models_own_argmax(wmodel):
-    wt = word_tokenizer()
-    contexts = ["w5 w6 w7", "w1", "w9 w9 w2 w30"]
-    items, expected = [], []
-    for c in contexts:
-        ids = wt(c, add_special_tokens=False)["input_ids"]
-        chain = _greedy_chain(wmodel, ids, 2)[len(ids):]
-        good = " " + " ".join(WORDS[t] for t in chain)
-        wrong_second = chain[:1] + [(chain[1] + 1) % 40]
-        bad = " " + " ".join(WORDS[t] for t in wrong_second)
-        items += [(c, good), (c, bad)]
-        expected += [True, False]
-    ctxs, conts = zip(*items)
-    assert greedy_match(wmodel, wt, ctxs, conts, batch_size=1) == expected
-    assert greedy_match(wmodel, wt, ctxs, conts, batch_size=4) == expected
-    examples = [ClozeExample(c, x) for c, x in items]
-    assert cloze_correct(wmodel, wt, examples, batch_size=2) == expected
-
-
-def test_sentiment_correct_follows_logprob_comparison(bmodel, btok):
-    examples = [SentimentExample("so good", 1), SentimentExample("so good", 0), SentimentExample("awful", 1)]
-    got = sentiment_correct(bmodel, btok, examples, batch_size=2)
-    prompts = ["Review: so good\nSentiment:", "Review: awful\nSentiment:"]
-    neg = continuation_logprobs(bmodel, btok, prompts, [" negative"] * 2)
-    pos = continuation_logprobs(bmodel, btok, prompts, [" positive"] * 2)
-    says_pos = [p > n for p, n in zip(pos, neg)]
-    assert got == [says_pos[0], not says_pos[0], says_pos[1]]
-
-
-def test_scoring_restores_mode_and_device(bmodel, btok):
-    bmodel.train()
-    with model_on_device(bmodel, "cpu") as dev:
-        assert dev == torch.device("cpu") and not bmodel.training
-    assert bmodel.training
-    continuation_logprobs(bmodel, btok, ["a"], ["b"], device="cpu")
-    assert bmodel.training
-    bmodel.eval()
-
-
-def test_scoring_argument_errors(bmodel, btok):
-    with pytest.raises(ConfigError, match="2 contexts but 1"):
-        continuation_logprobs(bmodel, btok, ["a", "b"], ["c"])
-    with pytest.raises(ConfigError, match="batch_size"):
-        continuation_logprobs(bmodel, btok, ["a"], ["c"], batch_size=0)
-    assert continuation_logprobs(bmodel, btok, [], []) == []
+def test_write_lmeval_tasks_errors(tmp_path):
+    with pytest.raises(UnknownNameError, match="'piqa'"):
+        write_lmeval_tasks(tmp_path, {"piqa": [SentimentExample("x", 1)]})
+    with pytest.raises(DataError, match="no cloze examples"):
+        write_lmeval_tasks(tmp_path, {"cloze": []})
 
 
 # ------------------------------------------------------------------------------------ end to end
-
-
-def test_accuracy_summary():
-    s = accuracy_summary([True, False, True, True])
-    assert s == {"accuracy": 0.75, "stderr": pytest.approx(math.sqrt(0.75 * 0.25 / 4)), "n": 4}
-    with pytest.raises(DataError):
-        accuracy_summary([])
 
 
 @pytest.fixture()
@@ -314,20 +270,106 @@ CLOZE_TEXT = "\n".join(
 )
 
 
-def test_evaluate_zeroshot_end_to_end(bmodel, btok, polarity_csv):
-    res = evaluate_zeroshot(bmodel, btok, n={"sentiment": 8, "cloze": 3}, batch_size=4, progress=False,
+def test_evaluate_zeroshot_end_to_end(bmodel, btok, polarity_csv, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the task folder goes, to see it removed
+    bmodel.train()
+    res = evaluate_zeroshot(bmodel, btok, n={"sentiment": 8, "cloze": 3}, batch_size=4, device="cpu", progress=False,
                             polarity_path=polarity_csv, cloze_text=CLOZE_TEXT)
+    assert bmodel.training  # the train/eval mode comes back
+    bmodel.eval()
+    assert list(scratch.iterdir()) == []
     assert set(res) == {"sentiment", "cloze"}
     assert res["sentiment"]["n"] == 8 and res["cloze"]["n"] == 3
     for r in res.values():
         p = r["accuracy"]
-        assert 0 <= p <= 1 and r["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / r["n"]))
-    # Accuracy equals the per-example helpers on the same seeded samples.
-    examples = sample_sentiment(load_polarity(polarity_csv), 8, seed=0)
-    correct = sentiment_correct(bmodel, btok, examples)
-    assert res["sentiment"]["accuracy"] == sum(correct) / 8
+        # lm-eval's stderr of a mean: the sample one, n - 1 in the denominator
+        assert 0 <= p <= 1 and r["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (r["n"] - 1)))
+    # the batch size changes no score
     again = evaluate_zeroshot(bmodel, btok, tasks=("cloze",), n=3, batch_size=1, progress=False, cloze_text=CLOZE_TEXT)
     assert again == {"cloze": res["cloze"]}
+
+
+def test_sentiment_accuracy_equals_a_plain_forward(bmodel_opinionated, btok, tmp_path):
+    """Which of " positive" / " negative" the model prefers after the prompt, from unbatched forwards here;
+    the labels are chosen so that this reference gives 6 of 8, with both answers among the right ones."""
+
+    model = bmodel_opinionated
+
+    def margin(sentence):  # log p(" positive") - log p(" negative") after the prompt
+        ctx = token_ids(btok, SENTIMENT_PROMPT.format(sentence=sentence))
+        return (reference_logprob(model, ctx, token_ids(btok, " positive"))
+                - reference_logprob(model, ctx, token_ids(btok, " negative")))
+
+    says_pos, says_neg = [], []
+    for i in range(20):
+        rng = random.Random(i)
+        letters = "".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(3, 30)))
+        sentence = " ".join(letters.split()) or "x"  # as load_polarity normalizes it
+        m = margin(sentence)
+        if abs(m) > 1e-3:  # no near-ties: lm-eval's padded batches may differ from a plain forward in the last bits
+            (says_pos if m > 0 else says_neg).append(sentence)
+    assert len(says_pos) >= 4 and len(says_neg) >= 4, "the tiny model should prefer each answer for some sentences"
+    positive = says_pos[:3] + says_neg[:1]
+    negative = says_neg[1:4] + says_pos[3:4]
+    csv_path = tmp_path / "pol.csv"
+    csv_path.write_text("".join(f'"1","{s}"\n' for s in positive) + "".join(f'"-1","{s}"\n' for s in negative))
+    expected = sum((margin(e.sentence) > 0) == (e.label == 1) for e in load_polarity(csv_path))
+    assert expected == 6
+
+    res = evaluate_zeroshot(model, btok, tasks=("sentiment",), n=8, batch_size=3, progress=False,
+                            polarity_path=csv_path)
+    assert res["sentiment"]["n"] == 8
+    assert res["sentiment"]["accuracy"] == pytest.approx(expected / 8)
+
+
+def test_cloze_accuracy_equals_a_plain_greedy_check(wmodel, wtok):
+    """LAMBADA-style acc: the last word is right only if it is the model's argmax after the passage, here
+    with a tokenizer that adds its BOS (so lm-eval's context starts with it, as the reference's does)."""
+    rng = random.Random(0)
+    lines = []
+    for i in range(6):
+        words = [rng.choice(WORDS) for _ in range(69)]
+        logits = last_logits(wmodel, token_ids(wtok, " ".join(words)))
+        best = WORDS[int(logits[3:].argmax())]  # the likeliest word (the argmax may still be "." or <unk>)
+        target = best if i % 2 == 0 else next(w for w in WORDS if w != best)
+        lines.append(" ".join(words + [target]) + ".")
+    text = "\n".join(lines)
+    passages = sample_cloze(text, 6)
+    assert len(passages) == 6 and [p.target for p in passages] == [" " + line.split()[-1][:-1] for line in lines]
+
+    def greedy(example):
+        logits = last_logits(wmodel, token_ids(wtok, example.context))
+        top2 = logits.topk(2).values
+        assert float(top2[0] - top2[1]) > 1e-4  # no near-tie
+        return int(logits.argmax()) == wtok.convert_tokens_to_ids(example.target.strip())
+
+    expected = [greedy(p) for p in passages]
+    assert 0 < sum(expected) < 6
+
+    res = evaluate_zeroshot(wmodel, wtok, tasks=("cloze",), n=6, batch_size=4, progress=False, cloze_text=text)
+    assert res == {"cloze": {"accuracy": pytest.approx(sum(expected) / 6), "stderr": pytest.approx(
+        math.sqrt(sum(expected) / 6 * (1 - sum(expected) / 6) / 5)), "n": 6}}
+
+
+def test_model_on_device_restores_mode():
+    from mixsparse.lmeval import model_on_device
+
+    model = tiny_model("llama")
+    model.train()
+    with model_on_device(model, "cpu") as dev:
+        assert dev == torch.device("cpu") and not model.training
+    assert model.training
+
+
+def test_blockwise_placement_scores_block_by_block_with_the_same_result(bmodel, btok):
+    whole = evaluate_zeroshot(bmodel, btok, tasks=("cloze",), n=3, progress=False, cloze_text=CLOZE_TEXT)
+    res = evaluate_zeroshot(bmodel, btok, tasks=("cloze",), n=3, progress=False, cloze_text=CLOZE_TEXT,
+                            device=Placement(torch.device("cpu"), "blockwise"))
+    assert res == {"cloze": {k: pytest.approx(v) for k, v in whole["cloze"].items()}}
+    one = evaluate_zeroshot(bmodel, btok, tasks=("cloze",), n=1, progress=False, cloze_text=CLOZE_TEXT)
+    assert one["cloze"]["n"] == 1 and math.isnan(one["cloze"]["stderr"])  # lm-eval has no sample stderr for n=1
 
 
 def test_evaluate_zeroshot_bad_input(bmodel, btok):

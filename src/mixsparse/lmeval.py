@@ -1,8 +1,9 @@
 """Run lm-evaluation-harness tasks on an in-memory (pruned) model.
 
 The model object itself is handed to lm-eval's ``HFLM`` wrapper, so a freshly pruned model is
-evaluated as it is: nothing is saved and re-loaded, and no fork of lm-eval is needed. lm-eval is an
-optional dependency (``pip install mixsparse[lmeval]``); it is imported only when used.
+evaluated as it is: nothing is saved and re-loaded, and no fork of lm-eval is needed. lm-eval is a
+dependency of mixsparse, imported only when used (its import takes a few seconds). The offline
+zero-shot tasks of :mod:`mixsparse.zeroshot` are local tasks scored through :func:`run_lm_eval` too.
 
 Real lm-eval tasks (PIQA, HellaSwag, ARC, ...) download their data from the Hugging Face hub, so they
 need a machine with internet access; local tasks given through ``include_path`` work offline.
@@ -10,18 +11,22 @@ need a machine with internet access; local tasks given through ``include_path`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import numbers
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from .errors import ConfigError, MixsparseError, UnknownNameError
-from .zeroshot import model_on_device
+from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ def _import_lm_eval() -> Any:
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise LmEvalUnavailableError(
-            f"lm-evaluation-harness is not installed ({exc}); install it with: pip install 'mixsparse[lmeval]'"
+            f"lm-evaluation-harness is not installed ({exc}); mixsparse needs it: pip install 'lm-eval>=0.4.13'"
         ) from exc
     return lm_eval, HFLM, TaskManager
 
@@ -68,6 +73,19 @@ def _check_args(tasks: Sequence[str], num_fewshot: int | None, limit: int | floa
     return tasks
 
 
+@contextlib.contextmanager
+def _caller_rng_kept() -> Iterator[None]:
+    """lm-eval reseeds Python's, NumPy's and torch's global generators; an evaluation in the middle of a
+    run must not change the random streams of whatever comes after it."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def _flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``.
 
@@ -83,6 +101,62 @@ def _flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def model_on_device(model: nn.Module, device: "str | torch.device | Placement | None") -> Iterator[torch.device | None]:
+    """Run a block with the model on ``device`` (default: where it already is), in eval mode.
+
+    Follows the run's :class:`~mixsparse.placement.Placement`: ``whole`` moves the model there and back
+    home afterwards; ``blockwise`` (a model larger than the device) yields ``None`` and leaves the model
+    where it is, for callers that then run it block by block. The train/eval mode is restored too.
+    """
+    placement = Placement.resolve(device, "whole" if not isinstance(device, Placement) else device.mode, model)
+    was_training = model.training
+    model.eval()
+    try:
+        if placement.mode == "blockwise":
+            with Placement.stage(model):
+                yield None
+        else:
+            with placement.whole(model) as dev:
+                yield dev
+    finally:
+        model.train(was_training)
+
+
+def _lm_eval_device(device: "str | torch.device | Placement | None") -> str | torch.device | None:
+    if isinstance(device, Placement):
+        if device.mode == "blockwise":
+            log.warning("zero-shot: lm-eval needs the whole model on one device; the model does not fit on %s, "
+                        "so the zero-shot tasks run on the CPU (slow for large models)", device.device)
+            return "cpu"
+        return device.device
+    return device
+
+
+
+def _layerwise_hflm(HFLM: type) -> type:
+    """``HFLM`` whose forward runs the model block by block on a :class:`Placement`'s device: lm-eval's
+    batching, tokenization and metrics stay its own, and a model larger than the device is still scored
+    there (the model stays at home; each call moves one block at a time). Generation tasks fall back to
+    lm-eval's whole-model ``generate`` where the model is."""
+
+    class LayerwiseHFLM(HFLM):
+        def __init__(self, *args, placement: Placement, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._placement = placement
+
+        def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+            from .engine import LayerwiseRunner
+
+            if attn_mask is not None or labels is not None:  # encoder-decoder models: not layer-wise here
+                return super()._model_call(inps, attn_mask, labels)
+            runner = LayerwiseRunner(self.model, device=self._placement)
+            ((_, logits),) = list(runner.forward_all([inps]))
+            return logits.to(inps.device)  # lm-eval compares with tokens where the model lives
+
+    return LayerwiseHFLM
+
+
 def run_lm_eval(
     model: nn.Module,
     tokenizer: Any,
@@ -92,7 +166,7 @@ def run_lm_eval(
     limit: int | float | None = None,
     batch_size: int = 1,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    device: str | None = None,
+    device: "str | torch.device | Placement | None" = None,
     include_defaults: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks``; returns ``{task: {metric: value}}``.
@@ -100,7 +174,9 @@ def run_lm_eval(
     ``limit`` caps the documents per task (an int, or a fraction in (0, 1]); each task's dict also holds
     ``n_samples``, the number of documents actually scored. ``include_path`` adds a folder (or folders)
     of task YAMLs; ``include_defaults=False`` skips indexing lm-eval's ~15k built-in tasks (~5 s) when
-    only such local tasks are wanted. ``device`` moves the model there for the run (and back after).
+    only such local tasks are wanted. ``device`` moves the model there for the run (and back after); a
+``blockwise`` :class:`Placement` leaves it at home and runs its forwards block by block on the device.
+    The global random generators lm-eval reseeds are restored afterwards.
     """
     tasks = _check_args(tasks, num_fewshot, limit, batch_size, include_path)
     lm_eval, HFLM, TaskManager = _import_lm_eval()
@@ -115,9 +191,13 @@ def run_lm_eval(
         where = f" (include_path={include_path})" if include_path is not None else ""
         raise UnknownNameError(f"unknown lm-eval task {unknown[0]!r}{where}")
 
-    with model_on_device(model, device) as dev:
+    with model_on_device(model, device) as dev, _caller_rng_kept():
         # HFLM sets a pad token on the tokenizer it gets; a copy keeps the caller's tokenizer unchanged.
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, device=str(dev))
+        tok = copy.deepcopy(tokenizer)
+        if dev is None:  # blockwise placement: the model stays home, forwards run block by block on the device
+            lm = _layerwise_hflm(HFLM)(pretrained=model, tokenizer=tok, batch_size=batch_size, placement=device)
+        else:
+            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(dev))
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,

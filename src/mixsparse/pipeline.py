@@ -251,11 +251,7 @@ class _Writer:
             from .lmeval import run_lm_eval
 
             with self.timer("lm_eval"):
-                if placement.mode == "blockwise":
-                    log.warning("lm-eval needs the whole model on one device; the model does not fit on %s, so "
-                                "lm-eval runs on the CPU (slow for large models)", placement.device)
-                self.record.lm_eval = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks),
-                                                  device=placement.device if placement.mode == "whole" else "cpu")
+                self.record.lm_eval = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks), device=placement)
             self.save()
 
     def export(self, model: nn.Module, tokenizer, metadata: dict, sparsity_map: SparsityMap | None,

