@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, NumericalError
-from .io import atomic_dir, atomic_write_text, to_plain
+from .io import atomic_dir, atomic_write_text, read_json, to_plain
 from .modeling import prunable_linears
 from .sparsity import NM, parse_layer_sparsity
 
@@ -404,10 +404,7 @@ def _read_index(d: Path) -> dict:
         raise ModelLoadError(f"compressed checkpoint directory {str(d)!r} does not exist")
     if not index_path.is_file():
         raise ModelLoadError(f"{str(d)!r} is not a compressed checkpoint: {INDEX_FILE} is missing")
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{str(index_path)!r} is corrupt: {e}") from None
+    index = read_json(index_path, ModelLoadError)
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise ModelLoadError(f"{str(index_path)!r} is not a {FORMAT_NAME} index")
     if index.get("format_version") != FORMAT_VERSION:

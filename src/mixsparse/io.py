@@ -133,3 +133,11 @@ def fingerprint(payload: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_json(path: str | Path, error: type[Exception] = ConfigError) -> Any:
+    """The JSON in ``path``; a file that cannot be read or parsed is ``error`` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{str(path)!r} is not valid JSON (corrupt or truncated?): {e}") from None

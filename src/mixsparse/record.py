@@ -12,7 +12,6 @@ being misread. Every section but ``config`` is optional (``null`` = absent). Imp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -135,11 +134,9 @@ class RunRecord:
         path = Path(run_dir) / RUN_FILE
         if not path.is_file():
             raise ConfigError(f"no {RUN_FILE} in run directory {str(run_dir)!r}")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from None
-        return cls.from_dict(data, repr(str(path)))
+        from .io import read_json
+
+        return cls.from_dict(read_json(path), repr(str(path)))
 
 
 # numeric fields inside the free-form sections that readers compute with: section -> field ("*" = every value)

@@ -33,14 +33,19 @@ BUDGET_TOLERANCE = 1e-9
 
 
 # --- validation helpers ----------------------------------------------------------------------
-def _check_target(target: float) -> float:
+def _fraction(value: object, what: str, error: type[Exception] = SparsityError) -> float:
+    """``value`` as a float in [0, 1), else ``error`` naming ``what``."""
     try:
-        t = float(target)
+        v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SparsityError(f"target sparsity must be a number in [0, 1), got {target!r}") from None
-    if not math.isfinite(t) or not 0.0 <= t < 1.0:
-        raise SparsityError(f"target sparsity must be in [0, 1), got {target!r}")
-    return t
+        raise error(f"{what} must be a number in [0, 1), got {value!r}") from None
+    if not math.isfinite(v) or not 0.0 <= v < 1.0:
+        raise error(f"{what} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _check_target(target: float) -> float:
+    return _fraction(target, "target sparsity")
 
 
 def _check_counts(param_counts: Mapping[str, int]) -> list[str]:
@@ -175,13 +180,7 @@ def _units(
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number in [0, 1), got {alpha!r}") from None
-    if not math.isfinite(a) or not 0.0 <= a < 1.0:
-        raise ConfigError(f"{name} must be in [0, 1), got {alpha!r}")
-    return a
+    return _fraction(alpha, name, ConfigError)
 
 
 def descending_ranks(scores: Mapping[object, float]) -> dict[object, float]:

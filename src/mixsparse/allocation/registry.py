@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError
+from ..registry import Registry
 from ..sparsity import SparsityMap
 
 
@@ -106,34 +107,10 @@ class AllocationMethod:
         raise NotImplementedError
 
 
-_METHODS: dict[str, type[AllocationMethod]] = {}
-
-
-def register_allocation(name: str) -> Callable[[type[AllocationMethod]], type[AllocationMethod]]:
-    """Class decorator: make an allocation method available by ``name`` (``--allocation name``, YAML
-    ``prune.allocation: name``, options under ``allocation.name``)."""
-
-    def deco(cls: type[AllocationMethod]) -> type[AllocationMethod]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"allocation {name!r} is already registered by {_METHODS[name].__qualname__}")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return deco
-
-
-def unregister_allocation(name: str) -> None:
-    """Remove a method (tests that register one clean up with this)."""
-    _METHODS.pop(name, None)
-
-
-def get_allocation(name: str) -> type[AllocationMethod]:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise UnknownNameError(f"unknown allocation {name!r}; available: {', '.join(available_allocations())}") from None
-
-
-def available_allocations() -> list[str]:
-    return list(_METHODS)
+_METHODS: Registry[type[AllocationMethod]] = Registry("allocation")
+#: class decorator: ``@register_allocation("name")`` makes a method available as ``--allocation name``,
+#: ``prune.allocation: name``, with its options under ``allocation.name``
+register_allocation = _METHODS.register
+unregister_allocation = _METHODS.unregister  # tests that register a method clean up with this
+get_allocation = _METHODS.get
+available_allocations = _METHODS.names

@@ -9,15 +9,15 @@ serve several targets (the search caches every sparsity level of every layer thi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, NumericalError, UnknownNameError
+from ..errors import ConfigError, NumericalError
 from ..masks import mask_from_ranks, nm_mask_from_ranks, nm_ranks, score_ranks
+from ..registry import Registry
 from ..sparsity import NM, LayerSparsity
 
 
@@ -123,31 +123,14 @@ class ScorePruner(LayerPruner):
         self.__dict__.pop("_rank_cache", None)
 
 
-_PRUNERS: dict[str, type[LayerPruner]] = {}
-
-
-def register_pruner(name: str) -> Callable[[type[LayerPruner]], type[LayerPruner]]:
-    """Class decorator: make a pruner available by ``name`` (CLI ``--pruner name``)."""
-
-    def deco(cls: type[LayerPruner]) -> type[LayerPruner]:
-        if name in _PRUNERS and _PRUNERS[name] is not cls:
-            raise ValueError(f"pruner {name!r} is already registered by {_PRUNERS[name].__qualname__}")
-        cls.name = name
-        _PRUNERS[name] = cls
-        return cls
-
-    return deco
-
-
-def get_pruner(name: str) -> type[LayerPruner]:
-    try:
-        return _PRUNERS[name]
-    except KeyError:
-        raise UnknownNameError(f"unknown pruner {name!r}; available: {', '.join(sorted(_PRUNERS))}") from None
+_PRUNERS: Registry[type[LayerPruner]] = Registry("pruner")
+#: class decorator: ``@register_pruner("name")`` makes a pruner available as ``--pruner name``
+register_pruner = _PRUNERS.register
+get_pruner = _PRUNERS.get
 
 
 def available_pruners() -> list[str]:
-    return sorted(_PRUNERS)
+    return sorted(_PRUNERS.names())
 
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
