@@ -34,11 +34,12 @@ def load_setup(model_name: str, calib_samples: int, seqlen: int, eval_tokens: in
     return model, tok, pristine, calib, test
 
 
-def prune_cell(model, calib, cell: str, place) -> tuple[object, float]:
+def prune_cell(model, calib, cell: str, place, msp_sequential: bool) -> tuple[object, float]:
     """Prune ``model`` in place for a cell ``ALLOCATION/PRUNER@TARGET`` of the recovery and quantization
     benchmarks: ``uniform`` at the target, sequentially; ``msp`` with the searched map of
-    results/allocation.json, one-shot for the pruner that searched it (that is the stitched model) and
-    sequentially for another (as allocation.py prunes it); ``dense`` leaves it. Returns (map, seconds)."""
+    results/allocation.json, sequentially or one-shot (``msp_sequential``: each script keeps the mode its
+    stored results were measured with: recovery.py sequential, quantization.py one-shot); ``dense`` leaves
+    it. Returns (map, seconds)."""
     from mixsparse.engine import prune_layerwise
     from mixsparse.modeling import param_counts
     from mixsparse.sparsity import SparsityMap
@@ -52,8 +53,7 @@ def prune_cell(model, calib, cell: str, place) -> tuple[object, float]:
         smap, sequential = SparsityMap.uniform(float(target), counts), True
     else:
         entry = json.loads((RESULTS / "allocation.json").read_text())["entries"][f"msp/{pruner}@{target}"]
-        smap = SparsityMap(entry["per_layer"], counts)
-        sequential = (entry.get("searched_with") or pruner) != pruner
+        smap, sequential = SparsityMap(entry["per_layer"], counts), msp_sequential
     t0 = time.perf_counter()
     prune_layerwise(model, calib, smap, pruner, device=place, sequential=sequential, progress=False)
     return smap, time.perf_counter() - t0

@@ -23,8 +23,6 @@ from pathlib import Path
 
 from common import RESULTS, command_line, write_markdown
 
-from mixsparse.record import RunRecord
-
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--set", "data.calibration_samples=8", "--set", "allocation.msp.samples=4",
          "--set", "search.generations=3", "--set", "search.offspring=4", "--set", "data.eval_tokens=4096",
@@ -56,7 +54,8 @@ def run_case(case: str, work: Path, keep: Path | None = None) -> dict:
             make_vocab_model(model_dir)
         cmd += ["--model", str(model_dir), "--sparsity", "0.7", "--pruner", "wanda", "--allocation", "msp"] + QUICK
     subprocess.run(cmd, check=True, env=os.environ.copy())
-    rec = RunRecord.load(out)
+    # plain JSON, not mixsparse.record: the "before" side of a comparison may be an older checkout
+    rec = json.loads((out / "run.json").read_text())
     if case == "main_job" and keep is not None:  # the main job's evidence: record, report, plots, map
         import shutil
 
@@ -65,12 +64,12 @@ def run_case(case: str, work: Path, keep: Path | None = None) -> dict:
         for name in ("run.json", "report.md", "allocation.yaml", "config.yaml"):
             shutil.copy(out / name, keep / name)
         shutil.copytree(out / "plots", keep / "plots")
-    return {"peak_rss_mb": rec.peak_memory.cpu_rss_mb, "params": rec.model.num_params,
-            "peak_rss_after_stage_mb": rec.peak_memory.after_stage_mb,
-            "fp32_model_mb": round(rec.model.num_params * 4 / 2**20, 1),
-            "ppl": rec.perplexity.pruned if rec.perplexity else None, "timings": rec.timings,
-            "search": {k: (rec.search or {}).get(k) for k in ("fitness_dtype", "kl_topk",
-                                                              "reference_bytes_per_token", "level_db")},
+    return {"peak_rss_mb": rec["peak_memory"]["cpu_rss_mb"], "params": rec["model"]["num_params"],
+            "peak_rss_after_stage_mb": rec["peak_memory"].get("after_stage_mb"),
+            "fp32_model_mb": round(rec["model"]["num_params"] * 4 / 2**20, 1),
+            "ppl": rec.get("perplexity", {}).get("pruned"), "timings": rec.get("timings"),
+            "search": {k: (rec.get("search") or {}).get(k) for k in ("fitness_dtype", "kl_topk",
+                                                                      "reference_bytes_per_token", "level_db")},
             "run_command": " ".join(cmd[1:])}
 
 

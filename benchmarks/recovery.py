@@ -82,7 +82,7 @@ def main() -> None:
         if not todo:
             continue
         model.load_state_dict(pristine)
-        _, prune_seconds = prune_cell(model, calib, cell, place)
+        _, prune_seconds = prune_cell(model, calib, cell, place, msp_sequential=True)
         pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
         for mode in todo:
             model.load_state_dict(pruned_state)

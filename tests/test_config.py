@@ -86,3 +86,14 @@ def test_every_shipped_config_loads():
     for path in configs:
         load_config(path)
     assert load_config(configs[0].parent / "msp70-recover.yaml").recover.mode == "blockwise"
+
+
+def test_config_and_record_import_no_torch():
+    """Validating a config (or reading a run record) must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mixsparse.config, mixsparse.record, mixsparse.allocation; "
+            "mixsparse.config.load_config(None, {'prune.allocation': 'owl', 'allocation.owl.lam': 0.1}); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -290,6 +290,25 @@ def test_recover_command_recovers_an_existing_run(quick, tmp_path):
     assert (rec_out / "model" / "config.json").is_file()
 
 
+def test_recover_reads_a_run_recorded_before_per_method_allocation_options(quick, tmp_path):
+    """run.json schema 1 held one flat allocation section; recover migrates it instead of refusing the run."""
+    from mixsparse.config import LEGACY_ALLOCATION_KEYS
+
+    out = tmp_path / "run"
+    assert main(["prune", *quick, "--allocation", "owl", "--set", "allocation.owl.lam=0.05", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["schema"] == 2
+    del run["schema"]
+    run["config"]["allocation"] = {"owl_lambda": 0.05, "sensitivity_samples": 3, "min_sparsity": 0.1}
+    assert set(run["config"]["allocation"]) <= set(LEGACY_ALLOCATION_KEYS)
+    (out / "run.json").write_text(json.dumps(run))
+    rec_out = tmp_path / "rec"
+    assert main(["recover", str(out), "--mode", "blockwise", "--set", "recover.blockwise.epochs=1", "--quiet",
+                 "--out", str(rec_out)]) == 0
+    config = json.loads((rec_out / "run.json").read_text())["config"]["allocation"]
+    assert config["owl"]["lam"] == 0.05 and config["msp"]["samples"] == 3 and config["hessian"]["min_sparsity"] == 0.1
+
+
 def test_recover_never_writes_into_the_source_run(quick, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["prune", *quick, "--out", str(out)]) == 0

@@ -160,7 +160,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneSection = field(default_factory=PruneSection)
     # every registered method's options, by method name (allocation.owl.lam, allocation.msp.samples, ...)
-    allocation: dict = field(default_factory=dict)
+    allocation: dict | None = field(default_factory=dict)
     search: SearchSection = field(default_factory=SearchSection)
     recover: RecoverSection = field(default_factory=RecoverSection)
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
@@ -205,23 +205,41 @@ class RunConfig:
         return d
 
 
-# keys of the flat allocation section before methods had their own options: named in the error
-_OLD_ALLOCATION_KEYS = {"sensitivity_samples": "msp.samples / fisher.samples", "sensitivity_seqlen": "msp.seqlen",
-                        "alpha": "hessian.alpha", "fisher_mode": "msp.mode / fisher.mode", "fisher_alpha": "msp.alpha",
-                        "fisher_normalize": "msp.normalize", "hessian_probes": "hessian.probes",
-                        "hessian_samples": "hessian.samples", "owl_m": "owl.m", "owl_lambda": "owl.lam",
-                        "min_sparsity": "<method>.min_sparsity", "max_sparsity": "<method>.max_sparsity",
-                        "per_block": "hessian.per_block"}
+# the flat allocation section of records written before methods had their own options (run.json schema 1):
+# old key -> the fields it set, "<method>.<field>"
+LEGACY_ALLOCATION_KEYS = {
+    "sensitivity_samples": ("fisher.samples", "msp.samples"),
+    "sensitivity_seqlen": ("fisher.seqlen", "msp.seqlen", "hessian.seqlen"),
+    "fisher_mode": ("fisher.mode", "msp.mode"), "fisher_alpha": ("fisher.alpha", "msp.alpha"),
+    "fisher_normalize": ("fisher.normalize", "msp.normalize"), "alpha": ("hessian.alpha",),
+    "hessian_probes": ("hessian.probes",), "hessian_samples": ("hessian.samples",),
+    "per_block": ("hessian.per_block",), "owl_m": ("owl.m",), "owl_lambda": ("owl.lam",),
+    **{k: tuple(f"{m}.{k}" for m in ("fisher", "msp", "hessian", "owl")) for k in ("min_sparsity", "max_sparsity")},
+}
+
+
+def migrate_legacy_config(data: dict) -> dict:
+    """A config dict as an older mixsparse wrote it (flat ``allocation`` section) in today's layout."""
+    alloc = data.get("allocation")
+    if not isinstance(alloc, dict) or not any(k in LEGACY_ALLOCATION_KEYS for k in alloc):
+        return data
+    new: dict = {k: v for k, v in alloc.items() if k not in LEGACY_ALLOCATION_KEYS}
+    for key, value in alloc.items():
+        for target in LEGACY_ALLOCATION_KEYS.get(key, ()):
+            method, field_ = target.split(".")
+            new.setdefault(method, {})[field_] = value
+    return {**data, "allocation": new}
 
 
 def _allocation_options(data: Any) -> dict:
     """``allocation.<method>`` sections typed by each registered method's ``Options`` (defaults for the rest)."""
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"allocation: expected a mapping of method -> options, got {data!r}")
     for key in data:
-        if key in _OLD_ALLOCATION_KEYS:
+        if key in LEGACY_ALLOCATION_KEYS:
             raise ConfigError(f"allocation.{key}: allocation settings are per method now; use "
-                              f"allocation.{_OLD_ALLOCATION_KEYS[key]}")
+                              + " and ".join(f"allocation.{t}" for t in LEGACY_ALLOCATION_KEYS[key]))
         if key not in available_allocations():
             raise ConfigError(f"unknown config key(s): allocation.{key}; valid keys under allocation (one per "
                               f"method): {', '.join(available_allocations())}")
@@ -229,7 +247,12 @@ def _allocation_options(data: Any) -> dict:
     for name in available_allocations():
         cls = get_allocation(name).Options
         given = data.get(name)
-        out[name] = given if isinstance(given, cls) else from_dict(cls, given, f"allocation.{name}")
+        try:
+            out[name] = given if isinstance(given, cls) else from_dict(cls, given, f"allocation.{name}")
+        except ConfigError as e:  # an option's own check does not know which method it belongs to
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(f"allocation.{name}") or "config key" in msg
+                              else f"allocation.{name}: {msg}") from None
     return out
 
 
@@ -304,6 +327,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             data = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    return from_dict(RunConfig, apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """``data`` (nested dicts, changed in place) with dotted ``section.key`` overrides set."""
     for dotted, value in (overrides or {}).items():
         node = data
         parts = dotted.split(".")
@@ -312,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {dotted}: {part} is not a section")
         node[parts[-1]] = value
-    return from_dict(RunConfig, data)
+    return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:

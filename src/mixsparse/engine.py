@@ -8,7 +8,7 @@ runner serves pruning, statistics collection and evaluation of models larger tha
 :func:`prune_layerwise` is the pruning engine. It knows no pruner by name: it asks the registry for a
 :class:`~mixsparse.pruners.LayerPruner`, feeds it each linear's inputs through forward hooks, and
 writes back the weight it computes for the layer's target from the :class:`SparsityMap`. The hooks are
-the engine's one calibrate/observe step (:func:`_calibrated_blocks`), which :func:`observe_layerwise`
+the engine's one calibrate/observe step (:func:`calibrated_blocks`), which :func:`observe_layerwise`
 also offers without pruning: OWL's activation statistics and the search's level database use it. Both
 see the prunable linears only (``ArchSpec.skip`` honoured).
 """
@@ -248,7 +248,7 @@ class Observer(Protocol):
     def add_batch(self, inp: torch.Tensor) -> None: ...
 
 
-def _block_layers(model: nn.Module, runner: "LayerwiseRunner", wanted: Iterable[str] | None) -> list[dict[str, nn.Linear]]:
+def block_layers(model: nn.Module, runner: "LayerwiseRunner", wanted: Iterable[str] | None) -> list[dict[str, nn.Linear]]:
     """Per block, the prunable linears (``ArchSpec.skip`` honoured) to observe: all, or those in ``wanted``."""
     prunable = prunable_linears(model)
     if wanted is not None:
@@ -264,7 +264,7 @@ def _block_layers(model: nn.Module, runner: "LayerwiseRunner", wanted: Iterable[
     return per_block
 
 
-def _calibrated_blocks(runner: "LayerwiseRunner", state: BlockInputs | None, per_block: list[dict[str, nn.Linear]],
+def calibrated_blocks(runner: "LayerwiseRunner", state: BlockInputs | None, per_block: list[dict[str, nn.Linear]],
                        make: Callable[[str, nn.Linear], Observer], sequential: bool, progress: bool, desc: str
                        ) -> Iterator[tuple[int, dict[str, nn.Linear], dict[str, Observer]]]:
     """The engine's calibrate/observe step, shared by pruning and every statistics pass: for each block (on
@@ -318,9 +318,9 @@ def observe_layerwise(
         raise DataError("observing layer inputs needs calibration data")
     with Placement.stage(model):
         runner = LayerwiseRunner(model, device=device, offload=offload)
-        per_block = _block_layers(model, runner, layers)
+        per_block = block_layers(model, runner, layers)
         state = runner.catch(split_batches(calib_ids, batch_size))
-        with contextlib.closing(_calibrated_blocks(runner, state, per_block, make, False, progress, desc)) as blocks:
+        with contextlib.closing(calibrated_blocks(runner, state, per_block, make, False, progress, desc)) as blocks:
             for _, _, observers in blocks:
                 for name, obs in observers.items():
                     on_layer(name, obs)
@@ -355,7 +355,7 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
     cls = get_pruner(pruner)
     options = cls.make_options(pruner_options)
     runner = LayerwiseRunner(model, device=device, offload=offload)
-    per_block = _block_layers(model, runner, targets)
+    per_block = block_layers(model, runner, targets)
     targets.check_divisible({n: lin.in_features for layers in per_block for n, lin in layers.items()})
 
     report = PruneReport(pruner, targets.to_dict(), {})
@@ -364,7 +364,7 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
         raise DataError(f"pruner {pruner!r} needs calibration data")
     state = runner.catch(split_batches(calib_ids, batch_size)) if cls.needs_inputs else None
     make = lambda name, lin: cls(lin, options, layer_name=name)  # noqa: E731
-    blocks = _calibrated_blocks(runner, state, per_block, make, sequential, progress, f"prune[{pruner}]")
+    blocks = calibrated_blocks(runner, state, per_block, make, sequential, progress, f"prune[{pruner}]")
     with contextlib.closing(blocks):  # an error mid-block sends the block home now, not when the traceback dies
         for _, linears, pruners in blocks:
             for name, p in pruners.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import numbers
 import os
@@ -123,17 +124,6 @@ def model_on_device(model: nn.Module, device: "str | torch.device | Placement | 
         model.train(was_training)
 
 
-def _lm_eval_device(device: "str | torch.device | Placement | None") -> str | torch.device | None:
-    if isinstance(device, Placement):
-        if device.mode == "blockwise":
-            log.warning("zero-shot: lm-eval needs the whole model on one device; the model does not fit on %s, "
-                        "so the zero-shot tasks run on the CPU (slow for large models)", device.device)
-            return "cpu"
-        return device.device
-    return device
-
-
-
 def _layerwise_hflm(HFLM: type) -> type:
     """``HFLM`` whose forward runs the model block by block on a :class:`Placement`'s device: lm-eval's
     batching, tokenization and metrics stay its own, and a model larger than the device is still scored
@@ -157,6 +147,25 @@ def _layerwise_hflm(HFLM: type) -> type:
     return LayerwiseHFLM
 
 
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """lm-eval and datasets draw their own progress bars and log warnings on every call (an in-memory model,
+    num_fewshot overridden); with ``progress`` off they are kept off the terminal, like ours."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def run_lm_eval(
     model: nn.Module,
     tokenizer: Any,
@@ -168,6 +177,7 @@ def run_lm_eval(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     device: "str | torch.device | Placement | None" = None,
     include_defaults: bool = True,
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks``; returns ``{task: {metric: value}}``.
 
@@ -191,7 +201,7 @@ def run_lm_eval(
         where = f" (include_path={include_path})" if include_path is not None else ""
         raise UnknownNameError(f"unknown lm-eval task {unknown[0]!r}{where}")
 
-    with model_on_device(model, device) as dev, _caller_rng_kept():
+    with model_on_device(model, device) as dev, _caller_rng_kept(), _quiet(not progress):
         # HFLM sets a pad token on the tokenizer it gets; a copy keeps the caller's tokenizer unchanged.
         tok = copy.deepcopy(tokenizer)
         if dev is None:  # blockwise placement: the model stays home, forwards run block by block on the device

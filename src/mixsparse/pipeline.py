@@ -218,11 +218,10 @@ class _Writer:
         self.record.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         self.record.error = f"{type(e).__name__}: {e}"
 
-    def perplexity(self, which: str, model: nn.Module, tokenizer, placement: Placement) -> None:
-        """Test perplexity of ``model`` as ``perplexity.<which>`` (dense, pruned, recovered, quantized)."""
+    def windows(self, tokenizer) -> None:
+        """The test windows (read once, before any expensive stage, so a bad split fails early) and the
+        record's perplexity section for them."""
         cfg = self.cfg
-        if not cfg.eval.perplexity:
-            return
         if self.test_windows is None:
             self.test_windows = eval_windows(tokenizer, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen,
                                              cfg.data.eval_tokens or None, prefix=window_prefix(tokenizer, cfg.data.bos))
@@ -230,6 +229,13 @@ class _Writer:
         tokens = int(self.test_windows.numel())
         if ppl is None or (ppl.tokens, ppl.seqlen) != (tokens, cfg.data.seqlen):  # values on other windows don't compare
             self.record.perplexity = Perplexity(split="test", tokens=tokens, seqlen=cfg.data.seqlen)
+
+    def perplexity(self, which: str, model: nn.Module, tokenizer, placement: Placement) -> None:
+        """Test perplexity of ``model`` as ``perplexity.<which>`` (dense, pruned, recovered, quantized)."""
+        cfg = self.cfg
+        if not cfg.eval.perplexity:
+            return
+        self.windows(tokenizer)
         with self.timer(f"eval_{which}"):
             value = perplexity(model, self.test_windows, batch_size=cfg.data.batch_size, device=placement,
                                progress=self.progress)
@@ -251,7 +257,8 @@ class _Writer:
             from .lmeval import run_lm_eval
 
             with self.timer("lm_eval"):
-                self.record.lm_eval = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks), device=placement)
+                self.record.lm_eval = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks), device=placement,
+                                                  progress=self.progress)
             self.save()
 
     def export(self, model: nn.Module, tokenizer, metadata: dict, sparsity_map: SparsityMap | None,
@@ -331,8 +338,10 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
 
             check_not_quantized(model)
             check_groups(model, spec_of(cfg.quantize))
-        if cfg.eval.dense_baseline:
-            w.perplexity("dense", model, tokenizer, placement)
+        if cfg.eval.perplexity:
+            w.windows(tokenizer)
+            if cfg.eval.dense_baseline:
+                w.perplexity("dense", model, tokenizer, placement)
 
         dense = None
         if needs_dense(cfg.recover):  # the recovery's teacher; on disk, not a second model in memory
@@ -403,7 +412,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     The dense teacher is the run's own ``model.name``; the pruned model is the run's ``model/`` (or its
     ``compressed/`` checkpoint), whose zeros must match what the run recorded. The source run is never
     modified."""
-    from .config import from_dict
+    from .config import apply_overrides, from_dict
     from .export import load_compressed
     from .loading import load_model, parse_dtype
     from .preflight import check_config, check_run_dir
@@ -415,13 +424,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     source = RunRecord.load(src)
     if source.status not in (None, "finished"):
         raise ConfigError(f"run {src} did not finish (status {source.status}); finish it first (same command)")
-    data = source.config
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    data = apply_overrides(source.run_config(), overrides)
     if (data.get("quantize") or {}).get("method", "none") != "none":
         raise ConfigError(f"run {src} was quantized ({data['quantize']['method']}); recovery would train its weights off "
                           "the grid. Prune again with --recover MODE --quantize METHOD (recovery runs before quantizing)")
@@ -453,8 +456,9 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     record.recovered_from = str(src_path)
     record.model, record.allocation, record.search, record.pruning, record.windows = (
         source.model, source.allocation, source.search, source.pruning, source.windows)
-    # the source run's perplexities (dense, pruned) stay: the pruned one is measured again below
-    record.perplexity = source.perplexity
+    if cfg.eval.perplexity and source.perplexity is not None:  # its dense baseline stays (on the same windows)
+        p = source.perplexity
+        record.perplexity = Perplexity(split=p.split, tokens=p.tokens, seqlen=p.seqlen, dense=p.dense)
     w = _Writer(out, record, cfg, progress)
     timer = w.timer
 

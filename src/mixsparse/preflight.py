@@ -8,7 +8,6 @@ one-line message names the problem and the fix.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -98,9 +97,12 @@ def read_allocation_file(path: str | os.PathLike | None) -> dict:
 
 def run_status(out: Path) -> str | None:
     """``status`` of the run recorded in ``out/run.json`` (None when there is none)."""
+    from .io import read_json
+    from .record import RUN_FILE
+
     try:
-        rec = json.loads((out / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        rec = read_json(out / RUN_FILE)
+    except ConfigError:  # unreadable: not a run this directory holds
         return None
     if not isinstance(rec, dict):
         return None

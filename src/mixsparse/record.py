@@ -20,7 +20,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-SCHEMA = 1
+# 2: ``config.allocation`` holds one section per method (1: one flat section; read back through
+# mixsparse.config.migrate_legacy_config)
+SCHEMA = 2
 RUN_FILE = "run.json"
 _NUM = (int, float)
 
@@ -117,11 +119,17 @@ class RunRecord:
             raise ConfigError(f"{where} must hold a JSON object, got {type(data).__name__}")
         if data.get("config") is None:
             raise ConfigError(f"{where} has no 'config' section; it is required (the full config of the run)")
-        schema = data.get("schema", SCHEMA)
-        if not isinstance(schema, int) or schema > SCHEMA:
+        schema = data.get("schema", 1)  # records before the schema key are version 1
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema > SCHEMA:
             raise ConfigError(f"{where} has record schema {schema!r}; this mixsparse reads schema {SCHEMA} and older "
                               "(upgrade mixsparse to read it)")
-        return _build(cls, data, where, "")
+        return _build(cls, {**data, "schema": schema}, where, "")
+
+    def run_config(self) -> dict:
+        """The run's config in today's layout (older records are migrated), ready for ``from_dict``."""
+        from .config import migrate_legacy_config
+
+        return migrate_legacy_config(self.config) if self.schema < 2 else dict(self.config)
 
     def save(self, path: str | os.PathLike) -> Path:
         from .io import atomic_write_json
@@ -169,7 +177,8 @@ def _check(value: Any, tp: Any, where: str, path: str) -> Any:
         if dataclasses.is_dataclass(a):
             return _build(a, value, where, path)
         if a in (int, float):
-            if isinstance(value, _NUM) and not isinstance(value, bool):
+            if isinstance(value, _NUM) and not isinstance(value, bool) and (
+                    a is float or isinstance(value, int) or float(value).is_integer()):
                 return value
         elif isinstance(value, a):
             return value

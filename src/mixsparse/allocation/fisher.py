@@ -22,7 +22,7 @@ class FisherOptions(Bounds):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in SCORE_MODES:
-            raise ConfigError(f"allocation: mode must be 'log' or 'rank', got {self.mode!r}")
+            raise ConfigError(f"mode must be 'log' or 'rank', got {self.mode!r}")
 
 
 def fisher_seed(ctx: AllocationContext, o: FisherOptions) -> tuple[dict[str, float], dict[str, float]]:

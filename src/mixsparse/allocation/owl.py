@@ -20,7 +20,7 @@ class Owl(AllocationMethod):
         def __post_init__(self) -> None:
             super().__post_init__()
             if not self.m > 0:
-                raise ConfigError(f"allocation.owl.m must be > 0, got {self.m}")
+                raise ConfigError(f"m must be > 0, got {self.m}")
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         from ..sensitivity.owl import owl_outlier_ratios

@@ -44,7 +44,7 @@ class Bounds:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_sparsity < self.max_sparsity < 1:
-            raise ConfigError("allocation: need 0 <= min_sparsity < max_sparsity < 1")
+            raise ConfigError(f"need 0 <= min_sparsity < max_sparsity < 1, got {self.min_sparsity} and {self.max_sparsity}")
 
 
 @dataclass

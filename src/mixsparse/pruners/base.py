@@ -28,6 +28,17 @@ class PruneResult:
     quantized: object = None  # a mixsparse.quant.grid.QuantizedWeight when the pruner also quantized
 
 
+def layer_inputs(inp: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """A linear layer's calibration inputs as (tokens, in_features), refused when not finite."""
+    x = inp.detach().reshape(-1, inp.shape[-1])
+    if not torch.isfinite(x).all():
+        raise NumericalError(
+            f"layer {layer_name!r}: NaN/Inf in its calibration inputs; the model produces "
+            "non-finite activations on this data (check the dtype: fp16 overflows are common)"
+        )
+    return x
+
+
 class LayerPruner:
     """Base class. Subclasses set ``name``, an ``Options`` dataclass and implement ``compute``."""
 
@@ -65,12 +76,7 @@ class LayerPruner:
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Accumulate statistics from a batch of layer inputs of shape (..., in_features)."""
-        x = inp.detach().reshape(-1, inp.shape[-1])
-        if not torch.isfinite(x).all():
-            raise NumericalError(
-                f"layer {self.layer_name!r}: NaN/Inf in its calibration inputs; the model produces "
-                "non-finite activations on this data (check the dtype: fp16 overflows are common)"
-            )
+        x = layer_inputs(inp, self.layer_name)
         self._accumulate(x.float())
         self.nsamples += x.shape[0]
 

@@ -6,6 +6,7 @@ seeing the outputs of the blocks already quantized, and sweeps each layer with i
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -13,9 +14,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import batches as split_batches
-from ..engine import LayerwiseRunner
+from ..engine import LayerwiseRunner, block_layers, calibrated_blocks
 from ..errors import ConfigError
-from ..modeling import block_linears, prunable_linears
+from ..modeling import prunable_linears
 from ..placement import Placement
 from .grid import QuantizedWeight, QuantSpec, quantize_rtn
 
@@ -75,24 +76,18 @@ def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress) -> d
     from .gptq import obs_sweep
 
     runner = LayerwiseRunner(model, device=placement)
-    prunable = set(prunable_linears(model))  # the same layers as rtn and check_groups
+    per_block = block_layers(model, runner, None)  # the same layers as rtn and check_groups
     state = runner.catch(split_batches(calib_ids, 1))
     out = {}
     options = SparseGPTPruner.Options(blocksize=blocksize, percdamp=percdamp)
-    for i, block in enumerate(tqdm(runner.blocks, desc="quantize[gptq]", disable=not progress)):
-        with runner.on_device(block):
-            lin = {n: m for n, m in block_linears(block).items() if f"{runner.blocks_name}.{i}.{n}" in prunable}
-            stats = {n: SparseGPTPruner(l, options, layer_name=f"{runner.blocks_name}.{i}.{n}") for n, l in lin.items()}
-            hooks = [l.register_forward_hook(lambda m, inp, o, p=stats[n]: p.add_batch(inp[0])) for n, l in lin.items()]
-            try:
-                runner.run_block(block, state)
-            finally:
-                for h in hooks:
-                    h.remove()
-            for n, p in stats.items():
-                W0 = lin[n].weight.data
-                W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=p.layer_name)
-                out[p.layer_name] = _write(lin[n], qw, p.layer_name)
+    make = lambda name, lin: SparseGPTPruner(lin, options, layer_name=name)  # noqa: E731 - its Hessian statistics
+    # sequential: the next block sees the quantized outputs
+    blocks = calibrated_blocks(runner, state, per_block, make, True, progress, "quantize[gptq]")
+    with contextlib.closing(blocks):
+        for _, linears, stats in blocks:
+            for name, p in stats.items():
+                W0 = linears[name].weight.data
+                W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=name)
+                out[name] = _write(linears[name], qw, name)
                 p.free()
-            state.hidden = runner.run_block(block, state)  # the next block sees quantized outputs
     return out

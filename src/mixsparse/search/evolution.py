@@ -11,7 +11,6 @@ identical results.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, SparsityError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, fingerprint
 from ..sparsity import SparsityMap
 from .options import SearchConfig
 from .space import LevelSpace, Offsets, _has_move, crossover, mutate, offsets_key
@@ -105,7 +104,7 @@ def _config_fingerprint(space: LevelSpace, config: SearchConfig, init: list[Offs
         "extra": extra,
         "operators": 3,  # bumped when operators or memo keys change: an old checkpoint must not resume
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(payload)
 
 
 def _initial_population(space: LevelSpace, init: list[Offsets], config: SearchConfig, rng: random.Random) -> list[Offsets]:

@@ -16,6 +16,7 @@ from ..engine import observe_layerwise
 from ..errors import ConfigError
 from ..modeling import find_decoder_blocks
 from ..names import block_index
+from ..pruners.base import layer_inputs
 from ..pruners.wanda import column_sq_sums, wanda_scores
 from .fisher import check_calib_ids, eval_mode
 
@@ -31,12 +32,12 @@ def outlier_ratio(scores: Sequence[torch.Tensor], M: float) -> float:
 class _InputNorms:
     """Observer of one linear: the sums of squares of its input features (Wanda's ``||X_j||^2``)."""
 
-    def __init__(self, layer: nn.Linear):
-        self.layer = layer
+    def __init__(self, layer: nn.Linear, name: str):
+        self.layer, self.name = layer, name
         self.sq_norm = torch.zeros(layer.in_features, dtype=torch.float64, device=layer.weight.device)
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        self.sq_norm += column_sq_sums(inp.detach().reshape(-1, inp.shape[-1]))
+        self.sq_norm += column_sq_sums(layer_inputs(inp, self.name))
 
     def scores(self) -> torch.Tensor:
         return wanda_scores(self.layer.weight.data, self.sq_norm)
@@ -75,7 +76,7 @@ def owl_outlier_ratios(
         pending.setdefault(b, []).append(obs.scores().cpu())
 
     with eval_mode(model):
-        observe_layerwise(model, calib_ids, lambda name, lin: _InputNorms(lin), on_layer, device=device,
+        observe_layerwise(model, calib_ids, lambda name, lin: _InputNorms(lin, name), on_layer, device=device,
                           batch_size=batch_size, offload=offload, progress=progress, desc="observe[owl]")
     flush(None)
     return ratios
