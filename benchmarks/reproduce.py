@@ -27,6 +27,8 @@ from pathlib import Path
 
 from common import RESULTS, Results, command_line, fmt, write_markdown
 
+from mixsparse.io import atomic_write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,6 +99,7 @@ def render(res: Results) -> None:
                                                            or [res.data["meta"]["command"]])), "",
              "Run alone on 2 CPU cores (no other torch process). `quick`: `mixsparse prune --config configs/quick.yaml`"
              " run by the code before and after; the per-layer map is compared by a digest of its JSON.", "",
+             *[f"- {n}" for n in res.data["meta"].get("notes") or []], "",
              "| run | commit | dense ppl | pruned ppl | sparsity | map digest | best fitness | evaluations | zero-shot | total s |",
              "|---|---|---:|---:|---:|---|---:|---:|---|---:|"]
     for key, v in e.items():
@@ -134,8 +137,14 @@ def main() -> None:
     ap.add_argument("--pruners", default="wanda")
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--fresh", action="store_true", help="allocation: measure every entry again")
+    ap.add_argument("--note", help="a line for the results file (how a measurement was made)")
     args = ap.parse_args()
-    res = Results(RESULTS / "reproduce.json", {"command": command_line()} if args.what != "render" else None)
+    path = RESULTS / "reproduce.json"
+    notes = (json.loads(path.read_text())["meta"].get("notes") or []) if path.exists() else []
+    res = Results(path, {"command": command_line()} if args.what != "render" else None)
+    res.data["meta"]["notes"] = notes + ([args.note] if args.note else [])
+    if args.note:
+        atomic_write_json(path, res.data)
     if args.what == "quick":
         quick(args, res)
     elif args.what == "allocation":
