@@ -124,6 +124,11 @@ class Results:
         return self.data["entries"].get(key)
 
 
+def produced_by(meta: dict) -> str:
+    """The Markdown line naming every command whose entries a results file holds."""
+    return "Produced by: " + "; ".join(f"`{c}`" for c in (meta.get("commands") or [meta["command"]]))
+
+
 def write_markdown(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, load_setup, prune_cell, write_markdown
+from common import RESULTS, Results, command_line, fmt, load_setup, produced_by, prune_cell, write_markdown
 from mixsparse.evaluation import perplexity
 from mixsparse.export import save_compressed
 from mixsparse.modeling import measured_sparsity, prunable_linears
@@ -101,7 +101,7 @@ def render(res: Results, out: str) -> None:
     e, meta = res.data["entries"], res.data["meta"]
     dense = e.get("dense/none@dense/fp16") or {}
     lines = ["# Sparse + quantized", "",
-             "Produced by: " + "; ".join(f"`{c}`" for c in (meta.get("commands") or [meta["command"]])), "",
+             produced_by(meta), "",
              f"Model: {meta['model']}; {meta['calibration']}; {meta['evaluation']}; group size {meta['group_size']}, "
              f"symmetric; {meta['threads']} CPU threads, torch {meta['torch']}, {meta['contention']}. "
              f"MSP maps: {meta['msp_maps']}.", "",

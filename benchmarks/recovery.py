@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, load_setup, prune_cell, write_markdown
+from common import RESULTS, Results, command_line, fmt, load_setup, produced_by, prune_cell, write_markdown
 from mixsparse.config import load_config, parse_override
 from mixsparse.evaluation import perplexity
 from mixsparse.modeling import measured_sparsity
@@ -111,7 +111,7 @@ def render(res: Results, out: str) -> None:
     e, meta = res.data["entries"], res.data["meta"]
     dense = e.get("dense") or {}
     lines = ["# Recovery after pruning (mask fixed)", "",
-             "Produced by: " + "; ".join(f"`{c}`" for c in (meta.get("commands") or [meta["command"]])), "",
+             produced_by(meta), "",
              f"Model: {meta['model']}; {meta['calibration']}; {meta['evaluation']}; zero-shot: {meta['zeroshot']}; "
              f"{meta['threads']} CPU threads, torch {meta['torch']}, {meta['contention']}. MSP maps: {meta['msp_maps']}.", "",
              f"Dense: perplexity {fmt(dense.get('ppl'))}, zero-shot {dense.get('zeroshot')}.", "",

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, Results, command_line, fmt, write_markdown
+from common import RESULTS, Results, command_line, fmt, produced_by, write_markdown
 
 from mixsparse.io import atomic_write_json
 
@@ -95,8 +95,7 @@ def allocation(args, res: Results) -> None:
 def render(res: Results) -> None:
     e = res.data["entries"]
     lines = ["# Same numbers after the restructuring", "",
-             "Produced by: " + "; ".join(f"`{c}`" for c in (res.data["meta"].get("commands")
-                                                           or [res.data["meta"]["command"]])), "",
+             produced_by(res.data["meta"]), "",
              "Run alone on 2 CPU cores (no other torch process). `quick`: `mixsparse prune --config configs/quick.yaml`"
              " run by the code before and after; the per-layer map is compared by a digest of its JSON.", "",
              *[f"- {n}" for n in res.data["meta"].get("notes") or []], "",

@@ -58,15 +58,20 @@ def parse_layer_sparsity(value: object, where: str = "sparsity") -> LayerSparsit
         return value
     if isinstance(value, str) and ":" in value:
         return NM.parse(value)
-    if isinstance(value, bool):
-        raise SparsityError(f"{where}: expected a number in [0, 1) or 'N:M', got {value!r}")
+    return fraction(value, f"{where}: sparsity", hint=" or 'N:M'")
+
+
+def fraction(value: object, what: str, error: type[Exception] = SparsityError, hint: str = "") -> float:
+    """``value`` as a float in [0, 1) (a sparsity, a spread), else ``error`` naming ``what``."""
     try:
-        s = float(value)  # type: ignore[arg-type]
+        if isinstance(value, bool):
+            raise TypeError
+        v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SparsityError(f"{where}: expected a number in [0, 1) or 'N:M', got {value!r}") from None
-    if not math.isfinite(s) or not 0.0 <= s < 1.0:
-        raise SparsityError(f"{where}: sparsity must be in [0, 1), got {value!r}")
-    return s
+        raise error(f"{what} must be a number in [0, 1){hint}, got {value!r}") from None
+    if not math.isfinite(v) or not 0.0 <= v < 1.0:
+        raise error(f"{what} must be in [0, 1), got {value!r}")
+    return v
 
 
 def sparsity_of(target: LayerSparsity) -> float:

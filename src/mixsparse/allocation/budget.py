@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, SparsityError, UnknownNameError
 from ..names import block_index
-from ..sparsity import SparsityMap, weighted_average
+from ..sparsity import SparsityMap, fraction, weighted_average
 
 Bound = Union[float, Mapping[str, float]]
 
@@ -33,19 +33,8 @@ BUDGET_TOLERANCE = 1e-9
 
 
 # --- validation helpers ----------------------------------------------------------------------
-def _fraction(value: object, what: str, error: type[Exception] = SparsityError) -> float:
-    """``value`` as a float in [0, 1), else ``error`` naming ``what``."""
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise error(f"{what} must be a number in [0, 1), got {value!r}") from None
-    if not math.isfinite(v) or not 0.0 <= v < 1.0:
-        raise error(f"{what} must be in [0, 1), got {value!r}")
-    return v
-
-
 def _check_target(target: float) -> float:
-    return _fraction(target, "target sparsity")
+    return fraction(target, "target sparsity")
 
 
 def _check_counts(param_counts: Mapping[str, int]) -> list[str]:
@@ -180,7 +169,7 @@ def _units(
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> float:
-    return _fraction(alpha, name, ConfigError)
+    return fraction(alpha, name, ConfigError)
 
 
 def descending_ranks(scores: Mapping[object, float]) -> dict[object, float]:
