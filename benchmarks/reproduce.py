@@ -45,7 +45,7 @@ def quick(args, res: Results) -> None:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "run"
         cmd = [sys.executable, "-m", "mixsparse.cli", "prune", "--config", str(root / "configs" / "quick.yaml"),
-               "--out", str(out), "--quiet"]
+               "--out", str(out), "--quiet", *[a for kv in args.set for a in ("--set", kv)]]
         subprocess.run(cmd, check=True, env=env, cwd=d)
         # read as plain JSON: the "before" tree may predate the typed record
         rec = json.loads((out / "run.json").read_text())
@@ -59,7 +59,9 @@ def quick(args, res: Results) -> None:
         "overall_sparsity": rec["pruning"]["overall_sparsity"], "per_layer_digest": _digest(alloc["per_layer"]),
         "search_best_fitness": rec["search"]["best_fitness"], "search_evaluations": rec["search"]["evaluations"],
         "zeroshot": rec.get("zeroshot"), "seconds_total": round(sum(rec["timings"].values()), 1),
-        "timings": rec["timings"], "command": " ".join(cmd[1:3] + ["prune", "--config", "configs/quick.yaml"]),
+        "search_seconds": rec["search"]["seconds"],
+        "timings": rec["timings"], "command": " ".join(cmd[1:3] + ["prune", "--config", "configs/quick.yaml"]
+                                                       + [a for kv in args.set for a in ("--set", kv)]),
         "run_by": command_line()})
     print(f"quick/{args.label}: ppl {ppl['dense']:.3f} -> {ppl['pruned']:.3f}, zero-shot {rec.get('zeroshot')}")
 
@@ -136,6 +138,7 @@ def main() -> None:
     ap.add_argument("--pruners", default="wanda")
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--fresh", action="store_true", help="allocation: measure every entry again")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quick: config overrides")
     ap.add_argument("--note", help="a line for the results file (how a measurement was made)")
     args = ap.parse_args()
     path = RESULTS / "reproduce.json"

@@ -110,3 +110,18 @@ def test_run_lm_eval_keeps_the_callers_random_streams(local_task):
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     run_lm_eval(model, tok, [TASK], include_path=task_dir, include_defaults=False, limit=2)
     assert draws() == expected
+
+
+def test_run_lm_eval_skips_lm_evals_run_metadata_and_restores_it(local_task, tmp_path, monkeypatch, capfd):
+    """Outside a git repository lm-eval's own `git describe` printed "fatal: not a git repository" on every
+    evaluation; the metadata it gathers (git hash, pip list) is not kept, so it is not gathered."""
+    import lm_eval.evaluator as evaluator
+
+    task_dir, _ = local_task
+    before = (evaluator.get_git_commit_hash, evaluator.add_env_info)
+    monkeypatch.chdir(tmp_path)  # not inside a repository
+    model, tok = tiny_model("llama", seed=0, vocab_size=257), byte_tokenizer()
+    res = run_lm_eval(model, tok, [TASK], include_path=task_dir, include_defaults=False, limit=2, progress=False)
+    assert res[TASK]["n_samples"] == 2
+    assert "not a git repository" not in capfd.readouterr().err
+    assert (evaluator.get_git_commit_hash, evaluator.add_env_info) == before

@@ -166,6 +166,23 @@ def _quiet(enabled: bool) -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _without_run_metadata(lm_eval: Any) -> Iterator[None]:
+    """``simple_evaluate`` also stores the git hash of the working directory (its ``git describe`` prints
+    "fatal: not a git repository" on the terminal outside a repository) and the environment (torch's
+    ``collect_env``: ``pip list``, ``nvidia-smi``); the results kept here use neither, so both are skipped
+    for the call and restored after it."""
+    from unittest import mock
+
+    evaluator = getattr(lm_eval, "evaluator", None)
+    skip = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
+    with contextlib.ExitStack() as stack:
+        for name, stub in skip.items():
+            if hasattr(evaluator, name):  # other lm-eval versions may not have them: nothing to skip then
+                stack.enter_context(mock.patch.object(evaluator, name, stub))
+        yield
+
+
 def run_lm_eval(
     model: nn.Module,
     tokenizer: Any,
@@ -201,7 +218,8 @@ def run_lm_eval(
         where = f" (include_path={include_path})" if include_path is not None else ""
         raise UnknownNameError(f"unknown lm-eval task {unknown[0]!r}{where}")
 
-    with model_on_device(model, device) as dev, _caller_rng_kept(), _quiet(not progress):
+    with (model_on_device(model, device) as dev, _caller_rng_kept(), _quiet(not progress),
+          _without_run_metadata(lm_eval)):
         # HFLM sets a pad token on the tokenizer it gets; a copy keeps the caller's tokenizer unchanged.
         tok = copy.deepcopy(tokenizer)
         if dev is None:  # blockwise placement: the model stays home, forwards run block by block on the device
