@@ -15,7 +15,7 @@ from mixsparse.allocation import (
     owl_allocation,
     score_allocation,
     snap_to_grid,
-    uniform_allocation as uniform,
+    uniform,
     weighted_average,
 )
 from mixsparse.errors import ConfigError, SparsityError, UnknownNameError

@@ -13,7 +13,7 @@ from mixsparse.data import eval_windows, load_corpus
 from mixsparse.evaluation import perplexity
 from mixsparse.export import load_compressed
 from mixsparse.modeling import param_counts
-from mixsparse.allocation.file import load_allocation
+from mixsparse.allocation.methods.file import load_allocation
 from mixsparse.pipeline import run
 from mixsparse.record import RunRecord
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import __version__
 from .allocation import Allocation, AllocationContext, get_allocation
-from .allocation.file import file_allocation
+from .allocation.methods.file import file_allocation
 from .config import RunConfig
 from .data import calibration_ids, eval_windows, load_corpus, tokenize, window_prefix
 from .engine import prune_layerwise

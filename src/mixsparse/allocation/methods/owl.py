@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from ..names import block_index
-from .budget import owl_allocation
-from .registry import Allocation, AllocationContext, AllocationMethod, Bounds, register_allocation
+from ...errors import ConfigError
+from ...names import block_index
+from ..budget import owl_allocation
+from ..registry import Allocation, AllocationContext, AllocationMethod, Bounds, register_allocation
 
 
 @register_allocation("owl")
@@ -23,7 +23,7 @@ class Owl(AllocationMethod):
                 raise ConfigError(f"m must be > 0, got {self.m}")
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
-        from ..sensitivity.owl import owl_outlier_ratios
+        from ...sensitivity.owl import owl_outlier_ratios
 
         o, data = self.options, ctx.cfg.data
         with ctx.stage("sensitivity"):

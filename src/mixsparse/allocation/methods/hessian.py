@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .budget import linear_rank_allocation
-from .registry import Allocation, AllocationContext, AllocationMethod, Bounds, register_allocation
+from ..budget import linear_rank_allocation
+from ..registry import Allocation, AllocationContext, AllocationMethod, Bounds, register_allocation
 
 
 @register_allocation("hessian")
@@ -20,7 +20,7 @@ class Hessian(AllocationMethod):
         per_block: bool = False  # rank whole blocks instead of single linears
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
-        from ..sensitivity.hessian import hessian_trace
+        from ...sensitivity.hessian import hessian_trace
 
         o = self.options
         with ctx.stage("sensitivity"):

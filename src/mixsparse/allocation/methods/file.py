@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from os import PathLike
 
-from ..errors import ConfigError
-from ..sparsity import NM, SparsityMap
-from .registry import Allocation, AllocationContext, AllocationMethod, register_allocation
+from ...errors import ConfigError
+from ...sparsity import NM, SparsityMap
+from ..registry import Allocation, AllocationContext, AllocationMethod, register_allocation
 
 
 def load_allocation(path: str | PathLike, counts: dict[str, int]) -> SparsityMap:
     """The map of an allocation file; it must name every prunable layer of this model (a layer left out
     would silently stay dense)."""
-    from ..preflight import read_allocation_file
+    from ...preflight import read_allocation_file
 
     layers = read_allocation_file(path)
     missing = [n for n in counts if n not in layers]
@@ -38,7 +38,7 @@ class FileAllocation(AllocationMethod):
     assigns_patterns = True
 
     def check(self, cfg) -> None:
-        from ..preflight import read_allocation_file
+        from ...preflight import read_allocation_file
 
         read_allocation_file(cfg.prune.allocation_file)
 

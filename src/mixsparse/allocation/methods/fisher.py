@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from ..sparsity import NM, SparsityMap
-from .budget import SCORE_MODES, score_allocation
-from .registry import Allocation, AllocationContext, AllocationMethod, Bounds, register_allocation
+from ...errors import ConfigError
+from ...sparsity import NM, SparsityMap
+from ..budget import SCORE_MODES, score_allocation
+from ..registry import Allocation, AllocationContext, AllocationMethod, Bounds, register_allocation
 
 
 @dataclass
@@ -27,7 +27,7 @@ class FisherOptions(Bounds):
 
 def fisher_seed(ctx: AllocationContext, o: FisherOptions) -> tuple[dict[str, float], dict[str, float]]:
     """Fisher traces (cached) and the continuous map they give: ``(scores, sparsities)``."""
-    from ..sensitivity.fisher import fisher_trace
+    from ...sensitivity.fisher import fisher_trace
 
     with ctx.stage("sensitivity"):
         scores = ctx.cached_scores(

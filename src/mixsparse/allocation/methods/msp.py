@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fisher import FisherOptions, fisher_seed
-from .registry import Allocation, AllocationContext, AllocationMethod, register_allocation
+from ..registry import Allocation, AllocationContext, AllocationMethod, register_allocation
 
 
 @register_allocation("msp")
@@ -19,12 +19,12 @@ class Msp(AllocationMethod):
         """The seed's Fisher settings; ``min_sparsity``/``max_sparsity`` also bound the search's levels."""
 
     def check(self, cfg) -> None:
-        from ..search.driver import level_space
+        from ...search.driver import level_space
 
         level_space(cfg, self.options, {"a": 1, "b": 1})  # the grid's settings; layer sizes come with the model
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
-        from ..search.driver import msp_search
+        from ...search.driver import msp_search
 
         scores, continuous = fisher_seed(ctx, self.options)
         with ctx.stage("search"):

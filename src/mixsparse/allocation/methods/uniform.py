@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..sparsity import SparsityMap
-from .registry import Allocation, AllocationContext, AllocationMethod, register_allocation
+from ...sparsity import SparsityMap
+from ..registry import Allocation, AllocationContext, AllocationMethod, register_allocation
 
 
 @register_allocation("uniform")
