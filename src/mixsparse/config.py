@@ -19,6 +19,7 @@ from .recovery import MODES as RECOVER_MODES, BlockwiseOptions, FinetuneOptions
 from .search.options import SearchSection
 from .sparsity import NM, parse_layer_sparsity
 
+
 class _Loader(yaml.SafeLoader):
     """YAML without YAML 1.1 sexagesimal numbers: ``sparsity: 2:4`` must stay the string '2:4'
     (PyYAML's default would read it as the integer 124)."""
@@ -247,12 +248,7 @@ def _allocation_options(data: Any) -> dict:
     for name in available_allocations():
         cls = get_allocation(name).Options
         given = data.get(name)
-        try:
-            out[name] = given if isinstance(given, cls) else from_dict(cls, given, f"allocation.{name}")
-        except ConfigError as e:  # an option's own check does not know which method it belongs to
-            msg = str(e)
-            raise ConfigError(msg if msg.startswith(f"allocation.{name}") or "config key" in msg
-                              else f"allocation.{name}: {msg}") from None
+        out[name] = given if isinstance(given, cls) else from_dict(cls, given, f"allocation.{name}")
     return out
 
 
@@ -311,7 +307,10 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise e
+        # a section's own check may not name it (an allocation method's options do not know their method)
+        if path and path not in str(e):
+            raise type(e)(f"{path}: {e}") from None
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 

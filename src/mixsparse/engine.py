@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import batches as split_batches
 from .errors import DataError, SparsityError
-from .modeling import find_decoder_blocks, prunable_linears, take_placement
+from .modeling import find_decoder_blocks, prunable_linears, take_placement, zero_fraction
 from .names import block_index
 from .placement import Placement
 from .pruners import get_pruner
@@ -353,7 +353,7 @@ def prune_layerwise(
 def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, device, batch_size, offload, sequential,
                      progress) -> PruneReport:
     cls = get_pruner(pruner)
-    options = cls.make_options(pruner_options)
+    make = cls.factory(pruner_options)
     runner = LayerwiseRunner(model, device=device, offload=offload)
     per_block = block_layers(model, runner, targets)
     targets.check_divisible({n: lin.in_features for layers in per_block for n, lin in layers.items()})
@@ -363,7 +363,6 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
     if cls.needs_inputs and calib_ids is None:
         raise DataError(f"pruner {pruner!r} needs calibration data")
     state = runner.catch(split_batches(calib_ids, batch_size)) if cls.needs_inputs else None
-    make = lambda name, lin: cls(lin, options, layer_name=name)  # noqa: E731
     blocks = calibrated_blocks(runner, state, per_block, make, sequential, progress, f"prune[{pruner}]")
     with contextlib.closing(blocks):  # an error mid-block sends the block home now, not when the traceback dies
         for _, linears, pruners in blocks:
@@ -376,8 +375,7 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
                     if res.quantized is not None:
                         report.quantized[name] = res.quantized.cpu()
                     report.seconds[name] = time.perf_counter() - t0
-                w = lin.weight.data
-                report.achieved[name] = float((w == 0).sum().item()) / w.numel()
+                report.achieved[name] = zero_fraction(lin.weight.data)
                 p.free()
     report.total_seconds = time.perf_counter() - t_start
     return report

@@ -83,10 +83,15 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {name: lin.weight.numel() for name, lin in prunable_linears(model).items()}
 
 
+def zero_fraction(weight) -> float:
+    """Share of exact zeros in a weight: a layer's measured sparsity."""
+    return float((weight == 0).sum().item()) / weight.numel()
+
+
 def measured_sparsity(model: nn.Module) -> tuple[dict[str, float], float]:
     """Share of exact zeros in every prunable layer, and their parameter-weighted average."""
     linears = prunable_linears(model)
-    per_layer = {n: float((lin.weight == 0).sum().item()) / lin.weight.numel() for n, lin in linears.items()}
+    per_layer = {n: zero_fraction(lin.weight) for n, lin in linears.items()}
     return per_layer, weighted_average(per_layer, {n: lin.weight.numel() for n, lin in linears.items()})
 
 

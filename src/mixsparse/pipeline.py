@@ -24,7 +24,6 @@ from torch import nn
 
 from . import __version__
 from .allocation import Allocation, AllocationContext, get_allocation
-from .allocation.methods.file import file_allocation
 from .config import RunConfig
 from .data import calibration_ids, eval_windows, load_corpus, tokenize, window_prefix
 from .engine import prune_layerwise
@@ -321,8 +320,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
             if model is None:
                 model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
         counts = param_counts(model)
-        if cfg.prune.allocation == "file":  # its layers and average, before the dense evaluation
-            file_allocation(cfg, counts)
+        get_allocation(cfg.prune.allocation)(cfg.allocation_options()).check(cfg, counts)  # before the dense eval
         _, blocks = find_decoder_blocks(model)
         record.model = ModelInfo(name=cfg.model.name, num_params=sum(p.numel() for p in model.parameters()),
                                  prunable_params=sum(counts.values()), blocks=len(blocks))

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Union
 
-
 from .errors import SparsityError, UnknownNameError
 
 
@@ -127,10 +126,7 @@ class SparsityMap(Mapping[str, LayerSparsity]):
 
     def average(self, param_counts: Mapping[str, int] | None = None) -> float:
         """Parameter-weighted average sparsity (plain mean if no counts are known)."""
-        counts = param_counts if param_counts is not None else self.param_counts
-        if not self._targets:
-            return 0.0
-        return weighted_average(self.sparsities(), counts)
+        return weighted_average(self.sparsities(), param_counts if param_counts is not None else self.param_counts)
 
     def to_dict(self) -> dict[str, float | str]:
         return {k: format_layer_sparsity(v) for k, v in self._targets.items()}

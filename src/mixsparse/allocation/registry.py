@@ -100,8 +100,9 @@ class AllocationMethod:
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
 
-    def check(self, cfg: Any) -> None:
-        """Checks of ``cfg`` that need no model (run before anything is loaded)."""
+    def check(self, cfg: Any, counts: dict[str, int] | None = None) -> None:
+        """Checks of ``cfg`` run before any expensive work: without ``counts`` before the model is loaded,
+        with them (prunable layer -> parameters) right after, before the dense evaluation."""
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         raise NotImplementedError

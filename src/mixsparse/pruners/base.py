@@ -9,6 +9,7 @@ serve several targets (the search caches every sparsity level of every layer thi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,17 +27,6 @@ class PruneResult:
     weight: torch.Tensor  # new weight, same shape/dtype/device as the layer's, zeros where pruned
     mask: torch.Tensor  # bool keep-mask
     quantized: object = None  # a mixsparse.quant.grid.QuantizedWeight when the pruner also quantized
-
-
-def layer_inputs(inp: torch.Tensor, layer_name: str) -> torch.Tensor:
-    """A linear layer's calibration inputs as (tokens, in_features), refused when not finite."""
-    x = inp.detach().reshape(-1, inp.shape[-1])
-    if not torch.isfinite(x).all():
-        raise NumericalError(
-            f"layer {layer_name!r}: NaN/Inf in its calibration inputs; the model produces "
-            "non-finite activations on this data (check the dtype: fp16 overflows are common)"
-        )
-    return x
 
 
 class LayerPruner:
@@ -70,13 +60,24 @@ class LayerPruner:
             )
         return cls.Options(**values)
 
+    @classmethod
+    def factory(cls, values: dict | None = None) -> "Callable[[str, nn.Linear], LayerPruner]":
+        """``make(name, linear)`` for the engine's calibrate step: one pruner per layer, options checked once."""
+        options = cls.make_options(values)
+        return lambda name, layer: cls(layer, options, layer_name=name)
+
     @property
     def weight(self) -> torch.Tensor:
         return self.layer.weight.data
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Accumulate statistics from a batch of layer inputs of shape (..., in_features)."""
-        x = layer_inputs(inp, self.layer_name)
+        x = inp.detach().reshape(-1, inp.shape[-1])
+        if not torch.isfinite(x).all():
+            raise NumericalError(
+                f"layer {self.layer_name!r}: NaN/Inf in its calibration inputs; the model produces "
+                "non-finite activations on this data (check the dtype: fp16 overflows are common)"
+            )
         self._accumulate(x.float())
         self.nsamples += x.shape[0]
 

@@ -9,17 +9,6 @@ import torch
 from .base import ScorePruner, register_pruner
 
 
-def column_sq_sums(x: torch.Tensor) -> torch.Tensor:
-    """Per input feature, the float64 sum of squares of ``x`` (tokens, in_features): ``||X_j||^2``."""
-    # float64: exact enough over millions of tokens, and only an (in_features,) buffer
-    return (x.double() ** 2).sum(0)
-
-
-def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
-    """Wanda's importance ``|W_ij| * ||X_j||_2`` (also OWL's outlier statistic)."""
-    return weight.float().abs() * sq_norm.sqrt().float().unsqueeze(0)
-
-
 @register_pruner("wanda")
 class WandaPruner(ScorePruner):
     @dataclass
@@ -31,8 +20,9 @@ class WandaPruner(ScorePruner):
         self.sq_norm = torch.zeros(layer.in_features, dtype=torch.float64, device=layer.weight.device)
 
     def _accumulate(self, x: torch.Tensor) -> None:
-        self.sq_norm += column_sq_sums(x)
+        # float64 sum of squares: exact enough over millions of tokens, tiny (in_features,) buffer
+        self.sq_norm += (x.double() ** 2).sum(0)
         self.free()  # new statistics invalidate cached ranks
 
     def scores(self) -> torch.Tensor:
-        return wanda_scores(self.weight, self.sq_norm)
+        return self.weight.float().abs() * self.sq_norm.sqrt().float().unsqueeze(0)

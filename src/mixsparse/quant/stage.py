@@ -79,8 +79,7 @@ def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress) -> d
     per_block = block_layers(model, runner, None)  # the same layers as rtn and check_groups
     state = runner.catch(split_batches(calib_ids, 1))
     out = {}
-    options = SparseGPTPruner.Options(blocksize=blocksize, percdamp=percdamp)
-    make = lambda name, lin: SparseGPTPruner(lin, options, layer_name=name)  # noqa: E731 - its Hessian statistics
+    make = SparseGPTPruner.factory({"blocksize": blocksize, "percdamp": percdamp})  # its Hessian statistics
     # sequential: the next block sees the quantized outputs
     blocks = calibrated_blocks(runner, state, per_block, make, True, progress, "quantize[gptq]")
     with contextlib.closing(blocks):

@@ -146,10 +146,8 @@ class LevelDatabase:
 
         if len(levels) > 255:
             raise ConfigError(f"the level database holds at most 255 levels per layer, the space has {len(levels)}")
-        pcls = get_pruner(pruner)
-        options = pcls.make_options(pruner_options)
-        observe_layerwise(model, calib_ids, lambda name, lin: pcls(lin, options, layer_name=name), on_layer,
-                          layers=db.layers, device=device)
+        observe_layerwise(model, calib_ids, get_pruner(pruner).factory(pruner_options), on_layer, layers=db.layers,
+                          device=device)
         bar.close()
         db.seconds = time.perf_counter() - t0
 

@@ -16,8 +16,7 @@ from ..engine import observe_layerwise
 from ..errors import ConfigError
 from ..modeling import find_decoder_blocks
 from ..names import block_index
-from ..pruners.base import layer_inputs
-from ..pruners.wanda import column_sq_sums, wanda_scores
+from ..pruners.wanda import WandaPruner
 from .fisher import check_calib_ids, eval_mode
 
 
@@ -27,20 +26,6 @@ def outlier_ratio(scores: Sequence[torch.Tensor], M: float) -> float:
     if flat.numel() == 0:
         return 0.0
     return float((flat > M * flat.mean()).sum()) / flat.numel()
-
-
-class _InputNorms:
-    """Observer of one linear: the sums of squares of its input features (Wanda's ``||X_j||^2``)."""
-
-    def __init__(self, layer: nn.Linear, name: str):
-        self.layer, self.name = layer, name
-        self.sq_norm = torch.zeros(layer.in_features, dtype=torch.float64, device=layer.weight.device)
-
-    def add_batch(self, inp: torch.Tensor) -> None:
-        self.sq_norm += column_sq_sums(layer_inputs(inp, self.name))
-
-    def scores(self) -> torch.Tensor:
-        return wanda_scores(self.layer.weight.data, self.sq_norm)
 
 
 def owl_outlier_ratios(
@@ -55,7 +40,8 @@ def owl_outlier_ratios(
 ) -> dict[int, float]:
     """Outlier ratio (a fraction in [0, 1], not OWL's percent) of every decoder block, by block index.
 
-    Activation norms come from the dense model, through the engine's observe pass (nothing is pruned).
+    Activation norms come from the dense model, through the engine's observe pass with Wanda's own
+    statistics (OWL's scores are Wanda's; nothing is pruned).
     Peak extra memory is one block's worth of float32 scores on the CPU.
     """
     check_calib_ids(calib_ids)
@@ -70,13 +56,13 @@ def owl_outlier_ratios(
             if upto is None or b < upto:
                 ratios[b] = outlier_ratio(pending.pop(b), M)
 
-    def on_layer(name: str, obs: _InputNorms) -> None:
+    def on_layer(name: str, obs: WandaPruner) -> None:
         b = block_index(name, blocks_name)
         flush(b)  # blocks run in order: earlier blocks are complete
         pending.setdefault(b, []).append(obs.scores().cpu())
 
     with eval_mode(model):
-        observe_layerwise(model, calib_ids, lambda name, lin: _InputNorms(lin, name), on_layer, device=device,
+        observe_layerwise(model, calib_ids, WandaPruner.factory(), on_layer, device=device,
                           batch_size=batch_size, offload=offload, progress=progress, desc="observe[owl]")
     flush(None)
     return ratios

@@ -37,10 +37,12 @@ def file_allocation(cfg, counts: dict[str, int]) -> SparsityMap:
 class FileAllocation(AllocationMethod):
     assigns_patterns = True
 
-    def check(self, cfg) -> None:
+    def check(self, cfg, counts: dict[str, int] | None = None) -> None:
         from ...preflight import read_allocation_file
 
         read_allocation_file(cfg.prune.allocation_file)
+        if counts is not None:  # its layers and average against the model
+            file_allocation(cfg, counts)
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         return Allocation(self.name, file_allocation(ctx.cfg, ctx.counts))

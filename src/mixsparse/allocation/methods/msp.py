@@ -18,10 +18,10 @@ class Msp(AllocationMethod):
     class Options(FisherOptions):
         """The seed's Fisher settings; ``min_sparsity``/``max_sparsity`` also bound the search's levels."""
 
-    def check(self, cfg) -> None:
+    def check(self, cfg, counts: dict[str, int] | None = None) -> None:
         from ...search.driver import level_space
 
-        level_space(cfg, self.options, {"a": 1, "b": 1})  # the grid's settings; layer sizes come with the model
+        level_space(cfg, self.options, counts or {"a": 1, "b": 1})  # the grid's settings (and layer sizes)
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
         from ...search.driver import msp_search
