@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -61,6 +63,54 @@ def prune_cell(model, calib, cell: str, place, msp_sequential: bool) -> tuple[ob
 
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "fma", "f16c")
+
+
+def machine() -> dict:
+    """The machine a number was measured on: CPU model, the ISA flags that change torch's kernels (native
+    bf16 needs avx512_bf16 or amx_bf16), cores, torch version, forced-ISA variables, GPU if any."""
+    info = {"cpu": platform.processor() or platform.machine(), "isa": [], "cores": os.cpu_count(),
+            "torch": torch.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")))
+        info["isa"] = [f for f in ISA_FLAGS if f in flags]
+    except (OSError, StopIteration):
+        pass
+    forced = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+              if k in os.environ}
+    if forced:
+        info["forced"] = forced
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def commit() -> str:
+    """The checkout's commit (``MIXSPARSE_COMMIT`` where the working tree travels without its .git),
+    with ``+dirty`` when tracked files differ from it."""
+    if os.environ.get("MIXSPARSE_COMMIT"):
+        return os.environ["MIXSPARSE_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """What every result entry carries: its command, commit, date and machine."""
+    return {"command": command_line() if argv is None else "main(" + repr(argv) + ")", "commit": commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
 
 
 def _rss_mb() -> float:

@@ -167,5 +167,19 @@ def simulated_device():
 
 
 def to_plain(x):
-    """A plain CPU tensor from a simulated-device (or CPU) tensor, for comparisons outside the mode."""
-    return x.elem if isinstance(x, SimTensor) else x
+    """A plain CPU tensor from a simulated-device, real-device or CPU tensor, for comparisons outside the mode."""
+    return x.elem if isinstance(x, SimTensor) else x.cpu()
+
+
+def device_under_test() -> tuple[torch.device, "contextlib.AbstractContextManager", bool]:
+    """``(device, context, real)``: the simulated device and :func:`simulated_device`, or, when
+    ``MIXSPARSE_TEST_DEVICE`` names a real accelerator (``cuda``), that device and a no-op context."""
+    import os
+
+    real = os.environ.get("MIXSPARSE_TEST_DEVICE")
+    if real:
+        dev = torch.device(real)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"MIXSPARSE_TEST_DEVICE={real} but torch sees no CUDA device")
+        return dev, contextlib.nullcontext, True
+    return register(), simulated_device, False

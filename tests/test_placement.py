@@ -3,6 +3,9 @@
 Every stage runs with ``device=simdev`` on a tiny model: any op that mixes the device with the CPU
 raises, the numbers must equal the CPU run, and the model must be back at its home (the CPU) after
 the stage. Two tests plant the bugs the policy exists to prevent and show they are caught.
+
+``MIXSPARSE_TEST_DEVICE=cuda`` runs the same tests on a real accelerator in place of the simulated one
+(``benchmarks/gpu_check.py`` does): real CUDA raises its own error when an op mixes devices.
 """
 
 import copy
@@ -18,10 +21,11 @@ from mixsparse.search import Fitness, LevelDatabase, LevelSpace, SearchConfig, e
 from mixsparse.sparsity import SparsityMap
 
 from .numerics import assert_same_pruned
-from .simdevice import MixedDeviceError, register, simulated_device, to_plain
+from .simdevice import MixedDeviceError, device_under_test, to_plain
 from .tiny import tiny_ids, tiny_model
 
-DEV = register()
+DEV, simulated_device, REAL = device_under_test()
+MIXING = RuntimeError if REAL else MixedDeviceError  # what an op mixing the device with the CPU raises
 
 
 def at_home(model) -> bool:
@@ -46,9 +50,9 @@ def test_simulated_device_rejects_mixing_and_computes_like_the_cpu():
         moved = copy.deepcopy(model).to(DEV)
         out = moved(input_ids=ids.to(DEV)).logits
         assert out.device == DEV
-        with pytest.raises(MixedDeviceError):
+        with pytest.raises(MIXING):
             moved(input_ids=ids)  # CPU ids, device weights
-        with pytest.raises(MixedDeviceError):
+        with pytest.raises(MIXING):
             torch.ones(3, device=DEV) + torch.ones(3)
     torch.testing.assert_close(to_plain(out), ref)
 
@@ -153,6 +157,7 @@ def test_perplexity_on_the_device_equals_the_cpu(mode):
 @pytest.mark.parametrize("mode", ["whole", "blockwise"])
 def test_zero_shot_scoring_on_the_device_equals_the_cpu(tiny_llama, tmp_path, mode):
     """lm-eval scores on the device: the whole model moved there, or (``blockwise``) block by block."""
+    pytest.importorskip("lm_eval")  # not on the GPU machine's image
     from mixsparse.zeroshot import evaluate_zeroshot
 
     model, tok = tiny_llama
@@ -194,10 +199,10 @@ def test_msp_pipeline_and_export_on_the_device(tiny_llama, word_corpus, tmp_path
     rec_cpu = run(load_config(None, {**over, "model.device": "cpu"}), tmp_path / "cpu", model=cpu_model,
                   tokenizer=tok, progress=False)
     with simulated_device():
-        rec = run(load_config(None, {**over, "model.device": "simdev", "model.placement": "blockwise"}),
+        rec = run(load_config(None, {**over, "model.device": DEV.type, "model.placement": "blockwise"}),
                   tmp_path / "dev", model=model, tokenizer=tok, progress=False)
     assert at_home(model)
-    assert rec.to_dict()["placement"] == {"device": "simdev", "mode": "blockwise"}
+    assert rec.to_dict()["placement"] == {"device": DEV.type, "mode": "blockwise"}
     assert rec.allocation.per_layer == rec_cpu.allocation.per_layer
     assert rec.perplexity.pruned == pytest.approx(rec_cpu.perplexity.pruned, rel=1e-4)
     assert (tmp_path / "dev" / "model" / "model.safetensors").exists()
@@ -231,5 +236,5 @@ def test_planted_bug_a_block_input_left_on_the_cpu_is_caught(monkeypatch):
     monkeypatch.setattr(fitness_mod.CandidateForward, "run_block", run_block_without_moving_input)
     with simulated_device():
         db = LevelDatabase.build(model, space, tiny_ids(), "wanda", device=DEV, progress=False)
-        with pytest.raises(MixedDeviceError):
+        with pytest.raises(MIXING):
             Fitness(db, tiny_ids(2, 12), "kl", device=DEV, placement="blockwise", dtype="model")
