@@ -49,7 +49,7 @@ def test_simulated_device_rejects_mixing_and_computes_like_the_cpu():
     with simulated_device():
         moved = copy.deepcopy(model).to(DEV)
         out = moved(input_ids=ids.to(DEV)).logits
-        assert out.device == DEV
+        assert out.device.type == DEV.type
         with pytest.raises(MIXING):
             moved(input_ids=ids)  # CPU ids, device weights
         with pytest.raises(MIXING):

@@ -144,15 +144,24 @@ class EvalConfig:
 class ExportConfig:
     checkpoint: bool = True  # HF safetensors with zeros (from_pretrained loads it)
     compressed: bool = True  # bitmask / N:M packed checkpoint
-    dtype: str = "float16"  # dtype of the compressed checkpoint
+    # dtype of the compressed checkpoint's floating tensors. "auto": a bf16/fp16 model keeps its own (casting
+    # bf16 to fp16 flushes tiny weights to new zeros and clips large ones); a float32 model is stored in float16
+    dtype: str = "auto"
     # a quantized run also writes model-quantized/: the compressed-tensors format from_pretrained reads
     # (needs the "quant" extra: pip install 'mixsparse[quant]')
     quantized_hf: bool = True
     report: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "bfloat16", "float32"):
-            raise ConfigError(f"export.dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise ConfigError(f"export.dtype must be auto, float16, bfloat16 or float32, got {self.dtype!r}")
+
+    def compressed_dtype(self, model_dtype: "torch.dtype") -> "torch.dtype":
+        import torch
+
+        if self.dtype == "auto":
+            return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float16
+        return getattr(torch, self.dtype)
 
 
 @dataclass

@@ -468,10 +468,21 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the config of {str(d)!r}: {e}") from None
     build_dtype = dtype or (_parse_dtype(index["dtype"]) if index.get("dtype") else None)
-    model = AutoModelForCausalLM.from_config(config, dtype=build_dtype) if build_dtype else AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    from accelerate import init_empty_weights
+
+    # parameters on the meta device (no random init, no second copy: a 70B model would need twice its RAM
+    # and minutes of initialisation); buffers such as rotary frequencies are computed for real
+    with init_empty_weights(include_buffers=False):
+        model = (AutoModelForCausalLM.from_config(config, dtype=build_dtype) if build_dtype
+                 else AutoModelForCausalLM.from_config(config))
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ModelLoadError(f"compressed checkpoint {str(d)!r} does not fit its config: {e}") from None
     model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelLoadError(f"compressed checkpoint {str(d)!r} lacks {len(left)} tensor(s) its model needs, e.g. {left[0]}")
     return model.eval()

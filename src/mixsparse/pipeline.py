@@ -274,7 +274,8 @@ class _Writer:
             artifacts["checkpoint"] = "model/"
         if cfg.export.compressed:
             with timer("export_compressed"):
-                record.sizes = save_compressed(model, out / "compressed", dtype=getattr(torch, cfg.export.dtype),
+                record.sizes = save_compressed(model, out / "compressed",
+                                               dtype=cfg.export.compressed_dtype(next(model.parameters()).dtype),
                                                sparsity_map=sparsity_map, tokenizer=tokenizer, metadata=metadata,
                                                overwrite=True, quantized=quantized)
             artifacts["compressed"] = "compressed/"

@@ -27,7 +27,7 @@ from ..errors import NumericalError
 from ..io import atomic_write_text
 from ..modeling import block_linears
 from ..placement import Placement
-from .common import DenseStore, FixedMask, autocast, autocast_dtype, tuned_parameters
+from .common import DenseStore, FixedMask, MasterWeights, autocast, autocast_dtype, tuned_parameters
 from .options import BlockwiseOptions
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ def _tune_block(runner, block, linears, params, inputs, kwargs, targets, opts: B
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=opts.lr)
+    mp = MasterWeights({str(i): p for i, p in enumerate(params)}, mask)  # fp32 masters of a bf16/fp16 block
+    opt = torch.optim.Adam(list(mp.masters.values()), lr=opts.lr)
     gen = torch.Generator().manual_seed(seed)
     dev = runner.device
     losses = []
@@ -165,11 +166,8 @@ def _tune_block(runner, block, linears, params, inputs, kwargs, targets, opts: B
                             p.copy_(o)
                     raise NumericalError(f"block-wise recovery: the loss of block {index} became {float(loss)}; "
                                          "the block is restored. Lower recover.blockwise.lr or use dtype float32")
-                loss.backward()
-                mask.zero_grads()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                mask.apply()
+                mp.backward(loss)
+                mp.step(opt)  # masked on the fp32 masters, rounded once into the block
                 losses.append(float(loss.detach()))
     finally:
         for p, f in zip(block.parameters(), flags):
@@ -184,4 +182,5 @@ def _tune_block(runner, block, linears, params, inputs, kwargs, targets, opts: B
                 p.copy_(o)
         mse_after, after = mse_before, before
     return ({"mse_before": mse_before, "mse_after": mse_after, "kept": kept, "steps": len(losses),
+             "master_weights": mp.active, "skipped_steps": mp.skipped,
              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}, after)

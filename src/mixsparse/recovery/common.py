@@ -49,23 +49,90 @@ def tuned_parameters(root: nn.Module, linears: dict[str, nn.Linear], params: str
 
 
 class FixedMask:
-    """The zeros of the prunable weights at the start of recovery, held exactly: gradients at pruned
-    positions are zeroed before each step and the weights re-masked after it (an optimiser with weight
-    decay or momentum could otherwise move a zero). One bool per weight."""
+    """The zeros of the prunable weights at the start of recovery, held exactly by :class:`MasterWeights`:
+    gradients at pruned positions are zeroed before each step and the weights re-masked after it (an
+    optimiser with weight decay or momentum could otherwise move a zero). One bool per weight."""
 
     def __init__(self, linears: dict[str, nn.Linear]):
         self.linears = linears
         self.masks = {n: lin.weight.detach() != 0 for n, lin in linears.items()}
 
-    def zero_grads(self) -> None:
-        for n, lin in self.linears.items():
-            if lin.weight.grad is not None:
-                lin.weight.grad.mul_(self.masks[n])
+
+class MasterWeights:
+    """Mixed-precision training of a bf16/fp16 model's tuned tensors: the optimiser steps on float32 master
+    copies, and the model's own tensors receive the masters rounded once per step. Without masters an update
+    smaller than half a unit in the last place of the weight (bf16: 2^-9 of its magnitude, e.g. lr 1e-4 on a
+    weight of 0.05) is rounded away and training stalls. An fp16 model's loss is also scaled (dynamic loss
+    scaling: a step whose gradients overflow is skipped and the scale halved; it doubles after ``growth``
+    good steps), because fp16 gradients underflow. float32 tensors are their own masters (nothing changes).
+
+    The mask is held on the masters (gradients at pruned positions zeroed, weights re-masked after the
+    step), so the model's zeros are exactly zero; a kept weight whose master rounds to zero in fp16 gets
+    the smallest subnormal of its sign, so no new zero appears."""
+
+    def __init__(self, params: "dict[str, torch.Tensor]", mask: "FixedMask | None" = None, growth: int = 1000):
+        self.params = params
+        self.masters = {n: p if p.dtype == torch.float32 else p.detach().float().clone() for n, p in params.items()}
+        self.masks = {}
+        if mask is not None:
+            by_id = {id(lin.weight): mask.masks[n] for n, lin in mask.linears.items()}
+            self.masks = {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
+        self.scale = 2.0 ** 16 if any(p.dtype == torch.float16 for p in params.values()) else 1.0
+        self.growth, self.good_steps, self.skipped = growth, 0, 0
+
+    @property
+    def active(self) -> bool:
+        return any(m is not self.params[n] for n, m in self.masters.items())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale if self.scale != 1.0 else loss).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> bool:
+        """Unscale the gradients into the masters, step, write back; False when the step was skipped."""
+        finite = True
+        for n, p in self.params.items():
+            m = self.masters[n]
+            if p.grad is None:
+                continue
+            g = p.grad.float() if m is not p else p.grad
+            if self.scale != 1.0:
+                g = g / self.scale
+            if n in self.masks:
+                g = g * self.masks[n]
+            if m is not p:
+                p.grad = None
+            m.grad = g
+            finite = finite and bool(torch.isfinite(g).all())
+        if not finite and self.scale != 1.0:  # fp16 overflow: skip this step, retry with a smaller scale
+            opt.zero_grad(set_to_none=True)
+            self.scale, self.good_steps, self.skipped = self.scale / 2, 0, self.skipped + 1
+            return False
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.to_model()
+        if self.scale != 1.0:
+            self.good_steps += 1
+            if self.good_steps % self.growth == 0:
+                self.scale *= 2
+        return True
 
     @torch.no_grad()
-    def apply(self) -> None:
-        for n, lin in self.linears.items():
-            lin.weight.mul_(self.masks[n])
+    def to_model(self) -> None:
+        """Re-mask the masters and round them into the model's tensors."""
+        for n, m in self.masters.items():
+            keep = self.masks.get(n)
+            if keep is not None:
+                m.mul_(keep)
+            p = self.params[n]
+            if m is p:
+                continue
+            p.copy_(m)
+            if keep is not None:
+                lost = keep & (p == 0) & (m != 0)
+                if bool(lost.any()):
+                    tiny = torch.nextafter(torch.zeros((), dtype=p.dtype, device=p.device),
+                                           torch.ones((), dtype=p.dtype, device=p.device))
+                    p.copy_(torch.where(lost, tiny * torch.sign(m).to(p.dtype), p))
 
 
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:

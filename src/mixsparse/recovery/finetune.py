@@ -28,7 +28,7 @@ from ..errors import DataError, NumericalError
 from ..io import atomic_dir
 from ..modeling import prunable_linears
 from ..placement import Placement
-from .common import DenseStore, FixedMask, autocast, autocast_dtype, tuned_parameters
+from .common import DenseStore, FixedMask, MasterWeights, autocast, autocast_dtype, tuned_parameters
 from .options import FinetuneOptions
 
 log = logging.getLogger(__name__)
@@ -223,12 +223,14 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
 def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, dev, teacher, seed, ckpt: _Checkpoint,
            progress, on_step) -> dict:
     amp = autocast_dtype(opts.dtype, dev)
-    opt = torch.optim.AdamW(list(tuned.values()), lr=peak_lr, weight_decay=opts.weight_decay)
+    mp = MasterWeights(tuned, mask)  # float32 masters of bf16/fp16 tensors; checkpoints hold the masters
+    opt = torch.optim.AdamW(list(mp.masters.values()), lr=peak_lr, weight_decay=opts.weight_decay)
     history: dict = {"loss": [], "val_ppl": []}
     start, resumed = 0, None
     saved = ckpt.load()
     if saved is not None:
-        _restore(tuned, opt, saved)
+        _restore(mp.masters, opt, saved)
+        mp.to_model()
         start, history, resumed = saved["step"], saved["history"], saved["step"]
     # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
     prefix = "activation" if hasattr(net, "activation_checkpointing_enable") else "gradient"
@@ -241,7 +243,7 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, 
         if saved is None:
             net.eval()
             history["val_ppl"].append([0, _val_ppl(net, val, dev, opts.batch_size)])
-            ckpt.save(0, tuned, opt, history)
+            ckpt.save(0, mp.masters, opt, history)
         bar = tqdm(range(start, opts.steps), desc="recover[finetune]", disable=not progress, initial=start,
                    total=opts.steps)
         for step in bar:
@@ -262,18 +264,14 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, 
             value = float(loss.detach())
             if not math.isfinite(value):
                 last = ckpt.load()
-                _restore(tuned, None, last)
+                _restore(mp.masters, None, last)
+                mp.to_model()
                 raise NumericalError(f"fine-tuning loss became {value} at step {step}; the model is back at the last "
                                      f"good checkpoint (step {last['step']}"
                                      f"{', ' + str(ckpt.path) if ckpt.path else ''}). Lower recover.finetune."
                                      f"{'lora_lr' if mask is None else 'lr'}")
-            loss.backward()
-            if mask is not None:
-                mask.zero_grads()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if mask is not None:
-                mask.apply()
+            mp.backward(loss)
+            mp.step(opt)  # gradients masked and weights re-masked on the float32 masters
             history["loss"].append([step + 1, value])
             bar.set_postfix(loss=f"{value:.3f}")
             done = step + 1
@@ -282,13 +280,14 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, 
                 history["val_ppl"].append([done, _val_ppl(net, val, dev, opts.batch_size)])
                 bar.set_postfix(loss=f"{value:.3f}", val_ppl=f"{history['val_ppl'][-1][1]:.1f}")
             if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < opts.steps:
-                ckpt.save(done, tuned, opt, history)
+                ckpt.save(done, mp.masters, opt, history)
             if on_step is not None:
                 on_step(done)
         bad = [n for n, p in tuned.items() if not bool(torch.isfinite(p).all())]
         if bad:  # the last step's update can be non-finite even when its loss was not
             last = ckpt.load()
-            _restore(tuned, None, last)
+            _restore(mp.masters, None, last)
+            mp.to_model()
             raise NumericalError(f"fine-tuning left non-finite weights in {bad[0]}; the model is back at the last good "
                                  f"checkpoint (step {last['step']}). Lower the learning rate")
     finally:
@@ -299,5 +298,5 @@ def _train(net, tuned, mask, train, val, opts: FinetuneOptions, peak_lr: float, 
                 base.disable_input_require_grads()
         net.eval()
     return {"steps": opts.steps, "resumed_from": resumed, "trainable_params": sum(p.numel() for p in tuned.values()),
-            "loss": history["loss"], "val_ppl": history["val_ppl"],
-            "autocast": None if amp is None else str(amp).replace("torch.", "")}
+            "loss": history["loss"], "val_ppl": history["val_ppl"], "master_weights": mp.active,
+            "skipped_steps": mp.skipped, "autocast": None if amp is None else str(amp).replace("torch.", "")}

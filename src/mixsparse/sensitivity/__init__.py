@@ -52,9 +52,9 @@ def aggregate_by_block(scores: Mapping[str, float], blocks_name: str) -> dict[in
 def model_fingerprint(model: nn.Module) -> str:
     """Short hash identifying a model's architecture and weights, for cache keys.
 
-    Hashes the config, every parameter's name/shape/dtype and, per parameter, its float64 sum and
-    its first values: cheap (no full pass over the bytes) yet changes when weights are pruned or
-    replaced.
+    Hashes the config and every parameter's name, shape, dtype and bytes: exact, with no copy of a CPU
+    tensor (SHA-256 reads ~1.7 GB/s on these CPUs, faster than a float64 sum, which also copied every
+    tensor); a device tensor is read in 64 MiB slices.
     """
     h = hashlib.sha256()
     config = getattr(model, "config", None)
@@ -63,9 +63,11 @@ def model_fingerprint(model: nn.Module) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            flat = p.detach().reshape(-1)
-            h.update(repr(float(flat.double().sum())).encode())
-            h.update(flat[:64].double().cpu().numpy().tobytes())
+            if p.is_meta:
+                continue
+            flat = p.detach().reshape(-1).view(torch.uint8)
+            for chunk in flat.split(64 * 2**20):
+                h.update(chunk.cpu().contiguous().numpy())
     return h.hexdigest()[:16]
 
 
