@@ -282,3 +282,48 @@ def test_search_shared_over_two_processes_equals_one_process(tmp_path):
     assert sum(r["local"] for r in ranks) == single.evaluations
     assert min(r["local"] for r in ranks) >= single.evaluations // 2 - 8
     assert (tmp_path / "state.json").exists()  # written by rank 0 only
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` for the search: each fitness call costs one second."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _timed_search(monkeypatch, tmp_path=None, **cfg):
+    from mixsparse.search import evolution
+
+    clock = _Clock()
+    monkeypatch.setattr(evolution.time, "perf_counter", clock)
+    space = LevelSpace.unstructured(0.5, {"a": 100, "b": 100, "c": 200}, step=0.1, max_shift=0.2)
+
+    def fit(o, w, tokens=None):
+        clock.now += 1.0
+        return sum((k - 1) ** 2 for k in o.values()) + 0.01 * w
+
+    init = {n: 0 for n in space.param_counts}
+    ck = tmp_path / "state.json" if tmp_path is not None else None
+    return evolutionary_search(fit, space, [init], SearchConfig(**{**CFG, **cfg}), checkpoint=ck, progress=False)
+
+
+def test_time_budget_stops_between_generations_within_the_budget(monkeypatch):
+    res = _timed_search(monkeypatch, generations=1000, time_budget=60.0)
+    assert res.stopped_by == "time_budget" and 0 < res.generations < 1000
+    assert res.seconds <= 60.0  # the next generation was predicted not to fit
+    per_gen = (res.history[-1]["seconds"] - res.history[0]["seconds"]) / res.generations
+    assert res.seconds + per_gen > 60.0 - 1e-9  # and it stopped no earlier than that
+    unbounded = _timed_search(monkeypatch, generations=res.generations)
+    assert unbounded.stopped_by == "generations"
+    assert unbounded.offsets == res.offsets  # the budget only decides how many generations run
+
+
+def test_time_budget_counts_the_time_before_a_resume(monkeypatch, tmp_path):
+    first = _timed_search(monkeypatch, tmp_path, generations=3)
+    resumed = _timed_search(monkeypatch, tmp_path, generations=1000, time_budget=first.seconds + 1.0)
+    assert resumed.stopped_by == "time_budget" and resumed.generations == 3  # no room for a fourth
+    with pytest.raises(ConfigError, match="time_budget"):
+        SearchConfig(time_budget=0)

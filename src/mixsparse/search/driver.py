@@ -88,7 +88,8 @@ def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, flo
         init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
         search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
                   "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
-                  "generations": result.generations, "best_fitness": result.fitness,
+                  "generations": result.generations, "stopped_by": result.stopped_by,
+                  "time_budget": s.time_budget, "best_fitness": result.fitness,
                   "init_fitness": init_fit, "uniform_fitness": uni_fit,
                   "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
                   "incremental": s.incremental, "blocks_run": fitness.blocks_run,

@@ -40,6 +40,7 @@ class SearchResult:
     evaluations: int
     seconds: float
     generations: int
+    stopped_by: str = "generations"  # generations, patience or time_budget
 
 
 def _tuplify(x):
@@ -99,7 +100,8 @@ def _config_fingerprint(space: LevelSpace, config: SearchConfig, init: list[Offs
     payload = {
         "space": [str(space.target), space.step, space.min_offset, space.max_offset, sorted(space.param_counts.items())],
         # stopping criteria are left out: raising them continues the same trajectory (extends a search)
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("generations", "patience")},
+        "config": {k: v for k, v in dataclasses.asdict(config).items()
+                   if k not in ("generations", "patience", "time_budget")},
         "init": [sorted(o.items()) for o in init],
         "extra": extra,
         "operators": 3,  # bumped when operators or memo keys change: an old checkpoint must not resume
@@ -195,8 +197,23 @@ def evolutionary_search(
 
     bar = tqdm(total=config.generations, initial=state.generation, desc="search", disable=not progress)
     bar.set_postfix(best=f"{best:.4g}")
+    def stop_reason() -> str | None:
+        if state.generation >= config.generations:
+            return "generations"
+        if state.since_improved >= config.patience:
+            return "patience"
+        if config.time_budget is not None:
+            spent = time.perf_counter() - t_start + elapsed_before
+            done = state.generation
+            # the mean generation so far predicts the next one (scoring the initial population counts as spent)
+            per_gen = (state.history[-1]["seconds"] - state.history[0]["seconds"]) / done if done else 0.0
+            if spent + per_gen > config.time_budget:
+                return "time_budget"
+        return None
+
+    stopped_by = None
     try:
-        while state.generation < config.generations and state.since_improved < config.patience:
+        while (stopped_by := stop_reason()) is None:
             survivors = _children(state.population, space, blocks_of, config, state.rng)
             for windows, keep, *tokens in config.stages:
                 if tokens:  # a cheap stage: only the first tokens of each window
@@ -230,8 +247,11 @@ def evolutionary_search(
     finally:
         bar.close()
     top = state.population[0]
+    if stopped_by == "time_budget":
+        log.info("search stopped by its time budget (%.0f s) after %d generations", config.time_budget,
+                 state.generation)
     return SearchResult(top, space.to_map(top), best, state.history, getattr(fitness, "evaluations", 0),
-                        time.perf_counter() - t_start + elapsed_before, state.generation)
+                        time.perf_counter() - t_start + elapsed_before, state.generation, stopped_by or "generations")
 
 
 def _record(gen: int, fitness, best: float, seconds: float) -> dict:

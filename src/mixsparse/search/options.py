@@ -26,8 +26,14 @@ class SearchConfig:
     init_perturbations: int = 4  # level moves applied to the sensitivity allocation for other initial parents
     patience: int = 30  # stop after this many generations without improvement
     seed: int = 0
+    # wall seconds of search (time before a resume counted), checked between generations: the next generation
+    # starts only if it is expected to end within the budget. Its result depends on the machine's speed; a
+    # run is reproduced exactly by setting generations to the count its run.json records and no budget.
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(f"search.time_budget must be > 0 seconds (or null for none), got {self.time_budget}")
         if self.generations < 0 or self.population < 1 or self.offspring < 1:
             raise ConfigError("search: generations >= 0, population >= 1 and offspring >= 1 are required")
         stages = [list(s) for s in self.stages]
