@@ -228,7 +228,7 @@ def test_planted_bug_a_block_input_left_on_the_cpu_is_caught(monkeypatch):
     from mixsparse.search import fitness as fitness_mod
 
     def run_block_without_moving_input(self, i, tensors, hidden, kwargs):
-        out = torch.func.functional_call(self.blocks[i], tensors, (hidden,), kwargs, strict=False)
+        out = torch.func.functional_call(self.blocks[i], tensors, (hidden,), kwargs[i], strict=False)
         return (out[0] if isinstance(out, tuple) else out).to(self.placement.store)
 
     model = tiny_model("llama")

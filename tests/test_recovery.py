@@ -68,8 +68,8 @@ def test_blockwise_error_is_measured_against_the_dense_blocks(pruned):
 
     runner = LayerwiseRunner(model, device="cpu")
     state = runner.catch(batches(ids, 2))
-    pruned_out = runner.run_block(model.model.layers[0], state)
-    dense_out = runner.run_block(dense_model.model.layers[0], state)
+    pruned_out = runner.run_block(0, state)
+    dense_out = runner.run_block(0, state, block=dense_model.model.layers[0])
     mse = sum(float(((a - b) ** 2).sum()) for a, b in zip(pruned_out, dense_out)) / sum(t.numel() for t in dense_out)
     assert rec["blocks"][0]["mse_before"] == pytest.approx(mse, rel=1e-5)
 

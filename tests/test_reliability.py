@@ -336,3 +336,24 @@ def test_16_infinite_scores_are_valid_json_and_resume(tmp_path):
     fresh, back = SearchState("fp", [], random.Random(0)), type("M", (), {"memo": {}, "evaluations": 0})()
     assert fresh.load(tmp_path / "s.json", back)
     assert back.memo == {(("a", 1),): [math.inf, 0.5]}
+
+
+# 17 ------------------------------------------------------------------------------------------------
+def test_17_an_empty_calibration_file_is_refused_before_the_model_loads(quick, tmp_path, capsys, no_model_load):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    i = quick.index("--calibration") + 1
+    args = quick[:i] + [str(empty)] + quick[i + 1:]
+    assert main(["prune", *args, "--out", str(tmp_path / "r")]) == 2
+    msg = err(capsys)
+    assert "empty.txt is empty" in msg
+
+
+def test_17_a_too_short_corpus_names_its_token_count_and_the_need(quick, tmp_path, capsys, no_model_load):
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(["a b"] * 4))  # its calibration split: ~10 characters (the tokenizer's tokens)
+    i = quick.index("--calibration") + 1
+    args = quick[:i] + [str(short)] + quick[i + 1:]
+    assert main(["prune", *args, "--out", str(tmp_path / "r")]) == 2
+    msg = err(capsys)
+    assert "short.txt" in msg and "tokens in its calibration split, but 33 are needed" in msg

@@ -1,9 +1,8 @@
-"""Layer-wise execution: one decoder block on the device at a time (as SparseGPT/Wanda do).
+"""Layer-wise pruning: one decoder block on the device at a time (as SparseGPT/Wanda do).
 
-:class:`LayerwiseRunner` catches the inputs of the first block once (hidden states plus whatever
-keyword arguments the model passes its blocks: masks, rotary embeddings, positions), then runs the
-blocks one by one, keeping activations on the CPU between blocks when ``offload`` is set. The same
-runner serves pruning, statistics collection and evaluation of models larger than the device.
+Blocks are run by :class:`~mixsparse.runner.LayerwiseRunner` (the one block runner: each block gets the
+arguments the model's own forward gives it), keeping activations on the CPU between blocks when
+``offload`` is set.
 
 :func:`prune_layerwise` is the pruning engine. It knows no pruner by name: it asks the registry for a
 :class:`~mixsparse.pruners.LayerPruner`, feeds it each linear's inputs through forward hooks, and
@@ -28,205 +27,14 @@ from tqdm.auto import tqdm
 
 from .data import batches as split_batches
 from .errors import DataError, SparsityError
-from .modeling import find_decoder_blocks, prunable_linears, take_placement, zero_fraction
+from .modeling import prunable_linears, zero_fraction
 from .names import block_index
 from .placement import Placement
 from .pruners import get_pruner
+from .runner import BlockInputs, LayerwiseRunner  # noqa: F401  (BlockInputs: re-exported for callers)
 from .sparsity import SparsityMap, sparsity_of, weighted_average
 
 log = logging.getLogger(__name__)
-
-
-class _InputsCaught(Exception):
-    """Raised by :class:`_Catcher` to stop the model's forward right after the first block's input."""
-
-
-class _BlockProxy(nn.Module):
-    """Stands in for a decoder block; attribute look-ups fall through to the real block, because
-    some models read attributes such as ``attention_type`` off their blocks while looping."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
-
-
-class _Catcher(_BlockProxy):
-    def __init__(self, block: nn.Module, sink: list):
-        super().__init__(block)
-        self.sink = sink
-
-    def forward(self, *args, **kwargs):
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        if rest:
-            raise TypeError(f"{type(self.block).__name__} got unexpected positional arguments; cannot catch inputs")
-        self.sink.append((hidden, kwargs))
-        raise _InputsCaught
-
-
-class _Replay(_BlockProxy):
-    """Returns stored final hidden states instead of computing the block (to reuse the model's own
-    head: final norm + lm_head, whatever they are called in this architecture)."""
-
-    def __init__(self, block: nn.Module, hidden: torch.Tensor | None, as_tuple: bool):
-        super().__init__(block)
-        self.hidden, self.as_tuple = hidden, as_tuple
-
-    def forward(self, *args, **kwargs):
-        h = self.hidden if self.hidden is not None else (args[0] if args else kwargs["hidden_states"])
-        return (h,) if self.as_tuple else h
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _first_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@dataclass
-class BlockInputs:
-    """Activations entering the current block: one tensor (batch, seq, hidden) per calibration batch,
-    with the keyword arguments the model passed its blocks for that batch."""
-
-    input_ids: list[torch.Tensor]
-    hidden: list[torch.Tensor]
-    kwargs: list[dict]
-
-
-class LayerwiseRunner:
-    """Runs a model block by block. The caller holds :meth:`Placement.stage` around the whole use, so
-    whatever this moves to the device goes back home when the stage ends."""
-
-    def __init__(self, model: nn.Module, device: "str | torch.device | Placement | None" = None, offload: bool = True):
-        self.model = model
-        take_placement(model)  # a device_map-dispatched model is gathered on the CPU; offloaded weights are refused
-        self.blocks_name, self.blocks = find_decoder_blocks(model)
-        self.placement = device if isinstance(device, Placement) else Placement(
-            torch.device(device) if device is not None else next(model.parameters()).device, "blockwise", offload)
-        self.device = self.placement.device
-        self.store = self.placement.store
-        self.block_returns_tuple: bool | None = None
-
-    # --- placement -------------------------------------------------------------------------
-    def _non_block_modules(self) -> Iterator[nn.Module]:
-        inside = {id(m) for m in self.blocks.modules()}
-        for m in self.model.modules():
-            if id(m) not in inside and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))):
-                yield m
-
-    def _place_non_blocks(self, device: torch.device) -> None:
-        for m in self._non_block_modules():
-            m.to(device)
-
-    @contextlib.contextmanager
-    def _swapped_blocks(self, make: Callable[[int, nn.Module], nn.Module]):
-        originals = list(self.blocks)
-        try:
-            for i, b in enumerate(originals):
-                self.blocks[i] = make(i, b)
-            yield
-        finally:
-            for i, b in enumerate(originals):
-                self.blocks[i] = b
-
-    # --- steps -----------------------------------------------------------------------------
-    def _call_model(self, params: dict | None, **kwargs):
-        """The model's forward; with ``params`` (device tensors by qualified name) through
-        ``functional_call``, so nothing of the model moves."""
-        if params is None:
-            return self.model(**kwargs)
-        return torch.func.functional_call(self.model, params, (), kwargs, strict=False)
-
-    @torch.no_grad()
-    def catch(self, batches: Sequence[torch.Tensor], params: dict | None = None,
-              attention_masks: Sequence[torch.Tensor] | None = None) -> BlockInputs:
-        """Run the model up to the first block for every batch of token ids; keep what enters it.
-        ``params``: the non-block tensors already on the device (else the non-block modules are moved
-        there; the caller's :meth:`Placement.stage` moves them back)."""
-        if len(batches) == 0:
-            raise DataError("no calibration/evaluation batches were given")
-        if params is None:
-            self._place_non_blocks(self.device)
-        sink: list = []
-        state = BlockInputs([], [], [])
-        with self._swapped_blocks(lambda i, b: _Catcher(b, sink) if i == 0 else b):
-            for j, ids in enumerate(batches):
-                sink.clear()
-                extra = {} if attention_masks is None else {"attention_mask": attention_masks[j].to(self.device)}
-                try:
-                    self._call_model(params, input_ids=ids.to(self.device), use_cache=False, **extra)
-                except _InputsCaught:
-                    pass
-                if not sink:
-                    raise RuntimeError(f"{type(self.model).__name__} never called its first decoder block")
-                hidden, kwargs = sink[0]
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-                kwargs["use_cache"] = False
-                state.input_ids.append(ids.cpu())
-                state.hidden.append(hidden.to(self.store))
-                state.kwargs.append(_to(kwargs, self.store))
-        return state
-
-    @torch.no_grad()
-    def run_block(self, block: nn.Module, state: BlockInputs) -> list[torch.Tensor]:
-        """Forward every batch through ``block`` (already on the device); outputs go to storage."""
-        outs = []
-        for h, kw in zip(state.hidden, state.kwargs):
-            out = block(h.to(self.device), **_to(kw, self.device))
-            if self.block_returns_tuple is None:
-                self.block_returns_tuple = isinstance(out, (tuple, list))
-            outs.append(_first_output(out).to(self.store))
-        return outs
-
-    @torch.no_grad()
-    def logits(self, state: BlockInputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(input_ids, logits)`` per batch from final hidden states, through the model's own head."""
-        for ids, h in zip(state.input_ids, state.hidden):
-            yield ids, self.head_logits(ids, h)
-
-    def head_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        """Logits of one batch from its final hidden states, under the caller's grad mode.
-
-        Unlike :meth:`logits` this does not disable autograd, so a loss on the result can be
-        differentiated with respect to ``hidden`` (the Fisher computation needs d loss / d h_final).
-        """
-        if params is None:
-            self._place_non_blocks(self.device)
-        as_tuple = bool(self.block_returns_tuple)
-        with self._swapped_blocks(lambda i, b: _Replay(b, hidden.to(self.device) if i == 0 else None, as_tuple)):
-            return self._call_model(params, input_ids=input_ids.to(self.device), use_cache=False).logits
-
-    def on_device(self, block: nn.Module):
-        return self.placement.block(block)
-
-    def forward_all(self, batches: Sequence[torch.Tensor], progress: bool = False,
-                    attention_masks: Sequence[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Layer-by-layer forward of whole batches: ``(input_ids, logits)`` per batch (the model is
-        back at its home when the generator finishes or is closed)."""
-        with Placement.stage(self.model):
-            state = self.catch(batches, attention_masks=attention_masks)
-            for block in tqdm(self.blocks, desc="blocks", disable=not progress, leave=False):
-                with self.on_device(block):
-                    state.hidden = self.run_block(block, state)
-            yield from self.logits(state)
 
 
 @dataclass
@@ -278,7 +86,7 @@ def calibrated_blocks(runner: "LayerwiseRunner", state: BlockInputs | None, per_
         if not linears:
             if state is not None:
                 with runner.on_device(block):
-                    state.hidden = runner.run_block(block, state)
+                    state.hidden = runner.run_block(i, state)
             continue
         with runner.on_device(block):
             observers = {name: make(name, lin) for name, lin in linears.items()}
@@ -287,13 +95,13 @@ def calibrated_blocks(runner: "LayerwiseRunner", state: BlockInputs | None, per_
                 hooks = [lin.register_forward_hook(lambda m, inp, out, o=observers[name]: o.add_batch(inp[0]))
                          for name, lin in linears.items()]
                 try:
-                    outs = runner.run_block(block, state)
+                    outs = runner.run_block(i, state)
                 finally:
                     for h in hooks:
                         h.remove()
             yield i, linears, observers
             if state is not None:
-                state.hidden = runner.run_block(block, state) if sequential else outs
+                state.hidden = runner.run_block(i, state) if sequential else outs
         bar.set_postfix(block=i)
 
 

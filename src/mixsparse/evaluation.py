@@ -1,7 +1,7 @@
 """Perplexity on non-overlapping windows, and next-token distributions for KL fitness.
 
 Two execution paths give the same numbers: a plain forward when the model sits on the device, and a
-layer-by-layer forward (:class:`~mixsparse.engine.LayerwiseRunner`) for models larger than the device.
+layer-by-layer forward (:class:`~mixsparse.runner.LayerwiseRunner`) for models larger than the device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import batches as split_batches
-from .engine import LayerwiseRunner
+from .runner import LayerwiseRunner
 from .errors import NumericalError
 from .placement import Placement
 

@@ -136,7 +136,7 @@ def _layerwise_hflm(HFLM: type) -> type:
             self._placement = placement
 
         def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-            from .engine import LayerwiseRunner
+            from .runner import LayerwiseRunner
 
             if attn_mask is not None or labels is not None:  # encoder-decoder models: not layer-wise here
                 return super()._model_call(inps, attn_mask, labels)

@@ -112,6 +112,25 @@ def _truly_missing(model, missing_keys: list[str]) -> list[str]:
     return out
 
 
+def load_tokenizer(spec: str | os.PathLike = "embedded", *, trust_remote_code: bool = False,
+                   cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of ``spec`` alone (a second, not the model's minutes): for checks before loading."""
+    from transformers import AutoTokenizer
+
+    text = str(spec).strip()
+    if text == "embedded":
+        from .assets import embedded_model_dir
+
+        source: str | Path = embedded_model_dir(cache_dir)
+    else:
+        source = Path(text).expanduser() if Path(text).expanduser().exists() else text
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load the tokenizer of {text!r}: {first}") from e
+
+
 def load_model(
     spec: str | os.PathLike = "embedded",
     *,

@@ -60,15 +60,26 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+#: last name parts of routing layers (a MoE router, Qwen2-MoE's ``shared_expert_gate``): never pruned, since
+#: they are tiny and a pruned router sends tokens to other experts
+ROUTERS = ("gate", "router", "shared_expert_gate")
+
+
+def _is_router(name: str, lin: nn.Linear, config) -> bool:
+    experts = max(int(getattr(config, k, 0) or 0) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    return name.rsplit(".", 1)[-1] in ROUTERS and (lin.out_features == 1 or 0 < lin.out_features <= experts)
+
+
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """All ``nn.Linear`` layers inside decoder blocks, by qualified name, in forward order."""
+    """All ``nn.Linear`` layers inside decoder blocks but routers, by qualified name, in forward order."""
     blocks_name, blocks = find_decoder_blocks(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     skip = ARCHITECTURES.get(model_type or "", ArchSpec()).skip
     out: dict[str, nn.Linear] = {}
     for i, block in enumerate(blocks):
         for name, mod in block_linears(block).items():
-            if not any(name.endswith(s) for s in skip):
+            if not any(name.endswith(s) for s in skip) and not _is_router(name, mod, config):
                 out[f"{blocks_name}.{i}.{name}"] = mod
     if not out:
         raise UnknownNameError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks")
@@ -120,3 +131,71 @@ def take_placement(model: nn.Module) -> None:
     model.to("cpu")
     if hasattr(model, "hf_device_map"):
         del model.hf_device_map
+
+
+KINDS = ("attention", "mlp", "experts", "routers", "embeddings/head", "norms", "other")
+
+
+def module_kind(name: str, blocks_name: str) -> str:
+    """What a parameter belongs to, by its qualified name: attention, mlp, experts, routers, embeddings/head,
+    norms or other."""
+    parts = name.split(".")
+    if not name.startswith(blocks_name + "."):
+        return "norms" if any("norm" in p for p in parts) else "embeddings/head"
+    if "experts" in parts or any(p.startswith("experts") for p in parts):
+        return "experts"
+    if len(parts) >= 2 and parts[-2] in ROUTERS:
+        return "routers"
+    if any("norm" in p for p in parts[:-1]):
+        return "norms"
+    if any(k in p for p in parts for k in ("attn", "attention")):
+        return "attention"
+    if any(k in p for p in parts for k in ("mlp", "feed_forward", "ffn", "fc1", "fc2", "moe")):
+        return "mlp"
+    return "other"
+
+
+def coverage(model: nn.Module) -> dict:
+    """What pruning could reach and did: the share of the model's parameters in prunable layers, zeros per
+    module kind, and the large tensors inside the blocks that no prunable layer holds (e.g. fused MoE experts:
+    3-D parameters, not ``nn.Linear``), which a run names in a warning instead of reporting a sparsity
+    'of prunable weights' that silently covers a small part of the model."""
+    blocks_name, _ = find_decoder_blocks(model)
+    prunable = {id(lin.weight) for lin in prunable_linears(model).values()}
+    sizes = [lin.weight.numel() for lin in prunable_linears(model).values()]
+    large = 0.5 * sum(sizes) / len(sizes)
+    kinds: dict[str, dict] = {}
+    total = pruned_params = 0
+    missed = []
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:  # tied embeddings count once
+            continue
+        seen.add(id(p))
+        kind = module_kind(name, blocks_name)
+        k = kinds.setdefault(kind, {"params": 0, "zeros": 0, "prunable_params": 0})
+        zeros = int((p.detach() == 0).sum())
+        k["params"] += p.numel()
+        k["zeros"] += zeros
+        total += p.numel()
+        if id(p) in prunable:
+            k["prunable_params"] += p.numel()
+            pruned_params += p.numel()
+        elif name.startswith(blocks_name + ".") and p.numel() >= large:
+            missed.append({"name": name, "shape": list(p.shape), "params": p.numel()})
+    for k in kinds.values():
+        k["sparsity"] = k["zeros"] / k["params"] if k["params"] else 0.0
+    return {"total_params": total, "prunable_params": pruned_params, "prunable_fraction": pruned_params / total,
+            "by_kind": {k: kinds[k] for k in KINDS if k in kinds}, "unprunable_large": missed}
+
+
+def coverage_warning(cov: dict) -> str | None:
+    """One line naming the large tensors pruning could not reach, or None."""
+    missed = cov["unprunable_large"]
+    if not missed:
+        return None
+    share = sum(m["params"] for m in missed) / cov["total_params"]
+    names = ", ".join(m["name"] for m in missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+    return (f"{len(missed)} large tensor(s) inside the decoder blocks are not prunable layers and stay dense "
+            f"({share:.1%} of the model's parameters): {names}; the sparsity reported is of the prunable layers "
+            f"only ({cov['prunable_fraction']:.1%} of the parameters)")

@@ -307,7 +307,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
     from .preflight import check_config, check_run_dir, run_status
     from .report import render_report
 
-    check_config(cfg)
+    check_config(cfg, tokenizer)
     out = check_run_dir(out_dir, overwrite=overwrite)
     # an overwritten run is set aside, not deleted, until the new one has finished (restored if it fails)
     previous = _set_aside(out) if overwrite and run_status(out) is not None else None

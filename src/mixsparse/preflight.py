@@ -18,8 +18,9 @@ from .errors import ConfigError
 STATUS_FINISHED = "finished"
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Everything about ``cfg`` that can be checked without loading the model."""
+def check_config(cfg: RunConfig, tokenizer=None) -> None:
+    """Everything about ``cfg`` that can be checked without loading the model (``tokenizer``: the one a
+    caller already holds, else the model's is loaded alone when a local corpus must be measured)."""
     from .allocation import get_allocation
     from .data import check_corpus
     from .placement import check_device
@@ -60,6 +61,58 @@ def check_config(cfg: RunConfig) -> None:
         unknown = [t for t in cfg.eval.zeroshot if t not in TASKS]
         if unknown:
             raise ConfigError(f"eval.zeroshot: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+    check_corpus_sizes(cfg, tokenizer)
+
+
+def _local_files(spec: str) -> list[Path]:
+    parts = str(spec).split("+") if "+" in str(spec) else [str(spec)]
+    return [Path(p).expanduser() for p in parts if p not in ("wiki", "lee", "botchan") and not p.startswith("hf:")
+            and Path(p).expanduser().is_file()]
+
+
+def check_corpus_sizes(cfg: RunConfig, tokenizer=None) -> None:
+    """A local text corpus must hold the tokens its splits are asked for, checked with the model's tokenizer
+    (a second) before the model loads: an empty or short file otherwise fails after minutes of dense
+    evaluation. Built-in corpora have a known size; hub datasets are checked when they are read."""
+    import logging
+
+    from .allocation import get_allocation
+    from .data import load_corpus, tokenize
+
+    method = get_allocation(cfg.prune.allocation)(cfg.allocation_options())
+    seqlens = [cfg.data.seqlen] + [getattr(cfg.allocation_options(), "seqlen", None) or cfg.data.seqlen]
+    needs = [(cfg.data.calibration, "calibration", max(seqlens) + 1, "calibration windows of data.seqlen tokens")]
+    if method.needs_validation:
+        s = cfg.search
+        needs.append((cfg.data.validation, "validation", s.fitness_windows * s.fitness_seqlen,
+                      f"search.fitness_windows x search.fitness_seqlen = {s.fitness_windows} x {s.fitness_seqlen}"))
+    if cfg.eval.perplexity:
+        needs.append((cfg.data.evaluation, "test", cfg.data.seqlen, "one evaluation window of data.seqlen tokens"))
+    needs = [n for n in needs if _local_files(n[0])]
+    if not needs:
+        return
+    for path in {f for spec, *_ in needs for f in _local_files(spec)}:
+        if path.stat().st_size == 0:
+            raise ConfigError(f"corpus file {path} is empty; give a UTF-8 text file with real text")
+    if tokenizer is None:
+        from .loading import load_tokenizer, looks_like_hub_id
+
+        if cfg.model.name != "embedded" and not Path(cfg.model.name).expanduser().exists() and looks_like_hub_id(cfg.model.name):
+            return  # a hub model's tokenizer needs the network: the loader reports that first
+        tokenizer = load_tokenizer(cfg.model.name)
+    for spec, split, need, what in needs:
+        text = load_corpus(spec, split)
+        # tokenize a prefix first: a long file need not be encoded whole to know it is long enough
+        head = text[: need * 16]
+        have = tokenize(tokenizer, head).numel()
+        if have < need and len(head) < len(text):
+            have = tokenize(tokenizer, text).numel()
+        if have < need:
+            raise ConfigError(f"corpus {spec!r} has {have} tokens in its {split} split, but {need} are needed "
+                              f"({what}); give a longer text file or lower those settings")
+        if split == "test" and cfg.data.eval_tokens and have < cfg.data.eval_tokens and len(head) == len(text):
+            logging.getLogger(__name__).warning("corpus %r: its test split has %d tokens, fewer than data.eval_tokens "
+                                                "(%d); perplexity uses what there is", spec, have, cfg.data.eval_tokens)
 
 
 def check_model_spec(name: str) -> None:

@@ -1,6 +1,6 @@
 """Quantization as a stage of a run, after pruning and recovery: every prunable linear's kept weights go
 on an integer grid and its zeros stay exactly zero. ``rtn`` needs no data; ``gptq`` runs the model block
-by block on calibration windows (the engine's :class:`~mixsparse.engine.LayerwiseRunner`), each block
+by block on calibration windows (the engine's :class:`~mixsparse.runner.LayerwiseRunner`), each block
 seeing the outputs of the blocks already quantized, and sweeps each layer with its pruned positions fixed.
 """
 
@@ -14,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import batches as split_batches
-from ..engine import LayerwiseRunner, block_layers, calibrated_blocks
+from ..engine import block_layers, calibrated_blocks
+from ..runner import LayerwiseRunner
 from ..errors import ConfigError
 from ..modeling import prunable_linears
 from ..placement import Placement

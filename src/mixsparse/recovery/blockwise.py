@@ -1,6 +1,6 @@
 """Block-wise reconstruction: each pruned decoder block is tuned, mask fixed, so that its output matches
 the dense block's output on calibration activations. One block is on the device at a time (the engine's
-:class:`~mixsparse.engine.LayerwiseRunner`), so it scales like pruning does.
+:class:`~mixsparse.runner.LayerwiseRunner`), so it scales like pruning does.
 
 The student block gets either the outputs of the blocks already recovered (``inputs: recovered``, the
 default: it then also learns to undo the error the blocks before it left) or the dense model's own
@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import batches as split_batches
-from ..engine import LayerwiseRunner, _first_output, _to
+from ..runner import BlockInputs, LayerwiseRunner
 from ..errors import NumericalError
 from ..io import atomic_write_text
 from ..modeling import block_linears
@@ -38,17 +38,10 @@ def _mse(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     return total / sum(t.numel() for t in targets)
 
 
-def _run(runner: LayerwiseRunner, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+def _run(runner: LayerwiseRunner, i: int, hidden: list[torch.Tensor], state: BlockInputs,
          params: dict | None = None) -> list[torch.Tensor]:
-    """Outputs of ``block`` (or of its dense tensors ``params``) for every batch, back in storage."""
-    outs = []
-    with torch.no_grad():
-        for h, kw in zip(hidden, kwargs):
-            args = (h.to(runner.device),)
-            kw = _to(kw, runner.device)
-            out = block(*args, **kw) if params is None else torch.func.functional_call(block, params, args, kw)
-            outs.append(_first_output(out).to(runner.store))
-    return outs
+    """Outputs of block ``i`` (or of its dense tensors ``params``) on ``hidden``, back in storage."""
+    return runner.run_block(i, state, params, hidden=hidden)
 
 
 class _Progress:
@@ -110,7 +103,7 @@ def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, see
     for i, block in bar:
         with runner.on_device(block):
             dense_params = dense.block(i, placement.device)
-            targets = _run(runner, block, dense_hidden, state.kwargs, dense_params)
+            targets = _run(runner, i, dense_hidden, state, dense_params)
             del dense_params
             linears = block_linears(block)
             params = tuned_parameters(block, linears, opts.params)
@@ -124,23 +117,24 @@ def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, see
                             p.copy_(saved[n])
             else:
                 inputs = state.hidden if opts.inputs == "recovered" else dense_hidden
-                stats, outs = _tune_block(runner, block, linears, params, inputs, state.kwargs, targets, opts, amp,
-                                          seed * 100003 + i, i)
+                stats, outs = _tune_block(runner, i, block, linears, params, inputs, state, targets, opts, amp,
+                                          seed * 100003 + i)
                 record.save(i, block, names, {"block": i, **stats})
                 bar.set_postfix(mse=f"{stats['mse_before']:.3g}->{stats['mse_after']:.3g}")
                 if opts.inputs == "recovered":  # the tuned block's outputs on its inputs: the next block's inputs
                     state.hidden = outs
             if resumed or opts.inputs == "dense":
-                state.hidden = _run(runner, block, state.hidden, state.kwargs)
+                state.hidden = _run(runner, i, state.hidden, state)
         dense_hidden = targets
     stats = record.blocks
     return {"mode": "blockwise", "settings": dataclasses.asdict(opts), "seconds": round(time.perf_counter() - t0, 3),
             "blocks": stats, "autocast": None if amp is None else str(amp).replace("torch.", "")}
 
 
-def _tune_block(runner, block, linears, params, inputs, kwargs, targets, opts: BlockwiseOptions, amp, seed,
-                index) -> tuple[dict, list[torch.Tensor]]:
-    before = _run(runner, block, inputs, kwargs)
+def _tune_block(runner, index, block, linears, params, inputs, state, targets, opts: BlockwiseOptions, amp,
+                seed) -> tuple[dict, list[torch.Tensor]]:
+    kwargs = state.of_block(index)
+    before = _run(runner, index, inputs, state)
     mse_before = _mse(before, targets)
     original = [p.detach().clone() for p in params]
     mask = FixedMask(linears)
@@ -158,7 +152,7 @@ def _tune_block(runner, block, linears, params, inputs, kwargs, targets, opts: B
         for _ in range(opts.epochs):
             for j in torch.randperm(len(inputs), generator=gen).tolist():
                 with autocast(dev, amp):
-                    out = _first_output(block(inputs[j].to(dev), **_to(kwargs[j], dev)))
+                    out = runner.call(index, inputs[j], kwargs[j])
                 loss = F.mse_loss(out.float(), targets[j].to(dev).float())
                 if not torch.isfinite(loss):
                     with torch.no_grad():
@@ -173,7 +167,7 @@ def _tune_block(runner, block, linears, params, inputs, kwargs, targets, opts: B
         for p, f in zip(block.parameters(), flags):
             p.requires_grad_(f)
         del opt
-    after = _run(runner, block, inputs, kwargs)
+    after = _run(runner, index, inputs, state)
     mse_after = _mse(after, targets)
     kept = mse_after < mse_before
     if not kept:  # never hand back a block that matches the dense one worse than before

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..engine import LayerwiseRunner, _first_output, _to
+from ..runner import LayerwiseRunner
 from ..errors import ConfigError, NumericalError
 from ..evaluation import mean_kl, nll_sum
 from ..modeling import block_linears
@@ -178,11 +178,9 @@ class CandidateForward:
         return state.hidden[0], state.kwargs[0]
 
     @torch.no_grad()
-    def run_block(self, i: int, tensors: dict, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        dev = self.placement.device
-        out = functional_call(self.blocks[i], tensors, (hidden.to(dev),), _to(kwargs, dev), strict=False)
-        self.runner.block_returns_tuple = isinstance(out, (tuple, list))
-        return _first_output(out).to(self.placement.store)
+    def run_block(self, i: int, tensors: dict, hidden: torch.Tensor, kwargs: list[dict]) -> torch.Tensor:
+        """Block ``i`` with a candidate's ``tensors`` on one window; ``kwargs``: that window's per-block arguments."""
+        return self.runner.call(i, hidden, kwargs[i], params=tensors).to(self.placement.store)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import BlockInputs, LayerwiseRunner, _first_output, _to
+from ..runner import LayerwiseRunner
 from ..errors import DataError, NumericalError
 from ..modeling import block_linears, prunable_linears
 from ..placement import Placement
@@ -113,7 +113,7 @@ def fisher_trace(
             if i % seg == 0:
                 checkpoints[i] = state.hidden
             with runner.on_device(block):
-                state.hidden = runner.run_block(block, state)
+                state.hidden = runner.run_block(i, state)
 
         # head: dL_s / dh_final for every sample
         grads: list[torch.Tensor] = []
@@ -138,8 +138,7 @@ def fisher_trace(
                 block_inputs[start] = checkpoints.pop(start)
                 for j in range(start, i):
                     with runner.on_device(runner.blocks[j]):
-                        block_inputs[j + 1] = runner.run_block(
-                            runner.blocks[j], BlockInputs(state.input_ids, block_inputs[j], state.kwargs))
+                        block_inputs[j + 1] = runner.run_block(j, state, hidden=block_inputs[j])
             block = runner.blocks[i]
             inputs = block_inputs.pop(i)
             with runner.on_device(block):
@@ -148,9 +147,9 @@ def fisher_trace(
                 weights = [lin.weight for lin in linears.values()]
                 sums = torch.zeros(len(weights), dtype=torch.float64, device=runner.device)
                 with weights_require_grad(weights), torch.enable_grad():
-                    for s, (h, kw) in enumerate(zip(inputs, state.kwargs)):
+                    for s, (h, kw) in enumerate(zip(inputs, state.of_block(i))):
                         h_in = h.to(runner.device).detach().requires_grad_(True)
-                        out = _first_output(block(h_in, **_to(kw, runner.device)))
+                        out = runner.call(i, h_in, kw)
                         g_in, *g_w = torch.autograd.grad(out, [h_in, *weights], grad_outputs=grads[s].to(runner.device))
                         if g_w:
                             sums += torch.stack([(g.double() ** 2).sum() for g in g_w])
