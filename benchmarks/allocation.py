@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, load_setup, measure, write_markdown
+from common import RESULTS, Results, command_line, fmt, load_setup, measure, provenance_lines, write_markdown
 from mixsparse.config import load_config
 from mixsparse.engine import prune_layerwise
 from mixsparse.evaluation import perplexity
@@ -165,7 +165,8 @@ def render(res: Results, out: str) -> None:
     lines = ["# Per-layer sparsity allocation: test perplexity", "",
              "Commands (entries from all of them, in order):", "", *[f"- `{c}`" for c in commands], "",
              f"Model: {meta['model']}; calibration: {meta['calibration']}; evaluation: {meta['evaluation']}; "
-             f"search fitness: {meta['search_fitness']}; overrides: {meta['overrides']}.", "",
+             f"search fitness: {meta['search_fitness']}. Each MSP cell shows its own number of generations; every "
+             "entry's command and settings are listed at the end.", "",
              f"Dense perplexity: **{fmt(dense)}**", ""]
     targets = sorted({v["target"] for k, v in e.items() if k != "dense"})
     pruners = sorted({v["pruner"] for k, v in e.items() if k != "dense"}, reverse=True)
@@ -232,6 +233,7 @@ def render(res: Results, out: str) -> None:
 
             lines.append(f"| {cell} | {desc(old)} | {desc(new)} |")
         lines.append("")
+    lines += provenance_lines(e, meta)
     write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
     for t in targets:
         # the main table's cells only (variants and superseded entries share method/pruner names)

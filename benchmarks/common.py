@@ -167,6 +167,12 @@ class Results:
         return key in self.data["entries"]
 
     def add(self, key: str, entry: dict) -> None:
+        """Store an entry with its own provenance: the command and settings of this invocation, commit, date and
+        machine (a later run with other settings rewrites the file's meta, never an entry's)."""
+        meta = self.data.get("meta") or {}
+        settings = {k: v for k, v in meta.items() if k not in ("command", "commands")}
+        entry = {**entry, "provenance": entry.get("provenance") or {**provenance(), "command": meta.get("command")
+                                                                    or command_line(), "settings": settings}}
         self.data["entries"][key] = entry
         atomic_write_json(self.path, self.data)
 
@@ -189,3 +195,28 @@ def fmt(x, digits=2) -> str:
     if isinstance(x, float):
         return f"{x:,.{digits}f}"
     return str(x)
+
+
+def provenance_lines(entries: dict, meta: dict) -> list[str]:
+    """Markdown: which entries each command (with its settings, commit, date and machine) produced. Entries
+    stored before entries carried their own provenance are listed with the file's commands of that time."""
+    groups: dict[str, list[str]] = {}
+    legacy = []
+    for key, e in entries.items():
+        p = e.get("provenance") if isinstance(e, dict) else None
+        if not p:
+            legacy.append(key)
+            continue
+        m = p.get("machine") or {}
+        where = (f"`{p.get('command')}` at commit {p.get('commit')}, {p.get('date')}, on {m.get('cpu')} "
+                 f"({', '.join(m.get('isa') or [])}; torch {m.get('torch')}"
+                 + (f"; forced {m['forced']}" if m.get("forced") else "") + f"); settings: {p.get('settings')}")
+        groups.setdefault(where, []).append(key)
+    lines = ["## Where each entry comes from", ""]
+    for where, keys in groups.items():
+        lines.append(f"- {', '.join(keys)}: {where}")
+    if legacy:
+        cmds = meta.get("commands") or [meta.get("command")]
+        lines.append(f"- {', '.join(legacy)}: recorded before entries carried their own provenance; made by one of "
+                     + "; ".join(f"`{c}`" for c in cmds if c) + " (settings per entry unknown beyond the entry's own fields)")
+    return lines + [""]

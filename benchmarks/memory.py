@@ -80,9 +80,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "memory"))
     ap.add_argument("--keep-main-job", action="store_true", help="copy the main job's run.json, report and plots to "
                                                                    "benchmarks/results/main_job/")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite the Markdown from the JSON")
     args = ap.parse_args()
     path = Path(args.out + ".json")
     data = json.loads(path.read_text()) if path.exists() else {}
+    if args.render_only:
+        render(data, args.out)
+        return
     with tempfile.TemporaryDirectory() as work:
         for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
             entry = run_case(case, Path(work), RESULTS / "main_job" if args.keep_main_job else None)
@@ -92,6 +96,10 @@ def main() -> None:
 
             atomic_write_json(path, data)
             print(case, args.label, entry["peak_rss_mb"], flush=True)
+    render(data, args.out)
+
+
+def render(data: dict, out: str) -> None:
     lines = ["# Peak RSS of whole MSP runs (70% Wanda, `mixsparse prune`)", "",
              "| case | path | params | fp32 model (MB) | peak RSS (MB) | peak / fp32 model | dense reference (B/token) |",
              "|---|---|---|---|---|---|---|"]
@@ -107,7 +115,10 @@ def main() -> None:
                 lines.append(f"- {case} {label}: " + ", ".join(f"{k} {v:,.0f}" for k, v in e["peak_rss_after_stage_mb"].items()))
     lines += ["", "Commands:", ""] + [f"- {c} {l}: `{e['command']}` (runs `{e['run_command']}`)"
                                       for c, rows in data.items() for l, e in rows.items()]
-    write_markdown(Path(args.out + ".md"), "\n".join(lines) + "\n")
+    if any("allocation.sensitivity_samples" in e["run_command"] for rows in data.values() for e in rows.values()):
+        lines += ["", "The recorded commands are as they ran: `allocation.sensitivity_samples` was renamed "
+                  "`allocation.msp.samples` on 2026-11-24 (the old key is now refused with a message naming the new one)."]
+    write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

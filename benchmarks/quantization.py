@@ -3,7 +3,8 @@ and 50%/70% sparse models (uniform and MSP allocations, Wanda), each stored in f
 weights quantized to 4 bits (RTN and GPTQ with the mask fixed) or 8 bits (RTN).
 
 MSP maps are the ones benchmarks/allocation.py searched with Wanda (allocation.json), pruned one-shot on dense
-activations (= the stitched model the search scored). Sizes are those of mixsparse's compressed checkpoint
+activations with this script's calibration (32 windows by default; the search's level database used 8), so the
+model is pruned like the stitched one the search scored but is not that model. Sizes are those of mixsparse's compressed checkpoint
 (bitmask + packed codes + float16 scales); "fp16" rows are evaluated with their weights rounded to float16.
 Writes benchmarks/results/quantization.json (entries "<allocation>/<pruner>@<target>/<scheme>", target
 "dense" for the unpruned rows, with "ppl", "prunable_bytes", "total_bytes", "bits_per_weight") and
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, load_setup, produced_by, prune_cell, write_markdown
+from common import (RESULTS, Results, command_line, fmt, load_setup, produced_by, provenance_lines, prune_cell,
+                    write_markdown)
 from mixsparse.evaluation import perplexity
 from mixsparse.export import save_compressed
 from mixsparse.modeling import measured_sparsity, prunable_linears
@@ -55,7 +57,7 @@ def main() -> None:
     meta = {"command": command_line(), "model": "embedded", "threads": torch.get_num_threads(), "torch": torch.__version__,
             "calibration": f"wiki calibration split, {args.calib_samples}x{args.seqlen} (pruning and GPTQ)",
             "evaluation": f"wiki test split, {args.eval_tokens} tokens in windows of {args.seqlen}",
-            "group_size": args.group_size, "symmetric": True,
+            "group_size": args.group_size, "symmetric": not args.asym,
             "msp_maps": "benchmarks/results/allocation.json (msp/<pruner>@<target>)", "contention": "none (run alone)"}
     res = Results(Path(args.out + ".json"), meta, fresh=args.fresh)
     redo = {k for k in args.redo.split(",") if k}
@@ -102,9 +104,9 @@ def render(res: Results, out: str) -> None:
     dense = e.get("dense/none@dense/fp16") or {}
     lines = ["# Sparse + quantized", "",
              produced_by(meta), "",
-             f"Model: {meta['model']}; {meta['calibration']}; {meta['evaluation']}; group size {meta['group_size']}, "
-             f"symmetric; {meta['threads']} CPU threads, torch {meta['torch']}, {meta['contention']}. "
-             f"MSP maps: {meta['msp_maps']}.", "",
+             f"Model: {meta['model']}; {meta['calibration']}; {meta['evaluation']}; MSP maps: {meta['msp_maps']}. "
+             "Each row's grid is in its scheme column; rows without one are symmetric group-64 (the defaults of the "
+             "command without --suffix that made them, `python quantization.py`).", "",
              "Bytes are mixsparse's compressed checkpoint: prunable = the decoder linears (bitmask + values or packed "
              "codes + float16 scales), total = the whole file (embeddings in float16).", "",
              "| cell | scheme | ppl | x fp16 of the cell | prunable MiB | x dense fp16 prunable | bits/weight | total MiB |",
@@ -118,6 +120,7 @@ def render(res: Results, out: str) -> None:
         lines.append(f"| {cell} | {scheme} | {fmt(v['ppl'])} | {fmt(v['ppl'] / base['ppl'] if base else None, 3)} | "
                      f"{fmt(v['prunable_bytes'] / 2**20, 1)} | {fmt(v['prunable_bytes'] / ref if ref else None, 3)} | "
                      f"{fmt(v['bits_per_weight'], 3)} | {fmt(v['total_bytes'] / 2**20, 1)} |")
+    lines += ["", *provenance_lines(e, meta)]
     write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")
 
 

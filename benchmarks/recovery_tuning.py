@@ -8,7 +8,7 @@ from its output) are in benchmarks/results/recovery_tuning.md.
 import sys, time, torch
 from mixsparse.loading import load_model
 from mixsparse.config import RunConfig
-from mixsparse.pipeline import Calibration
+from mixsparse.data import Calibration
 from mixsparse.data import eval_windows, load_corpus
 from mixsparse.engine import prune_layerwise
 from mixsparse.sparsity import SparsityMap

@@ -9,7 +9,8 @@ import torch
 from mixsparse.config import load_config
 from mixsparse.engine import prune_layerwise
 from mixsparse.modeling import param_counts
-from mixsparse.pipeline import Calibration, prune
+from mixsparse.data import Calibration
+from mixsparse.pipeline import prune
 from mixsparse.sparsity import SparsityMap
 
 

@@ -329,3 +329,15 @@ def test_finetune_needs_the_model_whole_on_the_device(quick, tmp_path, capsys):
     with pytest.raises(ConfigError, match="recover.mode=blockwise"):
         check_placement(cfg.recover, Placement(torch.device("cpu"), "blockwise"))
     check_placement(cfg.recover, Placement(torch.device("cpu"), "whole"))
+
+
+def test_blockwise_leaves_skipped_linears_untouched(pruned, monkeypatch):
+    """ArchSpec.skip: a linear the engine never prunes is not tuned by block-wise recovery either."""
+    from mixsparse import modeling
+
+    model, dense, ids = pruned
+    monkeypatch.setitem(modeling.ARCHITECTURES, "llama", modeling.ArchSpec(skip=("o_proj",)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("o_proj.weight")}
+    rec = reconstruct_blockwise(model, ids, dense, BW, device="cpu", progress=False)
+    assert any(b["kept"] for b in rec["blocks"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)

@@ -238,6 +238,14 @@ def _summary(rec, out: Path) -> None:
     """A few lines from the run's :class:`~mixsparse.record.RunRecord`."""
     ppl, pr = rec.perplexity, rec.pruning
     lines = [f"run directory: {out}", f"overall sparsity (measured): {(pr.overall_sparsity if pr else None) or 0:.4f}"]
+    if rec.coverage:
+        from .modeling import coverage_warning
+
+        kinds = ", ".join(f"{kind} {k['sparsity']:.3f}" for kind, k in rec.coverage["by_kind"].items())
+        lines.append(f"prunable layers: {rec.coverage['prunable_fraction']:.1%} of the parameters; zeros by kind: {kinds}")
+        warning = coverage_warning(rec.coverage)
+        if warning:
+            lines.append(f"WARNING: {warning}")
     if ppl is not None:
         line = f"perplexity ({ppl.tokens} test tokens): dense {ppl.dense}, pruned {ppl.pruned}"
         if ppl.recovered is not None:

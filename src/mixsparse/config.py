@@ -4,7 +4,6 @@ their full path (``search.generatons``), so a typo never silently falls back to 
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,33 +13,11 @@ import yaml
 
 from .allocation import available_allocations, get_allocation
 from .errors import ConfigError
+from .io import yaml_load
 from .quant import QuantizeSection
 from .recovery import MODES as RECOVER_MODES, BlockwiseOptions, FinetuneOptions
 from .search.options import SearchSection
 from .sparsity import NM, parse_layer_sparsity
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML without YAML 1.1 sexagesimal numbers: ``sparsity: 2:4`` must stay the string '2:4'
-    (PyYAML's default would read it as the integer 124)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
-               r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass

@@ -495,3 +495,21 @@ def eval_windows(tokenizer, text: str | torch.Tensor, seqlen: int, max_tokens: i
                         f"for one {seqlen}-token window")
     return ids[: n * seqlen].view(n, seqlen).clone()
 
+
+class Calibration:
+    """Calibration windows for every stage of one run. The corpus is read and tokenised once (a few
+    seconds on the wiki split), then each stage draws its ``(n, seqlen)`` windows from the same ids."""
+
+    def __init__(self, tokenizer, cfg):  # cfg: a RunConfig
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self._tokens: torch.Tensor | None = None
+
+    def ids(self, n: int, seqlen: int) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = tokenize(self.tokenizer, load_corpus(self.cfg.data.calibration, "calibration"))
+        return calibration_ids(self.tokenizer, self._tokens, n, seqlen, self.cfg.data.seed, prefix=self.prefix)
+
+    @property
+    def prefix(self) -> list[int]:
+        """What every window of this run starts with (``data.bos``)."""
+        return window_prefix(self.tokenizer, self.cfg.data.bos)

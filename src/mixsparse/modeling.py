@@ -44,8 +44,18 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if spec is not None and spec.blocks:
         return spec.blocks, _get_path(model, spec.blocks)
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    # a multimodal model also has a vision tower's layer list: only lists inside the text decoder count
+    decoder = None
+    if hasattr(model, "get_decoder"):
+        try:
+            decoder = model.get_decoder()
+        except (AttributeError, NotImplementedError, TypeError):
+            decoder = None
+    inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) else None
     candidates: list[tuple[str, nn.ModuleList]] = []
     for name, mod in model.named_modules():
+        if inside is not None and id(mod) not in inside:
+            continue
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             kinds = {type(c).__name__ for c in mod}
             if block_classes and kinds <= block_classes:

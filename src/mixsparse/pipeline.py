@@ -25,12 +25,12 @@ from torch import nn
 from . import __version__
 from .allocation import Allocation, AllocationContext, get_allocation
 from .config import RunConfig
-from .data import calibration_ids, eval_windows, load_corpus, tokenize, window_prefix
+from .data import Calibration, calibration_ids, eval_windows, load_corpus, tokenize, window_prefix  # noqa: F401
 from .engine import prune_layerwise
 from .errors import ConfigError
 from .evaluation import perplexity
 from .io import atomic_write_yaml
-from .modeling import find_decoder_blocks, measured_sparsity, param_counts, prunable_linears
+from .modeling import coverage, coverage_warning, find_decoder_blocks, measured_sparsity, param_counts, prunable_linears
 from .placement import Placement, check_device
 from .record import (RUN_FILE, AllocationInfo, ModelInfo, PeakMemory, Perplexity, PlacementInfo, PruningInfo,
                      RunRecord, WindowsInfo)
@@ -66,25 +66,6 @@ class Timer:
         finally:
             self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 3)
             self.peak_rss_after[stage] = peak_memory()["cpu_rss_mb"]
-
-
-class Calibration:
-    """Calibration windows for every stage of one run. The corpus is read and tokenised once (a few
-    seconds on the wiki split), then each stage draws its ``(n, seqlen)`` windows from the same ids."""
-
-    def __init__(self, tokenizer, cfg: RunConfig):
-        self.tokenizer, self.cfg = tokenizer, cfg
-        self._tokens: torch.Tensor | None = None
-
-    def ids(self, n: int, seqlen: int) -> torch.Tensor:
-        if self._tokens is None:
-            self._tokens = tokenize(self.tokenizer, load_corpus(self.cfg.data.calibration, "calibration"))
-        return calibration_ids(self.tokenizer, self._tokens, n, seqlen, self.cfg.data.seed, prefix=self.prefix)
-
-    @property
-    def prefix(self) -> list[int]:
-        """What every window of this run starts with (``data.bos``)."""
-        return window_prefix(self.tokenizer, self.cfg.data.bos)
 
 
 def allocate(model: nn.Module, tokenizer, cfg: RunConfig, *, device, run_dir: Path | None = None,
@@ -187,6 +168,10 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
                                   sequential=cfg.prune.sequential, progress=progress)
             seconds, quantized = rep.total_seconds, rep.quantized
     achieved, overall = measured_sparsity(model)
+    cov = coverage(model)
+    warning = coverage_warning(cov)
+    if warning:
+        log.warning(warning)
     record = RunRecord(
         config=cfg.to_dict(),
         allocation=AllocationInfo(method=alloc.method, target=target_of(cfg, alloc, counts),
@@ -195,7 +180,7 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
                                   sensitivity_kind=alloc.sensitivity_kind),
         search=alloc.search,
         pruning=PruningInfo(pruner=cfg.prune.pruner, achieved=achieved, overall_sparsity=overall, seconds=seconds),
-        timings=timer.timings)
+        coverage=cov, timings=timer.timings)
     return PruneOutcome(record, alloc, quantized)
 
 
@@ -348,8 +333,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                 dense = dense_snapshot(model, out / "cache")
         pruned = prune(model, tokenizer, cfg, run_dir=out, progress=progress, timer=timer)
         alloc, quantized = pruned.allocation, pruned.quantized
-        record.allocation, record.search, record.pruning = (pruned.record.allocation, pruned.record.search,
-                                                            pruned.record.pruning)
+        record.allocation, record.search, record.pruning, record.coverage = (
+            pruned.record.allocation, pruned.record.search, pruned.record.pruning, pruned.record.coverage)
         save_allocation(out / "allocation.yaml", alloc, cfg, counts)
         w.save()
 
@@ -453,8 +438,8 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
     out = check_run_dir(out_path, overwrite=overwrite)
     record = _new_record(cfg, command)
     record.recovered_from = str(src_path)
-    record.model, record.allocation, record.search, record.pruning, record.windows = (
-        source.model, source.allocation, source.search, source.pruning, source.windows)
+    record.model, record.allocation, record.search, record.pruning, record.windows, record.coverage = (
+        source.model, source.allocation, source.search, source.pruning, source.windows, source.coverage)
     if cfg.eval.perplexity and source.perplexity is not None:  # its dense baseline stays (on the same windows)
         p = source.perplexity
         record.perplexity = Perplexity(split=p.split, tokens=p.tokens, seqlen=p.seqlen, dense=p.dense)

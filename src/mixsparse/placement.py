@@ -46,6 +46,18 @@ def check_device(name: str | torch.device | None) -> torch.device:
     return dev
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":  # native bf16 from Ampere on; older GPUs only emulate it, slowly
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def model_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):

@@ -127,27 +127,6 @@ def check_model_spec(name: str) -> None:
                           "the path of a Hugging Face model directory")
 
 
-def read_allocation_file(path: str | os.PathLike | None) -> dict:
-    """The per-layer map of an allocation YAML (as `mixsparse search` writes it), checked for form only."""
-    import yaml
-
-    from .config import yaml_load
-
-    if not path:
-        raise ConfigError("prune.allocation 'file' needs prune.allocation_file (a YAML map from `mixsparse search`)")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"allocation file {p} does not exist")
-    try:
-        data = yaml_load(p.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"allocation file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    layers = data.get("per_layer") if isinstance(data, dict) and "per_layer" in data else data
-    if not isinstance(layers, dict) or not layers:
-        raise ConfigError(f"allocation file {p} must map layer names to sparsities (or hold a 'per_layer' mapping)")
-    return layers
-
-
 def run_status(out: Path) -> str | None:
     """``status`` of the run recorded in ``out/run.json`` (None when there is none)."""
     from .io import read_json

@@ -106,6 +106,7 @@ class RunRecord:
     timings: dict | None = None  # stage -> seconds (a "total" entry wins over the sum)
     peak_memory: PeakMemory | None = None
     sizes: dict | None = None
+    coverage: dict | None = None  # modeling.coverage: prunable share, zeros by module kind, unprunable tensors
     artifacts: dict | None = None
     schema: int = SCHEMA
 

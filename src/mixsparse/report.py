@@ -323,7 +323,25 @@ def _summary(run: RunRecord) -> list[str]:
                      f"{_num(sizes.get('ratio'), 3)}x / {_num(sizes.get('prunable_ratio'), 3)}x"))
         if sizes.get("bits_per_weight") is not None:
             rows.append(("Stored bits per prunable weight (mask + values + scales)", _num(sizes["bits_per_weight"], 3)))
-    return ["## Summary", "", *_table(["", "value"], rows)]
+    md = ["## Summary", "", *_table(["", "value"], rows)]
+    if run.coverage:
+        md += _coverage(run.coverage)
+    return md
+
+
+def _coverage(cov: dict) -> list[str]:
+    """Sparsity by module kind, and what pruning could not reach (named, never silent)."""
+    from .modeling import coverage_warning
+
+    rows = [[kind, _num(int(k["params"])), _pct(k["prunable_params"] / k["params"] if k["params"] else 0),
+             _pct(k["sparsity"])] for kind, k in cov.get("by_kind", {}).items()]
+    md = ["## Sparsity by module kind", "",
+          f"Prunable layers hold {_pct(cov.get('prunable_fraction'))} of the model's parameters; the target applies "
+          "to them.", "", *_table(["kind", "parameters", "prunable", "zeros (measured)"], rows)]
+    warning = coverage_warning(cov)
+    if warning:
+        md += [f"**Warning:** {warning}.", ""]
+    return md
 
 
 def _recovery(rec: dict, ppl: Perplexity | None) -> list[str]:

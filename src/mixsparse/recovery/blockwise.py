@@ -25,7 +25,7 @@ from ..data import batches as split_batches
 from ..runner import BlockInputs, LayerwiseRunner
 from ..errors import NumericalError
 from ..io import atomic_write_text
-from ..modeling import block_linears
+from ..modeling import prunable_linears
 from ..placement import Placement
 from .common import DenseStore, FixedMask, MasterWeights, autocast, autocast_dtype, tuned_parameters
 from .options import BlockwiseOptions
@@ -93,6 +93,7 @@ def reconstruct_blockwise(model: nn.Module, calib_ids: torch.Tensor, dense: Dens
 def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, seed, state_dir, fingerprint, progress):
     t0 = time.perf_counter()
     runner = LayerwiseRunner(model, device=placement)
+    prunable = prunable_linears(model)
     if len(dense) != len(runner.blocks):
         raise ValueError(f"dense snapshot has {len(dense)} blocks, the model {len(runner.blocks)}")
     state = runner.catch(split_batches(calib_ids, opts.batch_size))
@@ -105,7 +106,8 @@ def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, see
             dense_params = dense.block(i, placement.device)
             targets = _run(runner, i, dense_hidden, state, dense_params)
             del dense_params
-            linears = block_linears(block)
+            prefix = f"{runner.blocks_name}.{i}."  # the block's prunable linears (ArchSpec.skip, routers left out)
+            linears = {n[len(prefix):]: lin for n, lin in prunable.items() if n.startswith(prefix)}
             params = tuned_parameters(block, linears, opts.params)
             names = [n for n, p in block.named_parameters() if any(p is q for q in params)]
             resumed = i < len(record.blocks)

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_text
 from ..modeling import find_decoder_blocks, prunable_linears
-from ..search.fitness import fast_bf16
+from ..placement import fast_bf16
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -48,9 +48,8 @@ def recover(model: nn.Module, tokenizer, cfg, *, dense: DenseStore | None, devic
             run_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Run ``cfg.recover`` on the pruned ``model`` in place; returns its record. The zero pattern of every
     prunable weight is the same afterwards (checked; an error otherwise)."""
-    from ..data import eval_windows, load_corpus, tokenize, window_prefix
+    from ..data import Calibration, eval_windows, load_corpus, tokenize, window_prefix
     from ..io import fingerprint as _fingerprint
-    from ..pipeline import Calibration
     from ..sensitivity import model_fingerprint
 
     r = cfg.recover

@@ -13,8 +13,9 @@ Memory, per prunable parameter, whatever the number of levels L:
 * reconstructing pruners (SparseGPT): the kept weights change per level, so each level's weight is
   stored: one safetensors file per layer in a directory on disk (memory-mapped when read), reusable
   by later runs with the same settings (a ``complete.json`` marker names them). **L x bytes-per-weight
-  on disk**, in ``store_dtype`` (the pipeline uses the fitness dtype: the fitness scores exactly those
-  values, and bf16 halves an fp32 model's store; the stitched final model then holds them, upcast);
+  on disk**, in ``store_dtype`` (the pipeline uses the model's dtype under ``search.final: stitched``, the
+  default, because the final model is stitched from these levels and must lose no precision; with
+  ``sequential`` it uses the fitness dtype, which bf16 halves for an fp32 model);
   free disk space is checked before building. RAM holds the most recently used entries up to
   ``ram_bytes`` (default 0: read from the page cache each time) plus, while building, one layer's levels.
 """

@@ -39,21 +39,9 @@ from ..runner import LayerwiseRunner
 from ..errors import ConfigError, NumericalError
 from ..evaluation import mean_kl, nll_sum
 from ..modeling import block_linears
-from ..placement import Placement
+from ..placement import Placement, fast_bf16
 from .database import LevelDatabase
 from .space import Offsets, offsets_key
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    if device.type == "cuda":  # native bf16 from Ampere on; older GPUs only emulate it, slowly
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def resolve_dtype(name: str | torch.dtype | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..allocation import snap_to_grid
+from ..allocation.budget import snap_to_grid
 from ..errors import ConfigError, SparsityError
 from ..modeling import find_decoder_blocks
 from ..names import block_index
