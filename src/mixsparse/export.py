@@ -46,6 +46,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -290,8 +292,14 @@ def save_compressed(
     metadata: dict | None = None,
     overwrite: bool = False,
     quantized: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = 4 * 2**30,
 ) -> dict[str, float | int]:
     """Write the compressed checkpoint (see module docstring); return its sizes.
+
+    Encoded tensors are written in shards of at most ``max_shard_bytes`` as they are encoded (a 70B model never
+    holds a second, encoded copy in memory); a checkpoint that fits in one shard is the single file
+    ``model.compressed.safetensors``, else ``model.compressed-00001.safetensors``... with the index naming
+    each tensor's shard.
 
     ``quantized``: layer name -> :class:`~mixsparse.quant.grid.QuantizedWeight` of the layers the run
     quantized (stored as packed codes; each must still dequantize to the layer's current weight).
@@ -309,7 +317,20 @@ def save_compressed(
 
     out_tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
-    dense_bytes = prunable_dense = prunable_stored = 0
+    shards: list[tuple[Path, list[str]]] = []  # (temporary file, tensor names) in writing order
+    pending: list[str] = []  # tensors of the shard being filled
+    dense_bytes = prunable_dense = prunable_stored = shard_bytes = 0
+    out_path = Path(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=".mixsparse-shards-", dir=out_path.parent if out_path.parent.exists() else None))
+
+    def flush() -> None:
+        nonlocal out_tensors, shard_bytes, pending
+        if out_tensors:
+            path = work / f"shard-{len(shards) + 1:05d}.safetensors"
+            save_file(out_tensors, str(path), metadata={"format": "pt", "mixsparse_format_version": str(FORMAT_VERSION)})
+            shards.append((path, pending))
+        out_tensors, shard_bytes, pending = {}, 0, []
+
     for name, t in tensors.items():
         t = _cast(name, t, dtype)
         dense_size = t.numel() * t.element_size()
@@ -348,13 +369,31 @@ def save_compressed(
         if name in prunable:
             prunable_dense += dense_size
             prunable_stored += stored
+        if shard_bytes and shard_bytes + stored > max_shard_bytes:
+            flush()
         out_tensors.update(parts)
+        shard_bytes += stored
         entries[name] = entry
+        pending.append(name)
+    try:
+        flush()
+        return _finish_compressed(model, out_dir, overwrite, shards, entries, aliases, dtype, metadata, tokenizer,
+                                  dense_bytes, prunable_dense, prunable_stored)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def _finish_compressed(model, out_dir, overwrite, shards, entries, aliases, dtype, metadata, tokenizer, dense_bytes,
+                       prunable_dense, prunable_stored) -> dict:
     with atomic_dir(out_dir, overwrite) as tmp:
-        tensor_path = tmp / TENSOR_FILE
-        save_file(out_tensors, str(tensor_path), metadata={"format": "pt", "mixsparse_format_version": str(FORMAT_VERSION)})
-        compressed_bytes = tensor_path.stat().st_size
+        files: dict[str, str] = {}
+        for k, (path, names) in enumerate(shards):
+            fname = TENSOR_FILE if len(shards) == 1 else TENSOR_FILE.replace(".safetensors", f"-{k + 1:05d}.safetensors")
+            shutil.move(str(path), tmp / fname)
+            files[fname] = _sha256(tmp / fname)
+            for n in names:
+                entries[n]["file"] = fname
+        compressed_bytes = sum((tmp / f).stat().st_size for f in files)
         sizes = {
             "dense_bytes": dense_bytes,
             "compressed_bytes": compressed_bytes,
@@ -378,8 +417,7 @@ def save_compressed(
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "dtype": _dtype_name(dtype) if dtype is not None else None,
-            "file": TENSOR_FILE,
-            "sha256": _sha256(tensor_path),
+            "files": files,
             "bitorder": "big",
             "tensors": entries,
             "aliases": aliases,
@@ -446,15 +484,19 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 
     d = Path(path).expanduser()
     index = _read_index(d)
-    tensor_path = d / str(index.get("file", TENSOR_FILE))
-    if not tensor_path.is_file():
-        raise ModelLoadError(f"compressed checkpoint {str(d)!r} lacks its tensor file {tensor_path.name}")
-    if index.get("sha256") and _sha256(tensor_path) != index["sha256"]:
-        raise ModelLoadError(f"{str(tensor_path)!r} is corrupt (SHA-256 differs from {INDEX_FILE})")
-    try:
-        stored = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {str(tensor_path)!r}: {e}") from None
+    # one tensor file (and its hash) in checkpoints written before sharding, else every shard's
+    files = index.get("files") or {str(index.get("file", TENSOR_FILE)): index.get("sha256")}
+    stored: dict[str, torch.Tensor] = {}
+    for fname, sha in files.items():
+        tensor_path = d / str(fname)
+        if not tensor_path.is_file():
+            raise ModelLoadError(f"compressed checkpoint {str(d)!r} lacks its tensor file {tensor_path.name}")
+        if sha and _sha256(tensor_path) != sha:
+            raise ModelLoadError(f"{str(tensor_path)!r} is corrupt (SHA-256 differs from {INDEX_FILE})")
+        try:
+            stored.update(load_file(str(tensor_path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read {str(tensor_path)!r}: {e}") from None
 
     try:
         state = {name: _decode(name, entry, stored) for name, entry in index["tensors"].items()}
