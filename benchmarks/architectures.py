@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/tiny.py
 
 def measure(family: str) -> dict:
     from mixsparse.engine import prune_layerwise
-    from mixsparse.modeling import coverage, coverage_warning, param_counts
+    from mixsparse.modeling import coverage, coverage_warning, measured_sparsity, param_counts
     from mixsparse.runner import LayerwiseRunner
     from mixsparse.sparsity import SparsityMap
     from tests.tiny import family_model, tiny_ids
@@ -38,8 +38,7 @@ def measure(family: str) -> dict:
     zeros = sum(k["zeros"] for k in cov["by_kind"].values())
     return {"model_class": type(model).__name__, "prunable_fraction": round(cov["prunable_fraction"], 4),
             "measured_sparsity": round(zeros / cov["total_params"], 4),
-            "prunable_sparsity": round(sum(k["zeros"] for k in cov["by_kind"].values() if k["prunable_params"])
-                                       / max(cov["prunable_params"], 1), 4),
+            "prunable_sparsity": round(measured_sparsity(model)[1], 4),
             "layerwise_max_abs_diff": float((lw - ref).abs().max()), "seconds": round(time.perf_counter() - t0, 2),
             "unprunable": coverage_warning(cov), **provenance()}
 

@@ -64,7 +64,8 @@ class SearchSection(SearchConfig):
     calibration_samples: int | None = None  # samples for the level cache (default: data.calibration_samples)
     # "stitched": the final model is the searched candidate itself (layers from the level cache, pruned on
     # dense activations), i.e. exactly what the fitness scored; "sequential": prune again layer by layer on
-    # the pruned model's activations. Stitched measured better here (benchmarks/results/final_mode.md).
+    # the pruned model's activations. Stitched measured better with older code (benchmarks/final_mode.py; its result
+    # file is in git history, to be measured again).
     final: str = "stitched"
     # fitness cost cutters (benchmarks/results/search_speed.md measures each)
     fitness_dtype: str = "auto"  # "auto": bfloat16 where bf16 matmuls are native (AMX CPUs, GPUs), else the model's
