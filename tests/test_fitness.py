@@ -301,3 +301,16 @@ def test_a_non_finite_dense_reference_is_refused():
         model.lm_head.weight.fill_(float("inf"))  # logits overflow
     with pytest.raises(NumericalError, match="not finite"):
         Fitness(db, tiny_ids(2, 16), "kl")
+
+
+def test_auto_fitness_dtype_is_float32_where_bf16_is_emulated(monkeypatch):
+    """A bf16 model on a CPU without native bf16 scores candidates in float32 (emulated bf16 matmuls are
+    hundreds of times slower there), and in bf16 where bf16 is native."""
+    from mixsparse.search import fitness as fitness_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fitness_mod, "fast_bf16", lambda device: False)
+    assert fitness_mod.resolve_dtype("auto", torch.bfloat16, cpu) == torch.float32
+    assert fitness_mod.resolve_dtype("model", torch.bfloat16, cpu) == torch.bfloat16
+    monkeypatch.setattr(fitness_mod, "fast_bf16", lambda device: True)
+    assert fitness_mod.resolve_dtype("auto", torch.float32, cpu) == torch.bfloat16

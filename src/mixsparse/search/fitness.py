@@ -49,8 +49,8 @@ def resolve_dtype(name: str | torch.dtype | None, model_dtype: torch.dtype, devi
         return name
     if name in (None, "model"):
         return model_dtype
-    if name == "auto":
-        return torch.bfloat16 if fast_bf16(device) else model_dtype
+    if name == "auto":  # bf16 where its matmuls are native; else float32, since emulated 16-bit matmuls are far slower
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
     dt = getattr(torch, str(name), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         raise ConfigError(f"search.fitness_dtype must be auto, model, float32, bfloat16 or float16, got {name!r}")

@@ -68,7 +68,7 @@ class SearchSection(SearchConfig):
     # file is in git history, to be measured again).
     final: str = "stitched"
     # fitness cost cutters (benchmarks/results/search_speed.md measures each)
-    fitness_dtype: str = "auto"  # "auto": bfloat16 where bf16 matmuls are native (AMX CPUs, GPUs), else the model's
+    fitness_dtype: str = "auto"  # "auto": bfloat16 where bf16 matmuls are native (AMX CPUs, GPUs), else float32
     kl_topk: int = 64  # dense reference keeps the top-k log-probs + rest mass per token; 0 = exact full-vocabulary KL
     incremental: bool = False  # start at the first block whose levels differ from a kept candidate (exact; ~3% fewer
     # block forwards measured on the embedded model, since crossover and mutation touch early blocks)
