@@ -238,3 +238,22 @@ def test_planted_bug_a_block_input_left_on_the_cpu_is_caught(monkeypatch):
         db = LevelDatabase.build(model, space, tiny_ids(), "wanda", device=DEV, progress=False)
         with pytest.raises(MIXING):
             Fitness(db, tiny_ids(2, 12), "kl", device=DEV, placement="blockwise", dtype="model")
+
+
+@pytest.mark.parametrize("family", ["gemma3"])
+def test_hybrid_attention_layerwise_on_the_device_equals_the_whole_model(family):
+    """The block runner on the device: sliding and global layers each get their own mask (and Gemma-3 its two
+    rotary tables), so the layer-wise logits equal the CPU's whole-model forward. (GPT-OSS's MoE routing counts
+    experts with an integer histogram when its tensors are not on the CPU, which this CPU build lacks: the
+    simulated device cannot run it; tests/test_architectures.py covers it on the CPU.)"""
+    from .tiny import family_model
+
+    model = family_model(family)
+    ids = tiny_ids(2, 16)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    with simulated_device():
+        ((_, got),) = list(LayerwiseRunner(model, device=Placement(DEV)).forward_all([ids]))
+        got = to_plain(got)
+    assert at_home(model)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
