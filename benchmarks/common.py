@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -91,9 +92,11 @@ def machine() -> dict:
     return info
 
 
+@functools.lru_cache(maxsize=1)
 def commit() -> str:
     """The checkout's commit (``MIXSPARSE_COMMIT`` where the working tree travels without its .git),
-    with ``+dirty`` when tracked files differ from it."""
+    with ``+dirty`` when tracked files differ from it; read once per process (its first result entry), since
+    the code a benchmark runs is the code it imported."""
     if os.environ.get("MIXSPARSE_COMMIT"):
         return os.environ["MIXSPARSE_COMMIT"]
     root = Path(__file__).resolve().parent.parent

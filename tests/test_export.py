@@ -335,7 +335,7 @@ def test_a_large_checkpoint_is_written_in_shards_and_reads_back_bit_exactly(tmp_
     sizes = save_compressed(model, tmp_path / "c", sparsity_map=smap, max_shard_bytes=8 * 2**10)
     files = sorted(p.name for p in (tmp_path / "c").glob("model.compressed-*.safetensors"))
     index = json.loads((tmp_path / "c" / "compression.json").read_text())
-    assert len(files) > 2 and sorted(index["files"]) == files
+    assert len(files) > 2 and sorted(index["files"]) == files and index["format_version"] == 2
     assert sizes["compressed_bytes"] == sum((tmp_path / "c" / f).stat().st_size for f in files)
     back = load_compressed(tmp_path / "c")
     for (n, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):

@@ -314,3 +314,18 @@ def test_auto_fitness_dtype_is_float32_where_bf16_is_emulated(monkeypatch):
     assert fitness_mod.resolve_dtype("model", torch.bfloat16, cpu) == torch.bfloat16
     monkeypatch.setattr(fitness_mod, "fast_bf16", lambda device: True)
     assert fitness_mod.resolve_dtype("auto", torch.float32, cpu) == torch.bfloat16
+
+
+def test_a_bf16_model_is_searched_with_a_float32_fitness():
+    """The fitness's dtype may differ from the model's (a bf16 model scored in float32 where bf16 is emulated):
+    the block runner then runs block 0 in the fitness dtype too (it once mixed a bf16 weight with float32 inputs)."""
+    from mixsparse.modeling import param_counts
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    space = LevelSpace.unstructured(0.5, param_counts(model), step=0.1, max_shift=0.2)
+    with LevelDatabase.build(model, space, tiny_ids(), "wanda", progress=False) as db:
+        fit = Fitness(db, tiny_ids(2, 12, seed=4), "kl", dtype="float32")
+        res = evolutionary_search(fit, space, [{n: 0 for n in space.param_counts}],
+                                  SearchConfig(generations=1, population=2, offspring=2, stages=[[1, 1], [2, 1]]),
+                                  progress=False)
+    assert fit.dtype == torch.float32 and res.generations == 1 and res.fitness >= 0

@@ -5,7 +5,9 @@
   travels in ``config.json`` as ``config.mixsparse``, so a later fine-tune can rebuild each mask from
   the zeros plus this map.
 * :func:`save_compressed` / :func:`load_compressed` store the sparse weights compactly, in one
-  ``model.compressed.safetensors`` described by ``compression.json``. Encodings, per tensor:
+  ``model.compressed.safetensors`` described by ``compression.json`` (format version 1), or, past
+  ``max_shard_bytes``, in shards ``model.compressed-00001.safetensors``... each with its own SHA-256 and
+  each tensor's shard named in the index (version 2). Encodings, per tensor:
 
   ``dense``
       The tensor as is (at the checkpoint dtype), under its own name. Used for everything that is
@@ -34,7 +36,7 @@
   Zeros are restored as ``+0.0`` (a pruner that multiplied by the mask may have left ``-0.0``; the
   two compare equal and give identical results in a linear layer); every other value is bit-exact
   at the checkpoint dtype. Tensors shared by several names (tied embeddings) are stored once and
-  listed under ``aliases``. A SHA-256 of the tensor file in ``compression.json`` catches corruption
+  listed under ``aliases``. A SHA-256 of each tensor file in ``compression.json`` catches corruption
   that safetensors itself would not notice (it has no checksum).
 """
 
@@ -62,7 +64,7 @@ from .modeling import prunable_linears
 from .sparsity import NM, parse_layer_sparsity
 
 FORMAT_NAME = "mixsparse-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sharded tensor files (a single-file checkpoint is still written as version 1)
 TENSOR_FILE = "model.compressed.safetensors"
 INDEX_FILE = "compression.json"
 
@@ -320,8 +322,9 @@ def save_compressed(
     shards: list[tuple[Path, list[str]]] = []  # (temporary file, tensor names) in writing order
     pending: list[str] = []  # tensors of the shard being filled
     dense_bytes = prunable_dense = prunable_stored = shard_bytes = 0
-    out_path = Path(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=".mixsparse-shards-", dir=out_path.parent if out_path.parent.exists() else None))
+    out_path = Path(out_dir).expanduser()
+    out_path.parent.mkdir(parents=True, exist_ok=True)  # shards are written next to the output: one file system
+    work = Path(tempfile.mkdtemp(prefix=".mixsparse-shards-", dir=out_path.parent))
 
     def flush() -> None:
         nonlocal out_tensors, shard_bytes, pending
@@ -331,51 +334,51 @@ def save_compressed(
             shards.append((path, pending))
         out_tensors, shard_bytes, pending = {}, 0, []
 
-    for name, t in tensors.items():
-        t = _cast(name, t, dtype)
-        dense_size = t.numel() * t.element_size()
-        dense_bytes += dense_size
-        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
-        parts: dict[str, torch.Tensor]
-        layer = name.removesuffix(".weight")
-        target = targets.get(layer)
-        qw = (quantized or {}).get(layer) if name in prunable else None
-        if qw is not None:
-            weight = tensors[name].detach().cpu()
-            deq = qw.dequantize().to(weight.dtype)
-            if not torch.equal(deq, weight):
-                raise NumericalError(f"layer {layer!r} no longer equals its quantized codes (changed after "
-                                     "quantization?); quantize again before saving")
-            parts = {f"{name}::{k}": v for k, v in quantized_encode(qw).items()}
-            entry.update(encoding="quantized", bits=qw.spec.bits, group_size=qw.spec.group_size,
-                         symmetric=qw.spec.symmetric, dtype=_dtype_name(weight.dtype))
-        elif name in prunable and t.dim() == 2 and isinstance(target, NM) and fits_nm(t, target):
-            values, idx = nm_encode(t, target)
-            parts = {f"{name}::values": values, f"{name}::nm_indices": idx}
-            entry.update(encoding="nm", n=target.n, m=target.m, index_bits=index_bits(target.m))
-        elif name in prunable and t.dim() == 2:
-            nnz = int(torch.count_nonzero(t))
-            if math.ceil(t.numel() / 8) + nnz * t.element_size() < dense_size:
-                packed, values = bitmask_encode(t)
-                parts = {f"{name}::bitmask": packed, f"{name}::values": values}
-                entry.update(encoding="bitmask", nnz=nnz)
+    try:
+        for name, t in tensors.items():
+            t = _cast(name, t, dtype)
+            dense_size = t.numel() * t.element_size()
+            dense_bytes += dense_size
+            entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+            parts: dict[str, torch.Tensor]
+            layer = name.removesuffix(".weight")
+            target = targets.get(layer)
+            qw = (quantized or {}).get(layer) if name in prunable else None
+            if qw is not None:
+                weight = tensors[name].detach().cpu()
+                deq = qw.dequantize().to(weight.dtype)
+                if not torch.equal(deq, weight):
+                    raise NumericalError(f"layer {layer!r} no longer equals its quantized codes (changed after "
+                                         "quantization?); quantize again before saving")
+                parts = {f"{name}::{k}": v for k, v in quantized_encode(qw).items()}
+                entry.update(encoding="quantized", bits=qw.spec.bits, group_size=qw.spec.group_size,
+                             symmetric=qw.spec.symmetric, dtype=_dtype_name(weight.dtype))
+            elif name in prunable and t.dim() == 2 and isinstance(target, NM) and fits_nm(t, target):
+                values, idx = nm_encode(t, target)
+                parts = {f"{name}::values": values, f"{name}::nm_indices": idx}
+                entry.update(encoding="nm", n=target.n, m=target.m, index_bits=index_bits(target.m))
+            elif name in prunable and t.dim() == 2:
+                nnz = int(torch.count_nonzero(t))
+                if math.ceil(t.numel() / 8) + nnz * t.element_size() < dense_size:
+                    packed, values = bitmask_encode(t)
+                    parts = {f"{name}::bitmask": packed, f"{name}::values": values}
+                    entry.update(encoding="bitmask", nnz=nnz)
+                else:
+                    parts = {name: t}
+                    entry.update(encoding="dense")
             else:
                 parts = {name: t}
                 entry.update(encoding="dense")
-        else:
-            parts = {name: t}
-            entry.update(encoding="dense")
-        stored = sum(p.numel() * p.element_size() for p in parts.values())
-        if name in prunable:
-            prunable_dense += dense_size
-            prunable_stored += stored
-        if shard_bytes and shard_bytes + stored > max_shard_bytes:
-            flush()
-        out_tensors.update(parts)
-        shard_bytes += stored
-        entries[name] = entry
-        pending.append(name)
-    try:
+            stored = sum(p.numel() * p.element_size() for p in parts.values())
+            if name in prunable:
+                prunable_dense += dense_size
+                prunable_stored += stored
+            if shard_bytes and shard_bytes + stored > max_shard_bytes:
+                flush()
+            out_tensors.update(parts)
+            shard_bytes += stored
+            entries[name] = entry
+            pending.append(name)
         flush()
         return _finish_compressed(model, out_dir, overwrite, shards, entries, aliases, dtype, metadata, tokenizer,
                                   dense_bytes, prunable_dense, prunable_stored)
@@ -415,9 +418,11 @@ def _finish_compressed(model, out_dir, overwrite, shards, entries, aliases, dtyp
         _save_tokenizer(tokenizer, tmp)
         index = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1,
             "dtype": _dtype_name(dtype) if dtype is not None else None,
-            "files": files,
+            # one file: the layout of format version 1, which older readers read; shards: version 2
+            **({"file": TENSOR_FILE, "sha256": files[TENSOR_FILE]} if len(files) == 1
+               else {"format_version": 2, "files": files}),
             "bitorder": "big",
             "tensors": entries,
             "aliases": aliases,
@@ -445,9 +450,9 @@ def _read_index(d: Path) -> dict:
     index = read_json(index_path, ModelLoadError)
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise ModelLoadError(f"{str(index_path)!r} is not a {FORMAT_NAME} index")
-    if index.get("format_version") != FORMAT_VERSION:
+    if index.get("format_version") not in (1, FORMAT_VERSION):
         raise ModelLoadError(
-            f"{str(index_path)!r} has format version {index.get('format_version')!r}; this mixsparse reads version {FORMAT_VERSION}"
+            f"{str(index_path)!r} has format version {index.get('format_version')!r}; this mixsparse reads versions 1 to {FORMAT_VERSION}"
         )
     return index
 

@@ -76,7 +76,11 @@ ROUTERS = ("gate", "router", "shared_expert_gate")
 
 
 def _is_router(name: str, lin: nn.Linear, config) -> bool:
-    experts = max(int(getattr(config, k, 0) or 0) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    configs = [config]
+    if hasattr(config, "get_text_config"):  # a multimodal model keeps the expert count in its text config
+        configs.append(config.get_text_config())
+    experts = max(int(getattr(c, k, 0) or 0) for c in configs
+                  for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
     return name.rsplit(".", 1)[-1] in ROUTERS and (lin.out_features == 1 or 0 < lin.out_features <= experts)
 
 

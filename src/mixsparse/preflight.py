@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, MixsparseError
 
 STATUS_FINISHED = "finished"
 
@@ -99,7 +99,11 @@ def check_corpus_sizes(cfg: RunConfig, tokenizer=None) -> None:
 
         if cfg.model.name != "embedded" and not Path(cfg.model.name).expanduser().exists() and looks_like_hub_id(cfg.model.name):
             return  # a hub model's tokenizer needs the network: the loader reports that first
-        tokenizer = load_tokenizer(cfg.model.name)
+        try:
+            tokenizer = load_tokenizer(cfg.model.name)
+        except MixsparseError:
+            return  # no tokenizer here (e.g. `recover` of a run whose original model moved): later stages report
+
     for spec, split, need, what in needs:
         text = load_corpus(spec, split)
         # tokenize a prefix first: a long file need not be encoded whole to know it is long enough

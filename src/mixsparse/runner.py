@@ -35,7 +35,7 @@ from .errors import DataError, ModelLoadError
 from .modeling import find_decoder_blocks, take_placement
 from .placement import Placement
 
-_DROPPED = ("past_key_values", "past_key_value", "cache_position_ids")
+_DROPPED = ("past_key_values", "past_key_value")
 
 
 class _InputsCaught(Exception):
@@ -191,8 +191,10 @@ class LayerwiseRunner:
             if params is not None:
                 prefix = f"{self.blocks_name}.0."
                 tensors = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)} or None
-            if tensors is None and params is not None:  # the caller streams block tensors: use the block's own
-                tensors = {n: t.to(self.device) for n, t in [*block.named_parameters(), *block.named_buffers()]}
+            if tensors is None and params is not None:  # the caller streams block tensors: the block's own, in the
+                # dtype the caller computes in (its hidden states'), e.g. a float32 fitness of a bf16 model
+                tensors = {n: t.to(self.device, dtype=hidden.dtype if t.is_floating_point() else t.dtype)
+                           for n, t in [*block.named_parameters(), *block.named_buffers()]}
             with torch.no_grad():
                 ctx = contextlib.nullcontext() if tensors is not None else self.placement.block(block)
                 with ctx:
@@ -223,7 +225,6 @@ class LayerwiseRunner:
             return form["tuple"]
 
         state = BlockInputs([], [], [])
-        memo: dict = {}  # tensors shared by several blocks (masks, rotary tables) are stored once
         with self._swapped_blocks(lambda i, b: _Recorder(b, i, sink, i == n - 1, as_tuple)):
             for j, ids in enumerate(batches):
                 sink.clear()
@@ -238,6 +239,7 @@ class LayerwiseRunner:
                         raise ModelLoadError(f"{type(self.model).__name__} never called its first decoder block")
                     raise ModelLoadError(f"{type(self.model).__name__} did not call decoder block(s) {missing[:5]} in "
                                          "its forward; its blocks cannot be run one by one")
+                memo: dict = {}  # a batch's tensors shared by several blocks (masks, rotary tables) are stored once
                 state.input_ids.append(ids.cpu())
                 state.hidden.append(sink[0][0].to(self.store))
                 state.kwargs.append([to_device(_clean(sink[i][1]), self.store, memo) for i in range(n)])

@@ -102,7 +102,8 @@ class MasterWeights:
             if m is not p:
                 p.grad = None
             m.grad = g
-            finite = finite and bool(torch.isfinite(g).all())
+            if self.scale != 1.0:  # only a scaled (fp16) step can overflow; a check costs a device sync
+                finite = finite and bool(torch.isfinite(g).all())
         if not finite and self.scale != 1.0:  # fp16 overflow: skip this step, retry with a smaller scale
             opt.zero_grad(set_to_none=True)
             self.scale, self.good_steps, self.skipped = self.scale / 2, 0, self.skipped + 1

@@ -171,6 +171,9 @@ def evolutionary_search(
             raise SparsityError("initial allocation breaks the global budget")
     if not _has_move(space):
         raise SparsityError("no budget-preserving move exists: no prunable layer's size equals another's or a sum of others'")
+    if config.time_budget is not None and getattr(fitness, "group", None) is not None:
+        raise ConfigError("search.time_budget with several processes would let each rank stop at another generation; "
+                          "set search.generations instead (a fixed count every rank reaches)")
     blocks_of = blocks_of or {n: i for i, n in enumerate(names)}
     ckpt = Path(checkpoint) if checkpoint else None
     t_start = time.perf_counter()

@@ -49,8 +49,13 @@ def resolve_dtype(name: str | torch.dtype | None, model_dtype: torch.dtype, devi
         return name
     if name in (None, "model"):
         return model_dtype
-    if name == "auto":  # bf16 where its matmuls are native; else float32, since emulated 16-bit matmuls are far slower
-        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if name == "auto":
+        if fast_bf16(device):
+            return torch.bfloat16
+        if model_dtype == torch.float16 and device.type != "cpu":  # fp16 is native on every GPU
+            return model_dtype
+        # emulated 16-bit matmuls (bf16 without AVX512-BF16/AMX, fp16 on a CPU) are far slower than float32
+        return torch.float32 if model_dtype in (torch.bfloat16, torch.float16) else model_dtype
     dt = getattr(torch, str(name), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         raise ConfigError(f"search.fitness_dtype must be auto, model, float32, bfloat16 or float16, got {name!r}")
