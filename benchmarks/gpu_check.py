@@ -40,54 +40,40 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, provenance, write_markdown
+from large_model import DTYPES, Shape, llama_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    samples: int  # calibration windows
-    seqlen: int
-    fitness_windows: int
-    generations: int
+class CheckShape(Shape):
+    """The engine benchmark's shape (samples x seqlen: calibration windows) and the search's size."""
+
+    fitness_windows: int = 2
+    generations: int = 3
 
 
 SHAPES = {
     # Llama-3-8B's blocks (GQA 32/8 heads, 14336 MLP, 128k vocabulary); 8 of its 32 blocks by default
-    "8b": Shape(hidden=4096, intermediate=14336, layers=8, heads=32, kv_heads=8, vocab=128256, samples=16,
-                seqlen=512, fitness_windows=2, generations=3),
-    "tiny": Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, samples=4, seqlen=32,
-                  fitness_windows=2, generations=2),
+    "8b": CheckShape(hidden=4096, intermediate=14336, layers=8, heads=32, kv_heads=8, vocab=128256, samples=16,
+                     seqlen=512, rope_theta=500000.0, fitness_windows=2, generations=3),
+    "tiny": CheckShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, samples=4, seqlen=32,
+                       fitness_windows=2, generations=2),
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def llama_config(shape: Shape, layers: int, vocab: int, dtype: torch.dtype):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                       num_hidden_layers=layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-                       use_cache=False, dtype=dtype)
-
-
-def build(shape: Shape, layers: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def build(shape: CheckShape, layers: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """A random model built directly on ``device`` (no CPU copy, no float32 copy)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(llama_config(shape, layers, vocab, dtype), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(llama_config(replace(shape, layers=layers, vocab=vocab), dtype),
+                                                 dtype=dtype)
     return model.eval()
 
 
-def load_kit(kit: Path, vocab: int, shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+def load_kit(kit: Path, vocab: int, shape: CheckShape) -> tuple[torch.Tensor, torch.Tensor]:
     """Calibration and fitness windows of real text, tokenized by the kit's tokenizer."""
     from transformers import AutoTokenizer
 

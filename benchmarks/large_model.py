@@ -50,6 +50,8 @@ class Shape:
     vocab: int
     samples: int  # default calibration samples x seqlen for this shape
     seqlen: int
+    kv_heads: int | None = None  # grouped-query attention; None: as many as heads
+    rope_theta: float | None = None  # None: the config class's default
 
 
 SHAPES = {
@@ -66,10 +68,11 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def llama_config(shape: Shape, dtype: torch.dtype):
     from transformers import LlamaConfig
 
+    extra = {} if shape.rope_theta is None else {"rope_theta": shape.rope_theta}
     return LlamaConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-        max_position_embeddings=max(2048, shape.seqlen), tie_word_embeddings=False, dtype=dtype,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads or shape.heads,
+        max_position_embeddings=max(2048, shape.seqlen), tie_word_embeddings=False, dtype=dtype, **extra,
     )
 
 

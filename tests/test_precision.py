@@ -7,8 +7,6 @@ float32's with masters, loss drops within 2.5% (bf16) and 0.2% (fp16); without m
 at lr 1e-4 keeps 3 points more of its error (updates under half an ulp are lost) and fp16 blows up to NaN.
 """
 
-import copy
-
 import pytest
 import torch
 

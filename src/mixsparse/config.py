@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,6 +18,9 @@ from .quant import QuantizeSection
 from .recovery import MODES as RECOVER_MODES, BlockwiseOptions, FinetuneOptions
 from .search.options import SearchSection
 from .sparsity import NM, parse_layer_sparsity
+
+if TYPE_CHECKING:  # annotations only: the config imports no torch
+    import torch
 
 
 @dataclass
@@ -133,7 +136,7 @@ class ExportConfig:
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise ConfigError(f"export.dtype must be auto, float16, bfloat16 or float32, got {self.dtype!r}")
 
-    def compressed_dtype(self, model_dtype: "torch.dtype") -> "torch.dtype":
+    def compressed_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         import torch
 
         if self.dtype == "auto":

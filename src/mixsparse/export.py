@@ -314,7 +314,8 @@ def save_compressed(
     from safetensors.torch import save_file
 
     targets = _layer_targets(sparsity_map)
-    prunable = {f"{name}.weight" for name in prunable_linears(model)}
+    linears = prunable_linears(model)
+    prunable = {f"{name}.weight" for name in linears}
     tensors, aliases = _unique_tensors(model)
 
     out_tensors: dict[str, torch.Tensor] = {}
@@ -380,56 +381,51 @@ def save_compressed(
             entries[name] = entry
             pending.append(name)
         flush()
-        return _finish_compressed(model, out_dir, overwrite, shards, entries, aliases, dtype, metadata, tokenizer,
-                                  dense_bytes, prunable_dense, prunable_stored)
+        with atomic_dir(out_dir, overwrite) as tmp:
+            files: dict[str, str] = {}
+            for k, (path, names) in enumerate(shards):
+                fname = (TENSOR_FILE if len(shards) == 1
+                         else TENSOR_FILE.replace(".safetensors", f"-{k + 1:05d}.safetensors"))
+                shutil.move(str(path), tmp / fname)
+                files[fname] = _sha256(tmp / fname)
+                for n in names:
+                    entries[n]["file"] = fname
+            compressed_bytes = sum((tmp / f).stat().st_size for f in files)
+            sizes = {
+                "dense_bytes": dense_bytes,
+                "compressed_bytes": compressed_bytes,
+                "ratio": compressed_bytes / dense_bytes if dense_bytes else 0.0,
+                "prunable_dense_bytes": prunable_dense,
+                "prunable_compressed_bytes": prunable_stored,
+                "prunable_ratio": prunable_stored / prunable_dense if prunable_dense else 0.0,
+                "prunable_params": sum(lin.weight.numel() for lin in linears.values()),
+            }
+            sizes["bits_per_weight"] = 8 * prunable_stored / sizes["prunable_params"] if sizes["prunable_params"] else 0.0
+            cfg = _clean_config(model, metadata)
+            if dtype is not None:
+                cfg.dtype = _dtype_name(dtype)
+            cfg.architectures = [type(model).__name__]
+            cfg.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                with contextlib.suppress(Exception):  # optional; an invalid generation config must not stop the save
+                    model.generation_config.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp)
+            index = {
+                "format": FORMAT_NAME,
+                "format_version": 1,
+                "dtype": _dtype_name(dtype) if dtype is not None else None,
+                # one file: the layout of format version 1, which older readers read; shards: version 2
+                **({"file": TENSOR_FILE, "sha256": files[TENSOR_FILE]} if len(files) == 1
+                   else {"format_version": 2, "files": files}),
+                "bitorder": "big",
+                "tensors": entries,
+                "aliases": aliases,
+                "sizes": sizes,
+            }
+            # 0644: what a plain write would give under the usual umask (the temp file starts private)
+            atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2, sort_keys=False) + "\n", mode=0o644)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _finish_compressed(model, out_dir, overwrite, shards, entries, aliases, dtype, metadata, tokenizer, dense_bytes,
-                       prunable_dense, prunable_stored) -> dict:
-    with atomic_dir(out_dir, overwrite) as tmp:
-        files: dict[str, str] = {}
-        for k, (path, names) in enumerate(shards):
-            fname = TENSOR_FILE if len(shards) == 1 else TENSOR_FILE.replace(".safetensors", f"-{k + 1:05d}.safetensors")
-            shutil.move(str(path), tmp / fname)
-            files[fname] = _sha256(tmp / fname)
-            for n in names:
-                entries[n]["file"] = fname
-        compressed_bytes = sum((tmp / f).stat().st_size for f in files)
-        sizes = {
-            "dense_bytes": dense_bytes,
-            "compressed_bytes": compressed_bytes,
-            "ratio": compressed_bytes / dense_bytes if dense_bytes else 0.0,
-            "prunable_dense_bytes": prunable_dense,
-            "prunable_compressed_bytes": prunable_stored,
-            "prunable_ratio": prunable_stored / prunable_dense if prunable_dense else 0.0,
-            "prunable_params": sum(lin.weight.numel() for lin in prunable_linears(model).values()),
-        }
-        sizes["bits_per_weight"] = 8 * prunable_stored / sizes["prunable_params"] if sizes["prunable_params"] else 0.0
-        cfg = _clean_config(model, metadata)
-        if dtype is not None:
-            cfg.dtype = _dtype_name(dtype)
-        cfg.architectures = [type(model).__name__]
-        cfg.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            with contextlib.suppress(Exception):  # optional; an invalid generation config must not stop the save
-                model.generation_config.save_pretrained(tmp)
-        _save_tokenizer(tokenizer, tmp)
-        index = {
-            "format": FORMAT_NAME,
-            "format_version": 1,
-            "dtype": _dtype_name(dtype) if dtype is not None else None,
-            # one file: the layout of format version 1, which older readers read; shards: version 2
-            **({"file": TENSOR_FILE, "sha256": files[TENSOR_FILE]} if len(files) == 1
-               else {"format_version": 2, "files": files}),
-            "bitorder": "big",
-            "tensors": entries,
-            "aliases": aliases,
-            "sizes": sizes,
-        }
-        # 0644: what a plain write would give under the usual umask (the temp file starts private)
-        atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2, sort_keys=False) + "\n", mode=0o644)
     return sizes
 
 

@@ -75,12 +75,15 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 ROUTERS = ("gate", "router", "shared_expert_gate")
 
 
-def _is_router(name: str, lin: nn.Linear, config) -> bool:
+def _num_experts(config) -> int:
     configs = [config]
     if hasattr(config, "get_text_config"):  # a multimodal model keeps the expert count in its text config
         configs.append(config.get_text_config())
-    experts = max(int(getattr(c, k, 0) or 0) for c in configs
-                  for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    return max(int(getattr(c, k, 0) or 0) for c in configs
+               for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+
+
+def _is_router(name: str, lin: nn.Linear, experts: int) -> bool:
     return name.rsplit(".", 1)[-1] in ROUTERS and (lin.out_features == 1 or 0 < lin.out_features <= experts)
 
 
@@ -90,10 +93,11 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     skip = ARCHITECTURES.get(model_type or "", ArchSpec()).skip
+    experts = _num_experts(config)
     out: dict[str, nn.Linear] = {}
     for i, block in enumerate(blocks):
         for name, mod in block_linears(block).items():
-            if not any(name.endswith(s) for s in skip) and not _is_router(name, mod, config):
+            if not any(name.endswith(s) for s in skip) and not _is_router(name, mod, experts):
                 out[f"{blocks_name}.{i}.{name}"] = mod
     if not out:
         raise UnknownNameError(f"{type(model).__name__} has no nn.Linear layers inside its decoder blocks")
@@ -156,7 +160,7 @@ def module_kind(name: str, blocks_name: str) -> str:
     parts = name.split(".")
     if not name.startswith(blocks_name + "."):
         return "norms" if any("norm" in p for p in parts) else "embeddings/head"
-    if "experts" in parts or any(p.startswith("experts") for p in parts):
+    if any(p.startswith("experts") for p in parts):
         return "experts"
     if len(parts) >= 2 and parts[-2] in ROUTERS:
         return "routers"
@@ -175,9 +179,9 @@ def coverage(model: nn.Module) -> dict:
     3-D parameters, not ``nn.Linear``), which a run names in a warning instead of reporting a sparsity
     'of prunable weights' that silently covers a small part of the model."""
     blocks_name, _ = find_decoder_blocks(model)
-    prunable = {id(lin.weight) for lin in prunable_linears(model).values()}
-    sizes = [lin.weight.numel() for lin in prunable_linears(model).values()]
-    large = 0.5 * sum(sizes) / len(sizes)
+    weights = [lin.weight for lin in prunable_linears(model).values()]
+    prunable = {id(w) for w in weights}
+    large = 0.5 * sum(w.numel() for w in weights) / len(weights)
     kinds: dict[str, dict] = {}
     total = pruned_params = 0
     missed = []

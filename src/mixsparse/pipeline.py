@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__
 from .allocation import Allocation, AllocationContext, get_allocation
 from .config import RunConfig
-from .data import Calibration, calibration_ids, eval_windows, load_corpus, tokenize, window_prefix  # noqa: F401
+from .data import Calibration, eval_windows, load_corpus, window_prefix
 from .engine import prune_layerwise
 from .errors import ConfigError
 from .evaluation import perplexity

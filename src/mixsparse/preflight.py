@@ -79,9 +79,10 @@ def check_corpus_sizes(cfg: RunConfig, tokenizer=None) -> None:
     from .allocation import get_allocation
     from .data import load_corpus, tokenize
 
-    method = get_allocation(cfg.prune.allocation)(cfg.allocation_options())
-    seqlens = [cfg.data.seqlen] + [getattr(cfg.allocation_options(), "seqlen", None) or cfg.data.seqlen]
-    needs = [(cfg.data.calibration, "calibration", max(seqlens) + 1, "calibration windows of data.seqlen tokens")]
+    options = cfg.allocation_options()
+    method = get_allocation(cfg.prune.allocation)(options)
+    seqlen = max(cfg.data.seqlen, getattr(options, "seqlen", None) or 0)  # e.g. the Fisher seed's own windows
+    needs = [(cfg.data.calibration, "calibration", seqlen + 1, "calibration windows of data.seqlen tokens")]
     if method.needs_validation:
         s = cfg.search
         needs.append((cfg.data.validation, "validation", s.fitness_windows * s.fitness_seqlen,

@@ -135,9 +135,6 @@ class BlockInputs:
         """Per batch, the arguments of block ``i``."""
         return [per_block[i] for per_block in self.kwargs]
 
-    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(self.input_ids, hidden, self.kwargs)
-
 
 class LayerwiseRunner:
     """Runs a model block by block. The caller holds :meth:`Placement.stage` around the whole use, so
@@ -183,25 +180,18 @@ class LayerwiseRunner:
         return torch.func.functional_call(self.model, params, (), kwargs, strict=False)
 
     # --- steps -----------------------------------------------------------------------------
-    def _learn_output_form(self, hidden: torch.Tensor, kwargs: dict, params: dict | None) -> bool:
+    @torch.no_grad()
+    def _learn_output_form(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict, params: dict | None) -> None:
         """Whether blocks return a tuple (older layouts) or the hidden states alone: block 0 is run once."""
-        if self.block_returns_tuple is None:
-            block = self.blocks[0].block if isinstance(self.blocks[0], _BlockProxy) else self.blocks[0]
-            tensors = None
-            if params is not None:
-                prefix = f"{self.blocks_name}.0."
-                tensors = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)} or None
-            if tensors is None and params is not None:  # the caller streams block tensors: the block's own, in the
-                # dtype the caller computes in (its hidden states'), e.g. a float32 fitness of a bf16 model
-                tensors = {n: t.to(self.device, dtype=hidden.dtype if t.is_floating_point() else t.dtype)
-                           for n, t in [*block.named_parameters(), *block.named_buffers()]}
-            with torch.no_grad():
-                ctx = contextlib.nullcontext() if tensors is not None else self.placement.block(block)
-                with ctx:
-                    out = (block(hidden, **kwargs) if tensors is None
-                           else torch.func.functional_call(block, tensors, (hidden,), kwargs, strict=False))
-            self.block_returns_tuple = isinstance(out, (tuple, list))
-        return self.block_returns_tuple
+        if params is None:  # the non-block modules were placed: place the block too
+            with self.placement.block(block):
+                out = block(hidden, **kwargs)
+        else:  # the caller holds device copies of the non-block tensors only (the fitness): the block's own
+            # tensors, in the dtype the caller computes in (e.g. a float32 fitness of a bf16 model)
+            tensors = {n: t.to(self.device, dtype=hidden.dtype if t.is_floating_point() else t.dtype)
+                       for n, t in [*block.named_parameters(), *block.named_buffers()]}
+            out = torch.func.functional_call(block, tensors, (hidden,), kwargs, strict=False)
+        self.block_returns_tuple = isinstance(out, (tuple, list))
 
     @torch.no_grad()
     def catch(self, batches: Sequence[torch.Tensor], params: dict | None = None,
@@ -216,13 +206,12 @@ class LayerwiseRunner:
             self._place_non_blocks(self.device)
         n = len(self.blocks)
         sink: dict[int, tuple] = {}
-        form: dict[str, bool] = {}
+        block0 = self.blocks[0]
 
         def as_tuple() -> bool:  # asked by a recorder whose output the model's loop is about to read
-            if "tuple" not in form:
-                hidden, kw = sink[0]
-                form["tuple"] = self._learn_output_form(hidden, _clean(kw), params)
-            return form["tuple"]
+            if self.block_returns_tuple is None:
+                self._learn_output_form(block0, sink[0][0], _clean(sink[0][1]), params)
+            return self.block_returns_tuple
 
         state = BlockInputs([], [], [])
         with self._swapped_blocks(lambda i, b: _Recorder(b, i, sink, i == n - 1, as_tuple)):

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import batches as split_batches
-from ..runner import BlockInputs, LayerwiseRunner
+from ..runner import LayerwiseRunner
 from ..errors import NumericalError
 from ..io import atomic_write_text
 from ..modeling import prunable_linears
@@ -36,12 +36,6 @@ log = logging.getLogger(__name__)
 def _mse(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     total = sum(float(F.mse_loss(o.float(), t.float(), reduction="sum")) for o, t in zip(outs, targets))
     return total / sum(t.numel() for t in targets)
-
-
-def _run(runner: LayerwiseRunner, i: int, hidden: list[torch.Tensor], state: BlockInputs,
-         params: dict | None = None) -> list[torch.Tensor]:
-    """Outputs of block ``i`` (or of its dense tensors ``params``) on ``hidden``, back in storage."""
-    return runner.run_block(i, state, params, hidden=hidden)
 
 
 class _Progress:
@@ -104,7 +98,7 @@ def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, see
     for i, block in bar:
         with runner.on_device(block):
             dense_params = dense.block(i, placement.device)
-            targets = _run(runner, i, dense_hidden, state, dense_params)
+            targets = runner.run_block(i, state, dense_params, hidden=dense_hidden)
             del dense_params
             prefix = f"{runner.blocks_name}.{i}."  # the block's prunable linears (ArchSpec.skip, routers left out)
             linears = {n[len(prefix):]: lin for n, lin in prunable.items() if n.startswith(prefix)}
@@ -126,7 +120,7 @@ def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, see
                 if opts.inputs == "recovered":  # the tuned block's outputs on its inputs: the next block's inputs
                     state.hidden = outs
             if resumed or opts.inputs == "dense":
-                state.hidden = _run(runner, i, state.hidden, state)
+                state.hidden = runner.run_block(i, state)
         dense_hidden = targets
     stats = record.blocks
     return {"mode": "blockwise", "settings": dataclasses.asdict(opts), "seconds": round(time.perf_counter() - t0, 3),
@@ -136,7 +130,7 @@ def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, see
 def _tune_block(runner, index, block, linears, params, inputs, state, targets, opts: BlockwiseOptions, amp,
                 seed) -> tuple[dict, list[torch.Tensor]]:
     kwargs = state.of_block(index)
-    before = _run(runner, index, inputs, state)
+    before = runner.run_block(index, state, hidden=inputs)
     mse_before = _mse(before, targets)
     original = [p.detach().clone() for p in params]
     mask = FixedMask(linears)
@@ -169,7 +163,7 @@ def _tune_block(runner, index, block, linears, params, inputs, state, targets, o
         for p, f in zip(block.parameters(), flags):
             p.requires_grad_(f)
         del opt
-    after = _run(runner, index, inputs, state)
+    after = runner.run_block(index, state, hidden=inputs)
     mse_after = _mse(after, targets)
     kept = mse_after < mse_before
     if not kept:  # never hand back a block that matches the dense one worse than before

@@ -32,8 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
 
 from ..runner import LayerwiseRunner
 from ..errors import ConfigError, NumericalError
