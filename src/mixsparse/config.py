@@ -73,8 +73,13 @@ class PruneSection:
     allocation_file: str | None = None  # YAML map from `mixsparse search` (allocation: file)
     sequential: bool = True  # calibrate each block on the outputs of the pruned blocks before it
     offload: bool = True  # keep activations on the CPU between blocks
+    # a layer that saw fewer than this share of the calibration tokens (a MoE expert the router rarely picks)
+    # is pruned by magnitude and quantized by RTN instead (GPTQModel's rule: 0.5%); recorded in run.json
+    min_token_share: float = 0.005
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_token_share < 1.0:
+            raise ConfigError(f"prune.min_token_share must be in [0, 1), got {self.min_token_share}")
         # whether the user gave a target: an allocation file then has to agree with it
         self.sparsity_given = self.sparsity is not None
         self.sparsity = parse_layer_sparsity(0.5 if self.sparsity is None else self.sparsity, "prune.sparsity")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import batches as split_batches
 from .errors import DataError, SparsityError
+from .experts import observing
 from .modeling import prunable_linears, zero_fraction
 from .names import block_index
 from .placement import Placement
@@ -45,6 +47,8 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
     quantized: dict[str, Any] = field(default_factory=dict)  # codes of layers a pruner also quantized
+    #: layers pruned without their statistics (too few calibration tokens: a rarely routed expert)
+    fallbacks: dict[str, dict] = field(default_factory=dict)
 
     def overall(self, param_counts: dict[str, int]) -> float:
         return weighted_average(self.achieved, param_counts)
@@ -95,7 +99,8 @@ def calibrated_blocks(runner: "LayerwiseRunner", state: BlockInputs | None, per_
                 hooks = [lin.register_forward_hook(lambda m, inp, out, o=observers[name]: o.add_batch(inp[0]))
                          for name, lin in linears.items()]
                 try:
-                    outs = runner.run_block(i, state)
+                    with observing(linears.values()):  # fused experts: each expert's matrices see its routed tokens
+                        outs = runner.run_block(i, state)
                 finally:
                     for h in hooks:
                         h.remove()
@@ -146,22 +151,34 @@ def prune_layerwise(
     offload: bool = True,
     sequential: bool = True,
     progress: bool = True,
+    min_token_share: float = 0.005,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block.
 
     ``targets`` maps qualified linear names to their sparsity; layers not in it stay dense. With
     ``sequential`` (default) each block is calibrated on the outputs of the already-pruned blocks
-    before it; otherwise on dense activations.
+    before it; otherwise on dense activations. A layer whose inputs held fewer than ``min_token_share``
+    of the calibration tokens (an expert the router rarely picks; at least one token is always needed)
+    is pruned by its pruner's data-free :meth:`~mixsparse.pruners.LayerPruner.fallback`, recorded in
+    :attr:`PruneReport.fallbacks`.
     """
     with Placement.stage(model):
         return _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, device=device, batch_size=batch_size,
-                                offload=offload, sequential=sequential, progress=progress)
+                                offload=offload, sequential=sequential, progress=progress,
+                                min_token_share=min_token_share)
+
+
+def min_tokens(calib_ids: torch.Tensor | None, share: float) -> int:
+    """Fewest calibration tokens a layer's statistics may rest on: ``share`` of them, at least one."""
+    if not 0.0 <= share < 1.0:
+        raise SparsityError(f"min_token_share must be in [0, 1), got {share}")
+    return 0 if calib_ids is None else max(1, math.ceil(share * calib_ids.numel()))
 
 
 def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, device, batch_size, offload, sequential,
-                     progress) -> PruneReport:
+                     progress, min_token_share) -> PruneReport:
     cls = get_pruner(pruner)
-    make = cls.factory(pruner_options)
+    make = cls.factory(pruner_options, min_tokens(calib_ids, min_token_share) if cls.needs_inputs else 0)
     runner = LayerwiseRunner(model, device=device, offload=offload)
     per_block = block_layers(model, runner, targets)
     targets.check_divisible({n: lin.in_features for layers in per_block for n, lin in layers.items()})
@@ -178,7 +195,10 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
                 lin = linears[name]
                 if sparsity_of(targets[name]) > 0 or p.changes_unpruned():
                     t0 = time.perf_counter()
-                    res = p.compute(targets[name])
+                    res = p.prune(targets[name])
+                    if p.starved:
+                        report.fallbacks[name] = {"tokens": p.nsamples, "min_tokens": p.min_tokens,
+                                                  "fallback": "magnitude per row" + (" + rtn" if res.quantized is not None else "")}
                     lin.weight.data.copy_(res.weight)
                     if res.quantized is not None:
                         report.quantized[name] = res.quantized.cpu()

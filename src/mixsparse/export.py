@@ -46,6 +46,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -60,8 +61,11 @@ from torch import nn
 
 from .errors import ModelLoadError, NumericalError
 from .io import atomic_dir, atomic_write_text, read_json, to_plain
+from .experts import weight_owner
 from .modeling import prunable_linears
 from .sparsity import NM, parse_layer_sparsity
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "mixsparse-compressed"
 FORMAT_VERSION = 2  # 2: sharded tensor files (a single-file checkpoint is still written as version 1)
@@ -145,7 +149,7 @@ def index_bits(m: int) -> int:
 
 def fits_nm(weight: torch.Tensor, pattern: NM) -> bool:
     """True when every group of M consecutive inputs holds at most N non-zeros (so it packs as N:M)."""
-    if weight.dim() != 2 or weight.shape[1] % pattern.m:
+    if weight.dim() < 2 or weight.shape[-1] % pattern.m:  # 3-D: fused experts [E, out, in], groups along in
         return False
     return bool(((weight != 0).reshape(-1, pattern.m).sum(-1) <= pattern.n).all())
 
@@ -315,7 +319,16 @@ def save_compressed(
 
     targets = _layer_targets(sparsity_map)
     linears = prunable_linears(model)
-    prunable = {f"{name}.weight" for name in linears}
+    # tensor name -> the prunable layers it holds (one for a linear's weight, every expert for a fused tensor)
+    owner_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    units: dict[str, list[str]] = {}
+    for layer_name, lin in linears.items():
+        units.setdefault(owner_name[id(weight_owner(lin))], []).append(layer_name)
+    prunable = set(units)
+    codes_lost = [n for n, us in units.items() if len(us) > 1 and any(u in (quantized or {}) for u in us)]
+    if codes_lost:
+        log.warning("%d fused experts tensor(s) (e.g. %s) are stored as their quantized values (bitmask), not as "
+                    "packed codes: the compact quantized encoding covers linear layers only", len(codes_lost), codes_lost[0])
     tensors, aliases = _unique_tensors(model)
 
     out_tensors: dict[str, torch.Tensor] = {}
@@ -342,9 +355,10 @@ def save_compressed(
             dense_bytes += dense_size
             entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
             parts: dict[str, torch.Tensor]
-            layer = name.removesuffix(".weight")
-            target = targets.get(layer)
-            qw = (quantized or {}).get(layer) if name in prunable else None
+            layer = units[name][0] if name in prunable and len(units[name]) == 1 else None
+            held = {str(targets.get(u)) for u in units.get(name, [])}  # an N:M encoding needs one pattern for all
+            target = targets.get(units[name][0]) if name in prunable and len(held) == 1 else None
+            qw = (quantized or {}).get(layer) if layer is not None else None
             if qw is not None:
                 weight = tensors[name].detach().cpu()
                 deq = qw.dequantize().to(weight.dtype)
@@ -354,11 +368,11 @@ def save_compressed(
                 parts = {f"{name}::{k}": v for k, v in quantized_encode(qw).items()}
                 entry.update(encoding="quantized", bits=qw.spec.bits, group_size=qw.spec.group_size,
                              symmetric=qw.spec.symmetric, dtype=_dtype_name(weight.dtype))
-            elif name in prunable and t.dim() == 2 and isinstance(target, NM) and fits_nm(t, target):
+            elif name in prunable and isinstance(target, NM) and fits_nm(t, target):
                 values, idx = nm_encode(t, target)
                 parts = {f"{name}::values": values, f"{name}::nm_indices": idx}
                 entry.update(encoding="nm", n=target.n, m=target.m, index_bits=index_bits(target.m))
-            elif name in prunable and t.dim() == 2:
+            elif name in prunable and t.dim() >= 2:
                 nnz = int(torch.count_nonzero(t))
                 if math.ceil(t.numel() / 8) + nnz * t.element_size() < dense_size:
                     packed, values = bitmask_encode(t)

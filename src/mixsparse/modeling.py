@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import UnknownNameError
+from .experts import ExpertMatrix, expert_matrices, is_fused_experts, weight_owner
 from .sparsity import weighted_average
 
 
@@ -87,8 +88,10 @@ def _is_router(name: str, lin: nn.Linear, experts: int) -> bool:
     return name.rsplit(".", 1)[-1] in ROUTERS and (lin.out_features == 1 or 0 < lin.out_features <= experts)
 
 
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """All ``nn.Linear`` layers inside decoder blocks but routers, by qualified name, in forward order."""
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear | ExpertMatrix]:
+    """The prunable layers, by qualified name, in forward order: every ``nn.Linear`` inside the decoder blocks
+    but routers, and every matrix of every expert of fused MoE experts (:class:`~mixsparse.experts.ExpertMatrix`,
+    named ``<experts>.<param>[e]``), which every stage takes like a linear layer."""
     blocks_name, blocks = find_decoder_blocks(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -104,8 +107,22 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+def block_linears(block: nn.Module) -> dict[str, nn.Linear | ExpertMatrix]:
+    """The block's linear layers and expert matrices by local name, in module order."""
+    out: dict[str, nn.Linear | ExpertMatrix] = {}
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Linear):
+            out[name] = m
+        elif is_fused_experts(m):
+            out.update({f"{name}.{k}": v for k, v in expert_matrices(m).items()})
+    return out
+
+
+def prunable_params(model: nn.Module) -> set[str]:
+    """Qualified names of the parameters that hold prunable weights (``….q_proj.weight``, the fused
+    ``….experts.down_proj``): every other parameter is left untouched by pruning."""
+    owners = {id(weight_owner(lin)) for lin in prunable_linears(model).values()}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in owners}
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
@@ -179,9 +196,9 @@ def coverage(model: nn.Module) -> dict:
     3-D parameters, not ``nn.Linear``), which a run names in a warning instead of reporting a sparsity
     'of prunable weights' that silently covers a small part of the model."""
     blocks_name, _ = find_decoder_blocks(model)
-    weights = [lin.weight for lin in prunable_linears(model).values()]
-    prunable = {id(w) for w in weights}
-    large = 0.5 * sum(w.numel() for w in weights) / len(weights)
+    owners = {id(weight_owner(lin)): weight_owner(lin) for lin in prunable_linears(model).values()}
+    prunable = set(owners)
+    large = 0.5 * sum(w.numel() for w in owners.values()) / len(owners)
     kinds: dict[str, dict] = {}
     total = pruned_params = 0
     missed = []

@@ -30,7 +30,7 @@ from .engine import prune_layerwise
 from .errors import ConfigError
 from .evaluation import perplexity
 from .io import atomic_write_yaml
-from .modeling import coverage, coverage_warning, find_decoder_blocks, measured_sparsity, param_counts, prunable_linears
+from .modeling import coverage, coverage_warning, find_decoder_blocks, measured_sparsity, param_counts, prunable_params
 from .placement import Placement, check_device
 from .record import (RUN_FILE, AllocationInfo, ModelInfo, PeakMemory, Perplexity, PlacementInfo, PruningInfo,
                      RunRecord, WindowsInfo)
@@ -160,13 +160,19 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
     quantized = {}
     with timer("prune"):
         if alloc.stitched:  # the searched candidate is already in the model
-            seconds = 0.0
+            seconds, fallbacks = 0.0, ((alloc.search or {}).get("level_db") or {}).get("fallbacks", {})
         else:
             ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
             rep = prune_layerwise(model, ids, alloc.sparsity_map, cfg.prune.pruner, cfg.pruner_options(), device=device,
                                   batch_size=cfg.data.batch_size, offload=cfg.prune.offload,
-                                  sequential=cfg.prune.sequential, progress=progress)
-            seconds, quantized = rep.total_seconds, rep.quantized
+                                  sequential=cfg.prune.sequential, progress=progress,
+                                  min_token_share=cfg.prune.min_token_share)
+            seconds, quantized, fallbacks = rep.total_seconds, rep.quantized, rep.fallbacks
+            if fallbacks:
+                log.warning("%d layer(s) saw fewer than %d calibration tokens (rarely routed experts, e.g. %s) and were "
+                            "pruned by magnitude instead of %s; run.json lists them (pruning.fallbacks)",
+                            len(fallbacks), next(iter(fallbacks.values()))["min_tokens"], next(iter(fallbacks)),
+                            cfg.prune.pruner)
     achieved, overall = measured_sparsity(model)
     cov = coverage(model)
     warning = coverage_warning(cov)
@@ -179,7 +185,8 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
                                   per_layer=alloc.sparsity_map.to_dict(), sensitivity=alloc.sensitivity,
                                   sensitivity_kind=alloc.sensitivity_kind),
         search=alloc.search,
-        pruning=PruningInfo(pruner=cfg.prune.pruner, achieved=achieved, overall_sparsity=overall, seconds=seconds),
+        pruning=PruningInfo(pruner=cfg.prune.pruner, achieved=achieved, overall_sparsity=overall, seconds=seconds,
+                            fallbacks=fallbacks),
         coverage=cov, timings=timer.timings)
     return PruneOutcome(record, alloc, quantized)
 
@@ -354,7 +361,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                                                       cfg.data.seqlen) if q.method == "gptq" else None
                 quantized, record.quantization = quantize_model(model, q.method, spec_of(q), ids, device=placement,
                                                                 blocksize=q.blocksize, percdamp=q.percdamp,
-                                                                progress=progress)
+                                                                progress=progress,
+                                                                min_token_share=cfg.prune.min_token_share)
             w.save()
             w.perplexity("quantized", model, tokenizer, placement)
         elif cfg.quantize.method == "joint":
@@ -454,8 +462,8 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
             with timer("dense_snapshot"):
                 dense_model, _ = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
                 dense = dense_snapshot(dense_model, out / "cache")
-                untouched = {n: p.detach().clone() for n, p in dense_model.named_parameters()
-                             if n.rsplit(".", 1)[0] not in prunable_linears(dense_model)}
+                pruned_params = prunable_params(dense_model)
+                untouched = {n: p.detach().clone() for n, p in dense_model.named_parameters() if n not in pruned_params}
                 del dense_model
         with timer("load"):
             model, tokenizer = load_pruned()

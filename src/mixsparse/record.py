@@ -63,6 +63,8 @@ class PruningInfo:
     achieved: dict = field(default_factory=dict)  # layer -> measured share of zeros
     overall_sparsity: float | None = None
     seconds: float | None = None
+    # layers pruned without their statistics: {layer: {tokens, min_tokens, fallback}} (rarely routed experts)
+    fallbacks: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -42,11 +42,13 @@ class LayerPruner:
     class Options:
         pass
 
-    def __init__(self, layer: nn.Linear, options: "LayerPruner.Options | None" = None, layer_name: str = ""):
+    def __init__(self, layer: nn.Linear, options: "LayerPruner.Options | None" = None, layer_name: str = "",
+                 min_tokens: int = 0):
         self.layer = layer
         self.layer_name = layer_name or type(layer).__name__
         self.options = options if options is not None else self.Options()
         self.nsamples = 0  # number of input rows (tokens) seen
+        self.min_tokens = min_tokens  # fewer calibration tokens than this: :meth:`fallback` instead of :meth:`compute`
 
     @classmethod
     def make_options(cls, values: dict | None) -> "LayerPruner.Options":
@@ -61,10 +63,10 @@ class LayerPruner:
         return cls.Options(**values)
 
     @classmethod
-    def factory(cls, values: dict | None = None) -> "Callable[[str, nn.Linear], LayerPruner]":
+    def factory(cls, values: dict | None = None, min_tokens: int = 0) -> "Callable[[str, nn.Linear], LayerPruner]":
         """``make(name, linear)`` for the engine's calibrate step: one pruner per layer, options checked once."""
         options = cls.make_options(values)
-        return lambda name, layer: cls(layer, options, layer_name=name)
+        return lambda name, layer: cls(layer, options, layer_name=name, min_tokens=min_tokens)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -86,6 +88,21 @@ class LayerPruner:
 
     def compute(self, target: LayerSparsity) -> PruneResult:
         raise NotImplementedError
+
+    @property
+    def starved(self) -> bool:
+        """Whether the layer saw too few calibration tokens for its statistics: an expert the router rarely
+        (or never) picked on the calibration data. Its Hessian or input norms would rest on a handful of tokens."""
+        return self.needs_inputs and self.nsamples < self.min_tokens
+
+    def prune(self, target: LayerSparsity) -> PruneResult:
+        """What the engine and the level database ask for: :meth:`compute`, or :meth:`fallback` when starved."""
+        return self.fallback(target) if self.starved else self.compute(target)
+
+    def fallback(self, target: LayerSparsity) -> PruneResult:
+        """Pruning without input statistics, for a starved layer: the largest magnitudes kept in each output
+        row (each N:M group). A pruner that also quantizes overrides it to quantize the kept weights."""
+        return magnitude_result(self.weight, target)
 
     def changes_unpruned(self) -> bool:
         """Whether ``compute`` changes a layer even at sparsity 0 (a pruner that also quantizes): the engine
@@ -138,6 +155,18 @@ get_pruner = _PRUNERS.get
 
 def available_pruners() -> list[str]:
     return sorted(_PRUNERS.names())
+
+
+def magnitude_result(weight: torch.Tensor, target: LayerSparsity) -> PruneResult:
+    """Keep the largest |W| of each row (of each N:M group): pruning that needs no data."""
+    scores = weight.float().abs()
+    if isinstance(target, NM):
+        mask = nm_mask_from_ranks(nm_ranks(scores, target.m), target)
+    elif target == 0.0:
+        mask = torch.ones_like(weight, dtype=torch.bool)
+    else:
+        mask = mask_from_ranks(score_ranks(scores, "row"), target, "row")
+    return PruneResult(apply_mask(weight, mask), mask)
 
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,8 @@ class SparseGPTPruner(LayerPruner):
 
             return QuantSpec(self.bits, self.group_size, self.symmetric) if self.bits else None
 
-    def __init__(self, layer, options=None, layer_name=""):
-        super().__init__(layer, options, layer_name)
+    def __init__(self, layer, options=None, layer_name="", min_tokens=0):
+        super().__init__(layer, options, layer_name, min_tokens)
         n = layer.in_features
         self.H = torch.zeros(n, n, dtype=torch.float32, device=layer.weight.device)
         self._factor: torch.Tensor | None = None
@@ -101,6 +101,16 @@ class SparseGPTPruner(LayerPruner):
         if not torch.isfinite(W).all():
             raise NumericalError(f"layer {self.layer_name!r}: SparseGPT update produced NaN/Inf")
         return PruneResult(W.to(W0.dtype), ~prune, quantized)
+
+    def fallback(self, target: LayerSparsity) -> PruneResult:
+        res = super().fallback(target)
+        spec = self.options.quant_spec()
+        if spec is None:
+            return res
+        from ..quant.grid import quantize_rtn  # joint mode: the kept weights still go on the grid (0 stays 0)
+
+        qw = quantize_rtn(res.weight, spec, self.layer_name)
+        return PruneResult(qw.dequantize().to(res.weight.dtype), res.mask, qw)
 
     def changes_unpruned(self) -> bool:
         return self.options.bits > 0

@@ -15,8 +15,8 @@ class WandaPruner(ScorePruner):
     class Options:
         group: str = "row"  # per-output comparison group, as in the paper
 
-    def __init__(self, layer, options=None, layer_name=""):
-        super().__init__(layer, options, layer_name)
+    def __init__(self, layer, options=None, layer_name="", min_tokens=0):
+        super().__init__(layer, options, layer_name, min_tokens)
         self.sq_norm = torch.zeros(layer.in_features, dtype=torch.float64, device=layer.weight.device)
 
     def _accumulate(self, x: torch.Tensor) -> None:

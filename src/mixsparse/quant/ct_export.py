@@ -17,6 +17,7 @@ The codes are packed with compressed-tensors' own ``pack_to_int32``; the config 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..io import atomic_dir
 from .grid import QuantizedWeight
+
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -54,7 +57,15 @@ def save_compressed_tensors(model: nn.Module, quantized: Mapping[str, QuantizedW
     spec = specs.pop()
     dtype = next(model.parameters()).dtype
     state = dict(model.state_dict())
+    # compressed-tensors packs nn.Linear weights; fused MoE experts tensors are saved as their (quantized) values
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    skipped = [n for n in quantized if n not in linears]
+    if skipped:
+        log.warning("compressed-tensors export: %d expert matrices (e.g. %s) are stored unpacked, at the model's dtype "
+                    "(their values are the quantized ones)", len(skipped), skipped[0])
     for name, qw in quantized.items():
+        if name not in linears:
+            continue
         weight = state.pop(f"{name}.weight")
         if not torch.equal(qw.dequantize().to(weight.dtype), weight.detach().cpu()):
             raise ConfigError(f"layer {name!r} no longer equals its quantized codes; quantize again before exporting")

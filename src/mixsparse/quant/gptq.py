@@ -39,7 +39,7 @@ def obs_sweep(W0: torch.Tensor, Hinv: torch.Tensor, blocksize: int, *, target: L
     (``target``: a sparsity or an N:M pattern) or given (``fixed``: True = pruned, kept at 0). With
     ``spec`` every kept weight is put on the grid; a group's scale comes from its current (already
     error-updated) values when the sweep reaches its first column, as in GPTQ."""
-    W = W0.float().clone()
+    W = W0.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # W0 may be a transposed expert view
     rows, cols = W.shape
     prune = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     nm = target if isinstance(target, NM) else None

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import batches as split_batches
-from ..engine import block_layers, calibrated_blocks
+from ..engine import block_layers, calibrated_blocks, min_tokens
 from ..runner import LayerwiseRunner
 from ..errors import ConfigError
 from ..modeling import prunable_linears
@@ -42,9 +42,10 @@ def check_groups(model: nn.Module, spec: QuantSpec) -> None:
 
 def quantize_model(model: nn.Module, method: str, spec: QuantSpec, calib_ids: torch.Tensor | None = None, *,
                    device: Placement | torch.device | str | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                   progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
+                   progress: bool = True, min_token_share: float = 0.005) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize the prunable linears of ``model`` in place; returns their codes (for the packed
-    checkpoint) and a record (method, spec, seconds, per-layer relative error)."""
+    checkpoint) and a record (method, spec, seconds; with gptq, ``fallbacks``: the layers that saw fewer than
+    ``min_token_share`` of the calibration tokens, rarely routed experts, rounded to nearest instead)."""
     check_not_quantized(model)
     check_groups(model, spec)
     t0 = time.perf_counter()
@@ -56,11 +57,14 @@ def quantize_model(model: nn.Module, method: str, spec: QuantSpec, calib_ids: to
         if calib_ids is None:
             raise ConfigError("quantize.method gptq needs calibration data")
         with Placement.stage(model):
-            out = _gptq(model, calib_ids, spec, Placement.resolve(device, "blockwise", model), blocksize, percdamp,
-                        progress)
+            out, fallbacks = _gptq(model, calib_ids, spec, Placement.resolve(device, "blockwise", model), blocksize,
+                                   percdamp, progress, min_tokens(calib_ids, min_token_share))
     else:
         raise ConfigError(f"quantize_model: unknown method {method!r} (rtn or gptq; joint runs inside SparseGPT)")
-    return out, {"method": method, "scheme": spec.label(), "seconds": round(time.perf_counter() - t0, 3)}
+    record = {"method": method, "scheme": spec.label(), "seconds": round(time.perf_counter() - t0, 3)}
+    if method == "gptq":
+        record["fallbacks"] = fallbacks
+    return out, record
 
 
 @torch.no_grad()
@@ -72,22 +76,27 @@ def _write(lin: nn.Linear, qw: QuantizedWeight, name: str) -> QuantizedWeight:
     return qw.cpu()
 
 
-def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress) -> dict[str, QuantizedWeight]:
+def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress, least: int
+          ) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     from ..pruners.sparsegpt import SparseGPTPruner
     from .gptq import obs_sweep
 
     runner = LayerwiseRunner(model, device=placement)
     per_block = block_layers(model, runner, None)  # the same layers as rtn and check_groups
     state = runner.catch(split_batches(calib_ids, 1))
-    out = {}
-    make = SparseGPTPruner.factory({"blocksize": blocksize, "percdamp": percdamp})  # its Hessian statistics
+    out, fallbacks = {}, {}
+    make = SparseGPTPruner.factory({"blocksize": blocksize, "percdamp": percdamp}, least)  # its Hessian statistics
     # sequential: the next block sees the quantized outputs
     blocks = calibrated_blocks(runner, state, per_block, make, True, progress, "quantize[gptq]")
     with contextlib.closing(blocks):
         for _, linears, stats in blocks:
             for name, p in stats.items():
                 W0 = linears[name].weight.data
-                W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=name)
+                if p.starved:  # a Hessian from a handful of routed tokens: round to nearest instead (zeros stay)
+                    qw = quantize_rtn(W0, spec, name)
+                    fallbacks[name] = {"tokens": p.nsamples, "min_tokens": p.min_tokens, "fallback": "rtn"}
+                else:
+                    W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=name)
                 out[name] = _write(linears[name], qw, name)
                 p.free()
-    return out
+    return out, fallbacks

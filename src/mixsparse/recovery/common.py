@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_text
+from ..experts import bias_owner, weight_owner
 from ..modeling import find_decoder_blocks, prunable_linears
 from ..placement import fast_bf16
 
@@ -38,11 +39,12 @@ def is_norm(module: nn.Module) -> bool:
 def tuned_parameters(root: nn.Module, linears: dict[str, nn.Linear], params: str) -> list[nn.Parameter]:
     """The parameters a recovery tunes: the prunable linears' weights and biases, and with
     ``linears+norms`` the normalisation layers' parameters under ``root``."""
-    out = []
+    out = {}  # by id: the experts of one fused tensor share it
     for lin in linears.values():
-        out.append(lin.weight)
-        if lin.bias is not None:
-            out.append(lin.bias)
+        for p in (weight_owner(lin), bias_owner(lin)):
+            if p is not None:
+                out.setdefault(id(p), p)
+    out = list(out.values())
     if params == "linears+norms":
         out += [p for m in root.modules() if is_norm(m) for p in m.parameters(recurse=False)]
     return out
@@ -54,8 +56,9 @@ class FixedMask:
     optimiser with weight decay or momentum could otherwise move a zero). One bool per weight."""
 
     def __init__(self, linears: dict[str, nn.Linear]):
-        self.linears = linears
-        self.masks = {n: lin.weight.detach() != 0 for n, lin in linears.items()}
+        # per parameter holding prunable weights (a fused experts tensor holds all its experts' masks)
+        owners = {id(weight_owner(lin)): weight_owner(lin) for lin in linears.values()}
+        self.by_param = {k: p.detach() != 0 for k, p in owners.items()}
 
 
 class MasterWeights:
@@ -75,8 +78,7 @@ class MasterWeights:
         self.masters = {n: p if p.dtype == torch.float32 else p.detach().float().clone() for n, p in params.items()}
         self.masks = {}
         if mask is not None:
-            by_id = {id(lin.weight): mask.masks[n] for n, lin in mask.linears.items()}
-            self.masks = {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
+            self.masks = {n: mask.by_param[id(p)] for n, p in params.items() if id(p) in mask.by_param}
         self.scale = 2.0 ** 16 if any(p.dtype == torch.float16 for p in params.values()) else 1.0
         self.growth, self.good_steps, self.skipped = growth, 0, 0
 

@@ -183,8 +183,14 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
             if lora:
                 from peft import LoraConfig, get_peft_model
 
+                # adapters go on nn.Linear layers; fused MoE experts (3-D tensors) get none and stay as pruned
+                targets = [n for n, lin in linears.items() if isinstance(lin, nn.Linear)]
+                not_adapted = len(linears) - len(targets)
+                if not_adapted:
+                    log.warning("lora: %d expert matrices (fused MoE tensors) get no adapter and stay as pruned; "
+                                "recover.mode=finetune or blockwise tunes them", not_adapted)
                 cfg = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                                 target_modules=list(linears), bias="none")
+                                 target_modules=targets, bias="none")
                 cfg._register_custom_module({nn.Linear: _masked_lora_linear()})
                 with torch.random.fork_rng(devices=[]):  # seeded adapter init (a resumed run builds the same ones),
                     torch.manual_seed(seed)  # without reseeding the caller's generator
@@ -215,6 +221,8 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
             for n, p in model.named_parameters():
                 p.requires_grad_(flags.get(n, False))
             model.train(was_training)
+    if lora:
+        result["not_adapted"] = sum(not isinstance(lin, nn.Linear) for lin in linears.values())
     result.update({"mode": "lora" if lora else "finetune", "settings": dataclasses.asdict(opts),
                    "seconds": round(time.perf_counter() - t0, 3)})
     return result

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import observe_layerwise
+from ..engine import min_tokens, observe_layerwise
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_json
 from ..modeling import prunable_linears
@@ -76,13 +76,14 @@ class LevelDatabase:
         self._lru_bytes = 0
         self.seconds = 0.0
         self.reused = False
+        self.fallbacks: dict[str, dict] = {}  # starved layers (see LayerPruner.starved): pruned by magnitude
 
     # --- building -------------------------------------------------------------------------
     @classmethod
     def build(cls, model: nn.Module, space: LevelSpace, calib_ids: torch.Tensor | None, pruner: str,
               pruner_options: dict | None = None, *, device=None, store_dir: str | Path | None = None,
               fingerprint: str | None = None, ram_bytes: int = 0, store_dtype: torch.dtype | None = None,
-              progress: bool = True) -> "LevelDatabase":
+              progress: bool = True, min_token_share: float = 0.005) -> "LevelDatabase":
         """Prune every layer at every level once (one-shot, dense activations). ``store_dir``: where a
         reconstructing pruner's levels go (a temporary directory when None, deleted by :meth:`free`);
         with a ``fingerprint`` an existing complete store of the same settings is reused as is."""
@@ -96,6 +97,7 @@ class LevelDatabase:
         db = cls(model, space, masks_only, store_dir, ram_bytes, owns)
         if not masks_only and fingerprint and db._complete(fingerprint):
             db.reused = True
+            db.fallbacks = json.loads((store_dir / "complete.json").read_text()).get("fallbacks", {})
             log.info("reusing the level database in %s", store_dir)
             return db
         levels = list(space.offsets)
@@ -106,16 +108,17 @@ class LevelDatabase:
         try:
             if store_dir is not None:
                 _check_disk(store_dir, db.layers, len(levels), store_dtype)
-            db._fill(model, space, calib_ids, pruner, pruner_options, device, store_dtype, progress)
+            db._fill(model, space, calib_ids, pruner, pruner_options, device, store_dtype, progress, min_token_share)
         except BaseException:
             db.free()  # a temporary store goes; a named one stays incomplete (no marker) and is rebuilt next time
             raise
         if not masks_only and fingerprint:
             atomic_write_json(store_dir / "complete.json", {"fingerprint": fingerprint, "layers": len(db.layers),
-                                                            "levels": levels})
+                                                            "levels": levels, "fallbacks": db.fallbacks})
         return db
 
-    def _fill(self, model, space, calib_ids, pruner, pruner_options, device, store_dtype, progress) -> None:
+    def _fill(self, model, space, calib_ids, pruner, pruner_options, device, store_dtype, progress,
+              min_token_share) -> None:
         db, masks_only = self, self.masks_only
         t0 = time.perf_counter()
         bar = tqdm(total=len(db.layers), desc=f"level database[{pruner}]", disable=not progress)
@@ -125,7 +128,7 @@ class LevelDatabase:
             if masks_only:
                 count, prev = None, None
                 for k in levels:
-                    mask = p.compute(space.level(k)).mask
+                    mask = p.prune(space.level(k)).mask
                     if prev is not None and bool((mask & ~prev).any()):
                         raise SparsityError(
                             f"pruner {pruner!r}: the mask of {name} at {space.level(k)} keeps weights pruned at a "
@@ -136,19 +139,22 @@ class LevelDatabase:
             else:
                 from safetensors.torch import save_file
 
-                tensors = {f"level_{j}": p.compute(space.level(k)).weight.detach().to("cpu", store_dtype).contiguous()
+                tensors = {f"level_{j}": p.prune(space.level(k)).weight.detach().to("cpu", store_dtype).contiguous()
                            for j, k in enumerate(levels)}
                 path = db._path(name)
                 tmp = path.with_name(path.name + ".tmp")
                 save_file(tensors, str(tmp))
                 os.replace(tmp, path)
+            if p.starved:
+                db.fallbacks[name] = {"tokens": p.nsamples, "min_tokens": p.min_tokens}
             p.free()
             bar.update(1)
 
         if len(levels) > 255:
             raise ConfigError(f"the level database holds at most 255 levels per layer, the space has {len(levels)}")
-        observe_layerwise(model, calib_ids, get_pruner(pruner).factory(pruner_options), on_layer, layers=db.layers,
-                          device=device)
+        pcls = get_pruner(pruner)
+        make = pcls.factory(pruner_options, min_tokens(calib_ids, min_token_share) if pcls.needs_inputs else 0)
+        observe_layerwise(model, calib_ids, make, on_layer, layers=db.layers, device=device)
         bar.close()
         db.seconds = time.perf_counter() - t0
 

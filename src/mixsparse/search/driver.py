@@ -46,7 +46,8 @@ def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, flo
     store_dtype = model_dtype if s.final == "stitched" else resolve_dtype(s.fitness_dtype, model_dtype, placement.device)
     db_fp = fingerprint({"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
                          "calibration": calib_fp, "space": [str(space.target), space.step, space.min_offset,
-                                                            space.max_offset], "dtype": str(store_dtype)})
+                                                            space.max_offset], "dtype": str(store_dtype),
+                         "min_token_share": cfg.prune.min_token_share})
     store = None
     if ctx.run_dir is not None:
         store = ctx.run_dir / "cache" / f"levels-{db_fp}"
@@ -62,7 +63,8 @@ def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, flo
     try:
         cache = LevelDatabase.build(model, space, ids, cfg.prune.pruner, cfg.prune.options, device=placement,
                                     store_dir=store, fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20),
-                                    store_dtype=store_dtype, progress=ctx.progress)
+                                    store_dtype=store_dtype, progress=ctx.progress,
+                                    min_token_share=cfg.prune.min_token_share)
         ok = True
     finally:
         if shared_store and workers.is_main:
@@ -95,7 +97,7 @@ def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, flo
                   "incremental": s.incremental, "blocks_run": fitness.blocks_run,
                   "placement": fitness.forward.placement.mode,
                   "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
-                               "reused": cache.reused},
+                               "reused": cache.reused, "fallbacks": cache.fallbacks},
                   "reference_bytes_per_token": fitness.reference_bytes_per_token()}
         del fitness  # device replica, block states and dense reference go before the model is touched
         if s.final == "stitched":

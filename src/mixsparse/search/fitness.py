@@ -32,10 +32,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..runner import LayerwiseRunner
 from ..errors import ConfigError, NumericalError
 from ..evaluation import mean_kl, nll_sum
+from ..experts import ExpertMatrix, weight_owner
 from ..modeling import block_linears
 from ..placement import Placement, fast_bf16
 from .database import LevelDatabase
@@ -129,38 +131,53 @@ class CandidateForward:
         self.head_tensors.update({n: conv(t, False) for n, t in model.named_buffers(remove_duplicate=False)
                                   if id(t) not in inside})
         prefix = self.runner.blocks_name
-        self.layers_of: list[dict[str, str]] = []  # per block: local name of the weight -> qualified layer
+        # per block: qualified layer -> (local name of the tensor its weight lives in, the layer); an expert's
+        # matrix is a slice of a fused 3-D tensor, which the block's tensors then hold assembled
+        self.units_of: list[dict[str, tuple[str, nn.Module]]] = []
         for i, b in enumerate(self.blocks):
-            self.layers_of.append({f"{short}.weight": f"{prefix}.{i}.{short}" for short in block_linears(b)
-                                   if f"{prefix}.{i}.{short}" in db.layers})
+            owners = {id(p): n for n, p in b.named_parameters()}
+            self.units_of.append({f"{prefix}.{i}.{short}": (owners[id(weight_owner(lin))], lin)
+                                  for short, lin in block_linears(b).items() if f"{prefix}.{i}.{short}" in db.layers})
         self.replica: list[dict[str, torch.Tensor] | None] = [None] * len(self.blocks)
         self.replica_levels: list[dict[str, int | None]] = [{} for _ in self.blocks]
         self.keep_replica = placement.mode == "whole"
 
     def _dense_block(self, i: int, skip: frozenset = frozenset()) -> dict[str, torch.Tensor]:
         b, dev = self.blocks[i], self.placement.device
-        out = {n: p.detach().to(device=dev, dtype=self.dtype if p.is_floating_point() else p.dtype)
+        fused = {local for local, lin in self.units_of[i].values() if isinstance(lin, ExpertMatrix)}
+        out = {n: p.detach().to(device=dev, dtype=self.dtype if p.is_floating_point() else p.dtype,
+                                copy=n in fused)  # fused tensors are written slice by slice: never the model's own
                for n, p in b.named_parameters() if n not in skip}
         out.update({n: t.to(dev) for n, t in b.named_buffers()})
         return out
 
     def block_tensors(self, i: int, offsets: Offsets | None) -> dict[str, torch.Tensor]:
         """Block ``i``'s tensors on the device for a candidate (``None``: the dense model)."""
-        want = {local: (None if offsets is None else offsets.get(full)) for local, full in self.layers_of[i].items()}
+        units = self.units_of[i]
+        want = {full: (None if offsets is None else offsets.get(full)) for full in units}
         if self.keep_replica:
             if self.replica[i] is None:
                 self.replica[i] = self._dense_block(i)
-                self.replica_levels[i] = {local: None for local in want}
+                self.replica_levels[i] = {full: None for full in want}
             t, have = self.replica[i], self.replica_levels[i]
         else:
             # streamed: the prunable weights are built from the database below, not converted twice
-            t, have = self._dense_block(i, frozenset(want)), {local: "absent" for local in want}
-        for local, k in want.items():
-            if have[local] != k:  # only layers whose level changed are rebuilt
-                full = self.layers_of[i][local]
-                t[local] = (self.db.layers[full].weight.detach().to(self.placement.device, self.dtype) if k is None
-                            else self.db.weight(full, k, self.placement.device, self.dtype))
-                have[local] = k
+            locals_ = frozenset(local for local, _ in units.values())
+            t, have = self._dense_block(i, locals_), {full: "absent" for full in want}
+            owners = dict(self.blocks[i].named_parameters())
+            for local in locals_:
+                if owners[local].dim() == 3:  # a fused experts tensor: every slice is filled below
+                    t[local] = torch.empty(owners[local].shape, dtype=self.dtype, device=self.placement.device)
+        for full, k in want.items():
+            if have[full] != k:  # only layers whose level changed are rebuilt
+                local, lin = units[full]
+                w = (lin.weight.detach().to(self.placement.device, self.dtype) if k is None
+                     else self.db.weight(full, k, self.placement.device, self.dtype))
+                if isinstance(lin, ExpertMatrix):
+                    lin.slot(t[local]).copy_(w)
+                else:
+                    t[local] = w
+                have[full] = k
         return t
 
     @torch.no_grad()
@@ -210,7 +227,7 @@ class Fitness:
         self.memo: dict[tuple, list[float]] = {}  # whole windows; keyed (tokens, candidate) for cheap stages
         self.evaluations = 0  # windows scored
         self._short_inputs: dict[tuple[int, int], tuple] = {}
-        self.blocks_of = [set(layers.values()) for layers in self.forward.layers_of]
+        self.blocks_of = [set(units) for units in self.forward.units_of]
         # no Placement.stage here or in prefetch: the fitness works on device copies and never moves a module
         self.inputs = [self.forward.embed(windows[i : i + 1]) for i in range(windows.shape[0])]
         self.states: dict[tuple, dict[int, list[torch.Tensor]]] = {}

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..runner import LayerwiseRunner
 from ..errors import DataError, NumericalError
+from ..experts import slot, weight_owner
 from ..modeling import block_linears, prunable_linears
 from ..placement import Placement
 
@@ -144,15 +145,18 @@ def fisher_trace(
             with runner.on_device(block):
                 prefix = f"{runner.blocks_name}.{i}."
                 linears = {n: lin for n, lin in block_linears(block).items() if prefix + n in wanted}
-                weights = [lin.weight for lin in linears.values()]
-                sums = torch.zeros(len(weights), dtype=torch.float64, device=runner.device)
+                # the parameters holding the weights (an expert's matrix is a slice of a fused 3-D one)
+                weights = list({id(weight_owner(lin)): weight_owner(lin) for lin in linears.values()}.values())
+                where = [next(j for j, w in enumerate(weights) if w is weight_owner(lin)) for lin in linears.values()]
+                sums = torch.zeros(len(linears), dtype=torch.float64, device=runner.device)
                 with weights_require_grad(weights), torch.enable_grad():
                     for s, (h, kw) in enumerate(zip(inputs, state.of_block(i))):
                         h_in = h.to(runner.device).detach().requires_grad_(True)
                         out = runner.call(i, h_in, kw)
                         g_in, *g_w = torch.autograd.grad(out, [h_in, *weights], grad_outputs=grads[s].to(runner.device))
                         if g_w:
-                            sums += torch.stack([(g.double() ** 2).sum() for g in g_w])
+                            sums += torch.stack([(slot(lin, g_w[j]).double() ** 2).sum()
+                                                 for lin, j in zip(linears.values(), where)])
                         grads[s] = g_in.to(runner.store)
                 for (short, lin), total in zip(linears.items(), sums.cpu().tolist()):
                     scores[prefix + short] = total / lin.weight.numel() if normalize else total

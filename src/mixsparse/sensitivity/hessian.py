@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericalError
+from ..experts import slot, weight_owner
 from ..modeling import prunable_linears
 from ..placement import Placement
 from .fisher import check_calib_ids, eval_mode, sequence_loss, weights_require_grad
@@ -77,12 +78,15 @@ def hessian_trace(
     chunks = [calib_ids[i : i + batch_size] for i in range(0, n, batch_size)]
 
     with _placed(model, device) as dev:
-        weights = [lin.weight for lin in linears.values()]  # the placed parameters, whatever .to() made of them
-        _hutchinson(model, weights, chunks, n, n_probes, seed, dev, totals, progress)
+        _hutchinson(model, list(linears.values()), chunks, n, n_probes, seed, dev, totals, progress)
     return {name: t / n_probes for name, t in zip(linears, totals.tolist())}
 
 
-def _hutchinson(model, weights, chunks, n, n_probes, seed, dev, totals, progress) -> None:
+def _hutchinson(model, layers, chunks, n, n_probes, seed, dev, totals, progress) -> None:
+    # the placed parameters holding the weights, whatever .to() made of them (an expert's matrix is a slice
+    # of a fused 3-D parameter: its trace is the probe's sum over that slice)
+    weights = list({id(weight_owner(lin)): weight_owner(lin) for lin in layers}.values())
+    where = [next(j for j, w in enumerate(weights) if w is weight_owner(lin)) for lin in layers]
     with eval_mode(model), weights_require_grad(weights), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         bar = tqdm(total=len(chunks) * n_probes, desc="hessian", disable=not progress, leave=False)
         for chunk in chunks:
@@ -98,7 +102,8 @@ def _hutchinson(model, weights, chunks, n, n_probes, seed, dev, totals, progress
                 gz = sum((g * z).sum() for g, z in zip(grads, zs))
                 # allow_unused: a weight the gradient does not depend on has a zero Hessian block
                 hz = torch.autograd.grad(gz, weights, retain_graph=True, allow_unused=True)
-                totals += torch.tensor([0.0 if h is None else float((z * h).sum()) for z, h in zip(zs, hz)], dtype=torch.float64)
+                totals += torch.tensor([0.0 if hz[j] is None else float(slot(lin, zs[j] * hz[j]).sum())
+                                        for lin, j in zip(layers, where)], dtype=torch.float64)
                 bar.update()
             del grads, logits, loss
         bar.close()
