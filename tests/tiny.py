@@ -56,10 +56,26 @@ def _family_configs():
                                               num_experts_per_tok=2, moe_intermediate_size=32),
         "gpt_oss": lambda: t.GptOssConfig(**_SMALL, num_hidden_layers=2, head_dim=8, num_local_experts=4,
                                           num_experts_per_tok=2, sliding_window=SLIDING),
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(**_SMALL, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, shared_expert_intermediate_size=32),
+        # DeepSeek-V3: multi-head latent attention, a dense first block, then routed + shared experts
+        "deepseek_v3": lambda: t.DeepseekV3Config(**{**_SMALL, "num_key_value_heads": 4}, num_hidden_layers=3,
+                                                  first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, n_shared_experts=1, n_group=1,
+                                                  topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                                                  qk_nope_head_dim=8, v_head_dim=8),
+        # Qwen3-Next: hybrid linear attention (gated delta rule, PyTorch reference kernels on a CPU) and full
+        # attention layers, MoE with a shared expert
+        "qwen3_next": lambda: t.Qwen3NextConfig(**_SMALL, num_hidden_layers=4, head_dim=8, num_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=32,
+                                                shared_expert_intermediate_size=32, linear_num_value_heads=4,
+                                                linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                                                layer_types=["linear_attention", "full_attention"] * 2),
     }
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gemma2", "gemma3", "mixtral", "qwen3_moe", "gpt_oss"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gemma2", "gemma3", "mixtral", "qwen3_moe", "gpt_oss",
+            "qwen2_moe", "deepseek_v3", "qwen3_next"]
 
 
 def family_model(family: str, seed: int = 0):

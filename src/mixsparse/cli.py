@@ -246,6 +246,8 @@ def _summary(rec, out: Path) -> None:
         warning = coverage_warning(rec.coverage)
         if warning:
             lines.append(f"WARNING: {warning}")
+    if pr is not None and pr.fallback_warning():
+        lines.append(f"WARNING: {pr.fallback_warning()}")
     if ppl is not None:
         line = f"perplexity ({ppl.tokens} test tokens): dense {ppl.dense}, pruned {ppl.pruned}"
         if ppl.recovered is not None:

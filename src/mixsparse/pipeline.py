@@ -168,11 +168,6 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
                                   sequential=cfg.prune.sequential, progress=progress,
                                   min_token_share=cfg.prune.min_token_share)
             seconds, quantized, fallbacks = rep.total_seconds, rep.quantized, rep.fallbacks
-            if fallbacks:
-                log.warning("%d layer(s) saw fewer than %d calibration tokens (rarely routed experts, e.g. %s) and were "
-                            "pruned by magnitude instead of %s; run.json lists them (pruning.fallbacks)",
-                            len(fallbacks), next(iter(fallbacks.values()))["min_tokens"], next(iter(fallbacks)),
-                            cfg.prune.pruner)
     achieved, overall = measured_sparsity(model)
     cov = coverage(model)
     warning = coverage_warning(cov)
@@ -188,6 +183,8 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
         pruning=PruningInfo(pruner=cfg.prune.pruner, achieved=achieved, overall_sparsity=overall, seconds=seconds,
                             fallbacks=fallbacks),
         coverage=cov, timings=timer.timings)
+    if record.pruning.fallback_warning():
+        log.warning(record.pruning.fallback_warning())
     return PruneOutcome(record, alloc, quantized)
 
 
@@ -272,12 +269,17 @@ class _Writer:
                                                overwrite=True, quantized=quantized)
             artifacts["compressed"] = "compressed/"
         if cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
-            from .quant.ct_export import save_compressed_tensors
+            from .quant.ct_export import save_compressed_tensors, unsupported
 
-            with timer("export_quantized"):
-                record.quantization["export"] = save_compressed_tensors(model, quantized, out / "model-quantized",
-                                                                        tokenizer, overwrite=True)
-            artifacts["quantized"] = "model-quantized/"
+            reason = unsupported(model)
+            if reason:  # the other checkpoints are written; this one would not load
+                log.warning("model-quantized/ not written: %s", reason)
+                record.quantization["export"] = {"skipped": reason}
+            else:
+                with timer("export_quantized"):
+                    record.quantization["export"] = save_compressed_tensors(model, quantized, out / "model-quantized",
+                                                                            tokenizer, overwrite=True)
+                artifacts["quantized"] = "model-quantized/"
         record.artifacts = artifacts
 
 

@@ -66,6 +66,17 @@ class PruningInfo:
     # layers pruned without their statistics: {layer: {tokens, min_tokens, fallback}} (rarely routed experts)
     fallbacks: dict = field(default_factory=dict)
 
+    def fallback_warning(self) -> str | None:
+        """One line naming the layers pruned by magnitude for lack of calibration tokens, or None."""
+        if not self.fallbacks:
+            return None
+        names = list(self.fallbacks)
+        least = next(iter(self.fallbacks.values())).get("min_tokens")
+        return (f"{len(names)} layer(s) saw fewer than {least} calibration tokens (rarely routed experts) and were "
+                f"pruned by magnitude instead of {self.pruner}: {', '.join(names[:3])}"
+                f"{f' and {len(names) - 3} more' if len(names) > 3 else ''}; more calibration data routes more tokens "
+                "to them (prune.min_token_share sets the threshold)")
+
 
 @dataclass
 class Perplexity:

@@ -326,6 +326,8 @@ def _summary(run: RunRecord) -> list[str]:
     md = ["## Summary", "", *_table(["", "value"], rows)]
     if run.coverage:
         md += _coverage(run.coverage)
+    if run.pruning is not None and run.pruning.fallback_warning():
+        md += [f"**Warning:** {run.pruning.fallback_warning()}.", ""]
     return md
 
 

@@ -17,7 +17,6 @@ The codes are packed with compressed-tensors' own ``pack_to_int32``; the config 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,8 +29,6 @@ from ..errors import ConfigError
 from ..io import atomic_dir
 from .grid import QuantizedWeight
 
-log = logging.getLogger(__name__)
-
 
 def available() -> bool:
     try:
@@ -39,6 +36,18 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why this model cannot be written in the compressed-tensors format, or None."""
+    from ..experts import is_fused_experts
+
+    if any(is_fused_experts(m) for m in model.modules()):
+        # measured with transformers 5.25 + compressed-tensors 0.20.1: a Mixtral saved this way reloads with its experts
+        # MISSING (the checkpoint conversion that fuses per-expert weights does not run under the quantizer)
+        return ("the compressed-tensors export does not cover fused MoE experts (transformers cannot reload them "
+                "from a pack-quantized checkpoint); the compressed/ checkpoint holds the quantized model")
+    return None
 
 
 def save_compressed_tensors(model: nn.Module, quantized: Mapping[str, QuantizedWeight], out_dir: str | os.PathLike,
@@ -56,16 +65,11 @@ def save_compressed_tensors(model: nn.Module, quantized: Mapping[str, QuantizedW
         raise ConfigError(f"compressed-tensors export needs one scheme for every layer, got {len(specs)}")
     spec = specs.pop()
     dtype = next(model.parameters()).dtype
+    reason = unsupported(model)
+    if reason:
+        raise ConfigError(reason)
     state = dict(model.state_dict())
-    # compressed-tensors packs nn.Linear weights; fused MoE experts tensors are saved as their (quantized) values
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    skipped = [n for n in quantized if n not in linears]
-    if skipped:
-        log.warning("compressed-tensors export: %d expert matrices (e.g. %s) are stored unpacked, at the model's dtype "
-                    "(their values are the quantized ones)", len(skipped), skipped[0])
     for name, qw in quantized.items():
-        if name not in linears:
-            continue
         weight = state.pop(f"{name}.weight")
         if not torch.equal(qw.dequantize().to(weight.dtype), weight.detach().cpu()):
             raise ConfigError(f"layer {name!r} no longer equals its quantized codes; quantize again before exporting")
