@@ -105,8 +105,11 @@ def test_score_allocation_log_mode_hand_example():
     assert m.sparsities() == approx_dict({"a": 0.6, "b": 0.5, "c": 0.4}, rel=1e-9, abs=1e-9)
     r = score_allocation(scores, 0.5, {"a": 7, "b": 7, "c": 7}, mode="rank", alpha=0.1)
     assert r.sparsities() == approx_dict({"a": 0.6, "b": 0.5, "c": 0.4})
-    with pytest.raises(SparsityError, match="positive"):
+    with pytest.raises(SparsityError, match="non-negative"):
         score_allocation({"a": -1.0, "b": 1.0}, 0.5, {"a": 1, "b": 1}, mode="log")
+    # a zero score (an expert no token reached) counts as the smallest positive one
+    z = score_allocation({**scores, "d": 0.0}, 0.5, {"a": 7, "b": 7, "c": 7, "d": 7}, mode="log", alpha=0.1)
+    assert z.sparsities()["d"] == z.sparsities()["a"] > z.sparsities()["b"] > z.sparsities()["c"]
     with pytest.raises(UnknownNameError, match="bogus"):
         score_allocation(scores, 0.5, {"a": 7, "b": 7, "c": 7}, mode="bogus")
 

@@ -89,17 +89,13 @@ def test_an_experts_class_computing_otherwise_is_refused_not_observed_wrongly():
     model = family_model("mixtral")
     experts = experts_modules(model)[0]
     own = experts.forward
-    experts.forward = lambda *a, **k: 2 * own(*a, **k)
+    planted = experts.forward = lambda *a, **k: 2 * own(*a, **k)
     with pytest.raises(ModelLoadError, match="differs from the model's own experts forward"):
         prune_layerwise(model, CALIB, SparsityMap.uniform(0.5, param_counts(model)), "wanda", progress=False)
-    assert vars(experts)["forward"] is not None  # the module's own forward is put back
+    assert vars(experts)["forward"] is planted  # the module's own forward is put back
 
 
-@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
-def test_a_never_routed_expert_falls_back_to_magnitude_and_is_recorded(pruner):
-    model = family_model("mixtral")
-    dense = copy.deepcopy(model)
-
+def _never_route_expert_3(model):
     def never_3(mod, args, kwargs):  # the router never picks expert 3 (its slots go to expert 0)
         index = args[1].clone()
         index[index == 3] = 0
@@ -107,6 +103,13 @@ def test_a_never_routed_expert_falls_back_to_magnitude_and_is_recorded(pruner):
 
     for m in experts_modules(model):
         m.register_forward_pre_hook(never_3, with_kwargs=True)
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_a_never_routed_expert_falls_back_to_magnitude_and_is_recorded(pruner):
+    model = family_model("mixtral")
+    dense = copy.deepcopy(model)
+    _never_route_expert_3(model)
     counts = param_counts(model)
     rep = prune_layerwise(model, CALIB, SparsityMap.uniform(0.5, counts), pruner, progress=False)
     starved = {n for n in counts if n.endswith("[3]")}
@@ -115,6 +118,37 @@ def test_a_never_routed_expert_falls_back_to_magnitude_and_is_recorded(pruner):
     for n in starved:
         assert torch.equal(layers[n].weight, magnitude_result(dense_layers[n].weight, 0.5).weight)
     assert measured_sparsity(model)[1] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_gptq_rounds_a_never_routed_expert_to_nearest_and_records_it():
+    from mixsparse.quant.grid import QuantSpec
+    from mixsparse.quant.stage import quantize_model
+
+    model = family_model("mixtral")
+    _never_route_expert_3(model)
+    prune_layerwise(model, CALIB, SparsityMap.uniform(0.5, param_counts(model)), "wanda", progress=False)
+    codes, record = quantize_model(model, "gptq", QuantSpec(4, 16, True), CALIB, device="cpu", progress=False)
+    starved = {n for n in param_counts(model) if n.endswith("[3]")}
+    assert set(record["fallbacks"]) == starved and all(f["fallback"] == "rtn" for f in record["fallbacks"].values())
+    layers = prunable_linears(model)
+    assert all(torch.equal(codes[n].dequantize().to(layers[n].weight.dtype), layers[n].weight) for n in starved)
+
+
+def test_allocations_from_traces_survive_a_never_routed_expert():
+    """An expert no calibration token reaches has a Fisher trace of exactly 0: the log-score allocation takes it as
+    the least sensitive layer (it is not refused, and it does not squash every other layer's offset)."""
+    from mixsparse.allocation.budget import log_offsets
+
+    model = family_model("mixtral")
+    _never_route_expert_3(model)
+    scores = fisher_trace(model, tiny_ids(2, 16, seed=3), device="cpu", progress=False)
+    starved = [n for n in scores if n.endswith("[3]")]
+    assert starved and all(scores[n] == 0.0 for n in starved)
+    offsets = log_offsets(scores, 0.1)
+    most = max(offsets.values())
+    assert all(offsets[n] == most for n in starved)  # pruned hardest, like the least sensitive routed layer
+    others = sorted(v for n, v in offsets.items() if n not in starved)
+    assert others[-1] - others[0] > 0.05  # the other layers keep their spread
 
 
 def test_a_rarely_routed_expert_uses_the_share_threshold():
@@ -200,7 +234,7 @@ def test_nm_experts_export_packs_the_fused_tensor_and_round_trips(tmp_path):
     assert all(torch.equal(mine[n], theirs[n]) for n in mine)
 
 
-def test_a_bf16_moe_checkpoint_end_to_end_msp_recovery_gptq_export(word_corpus, tmp_path):
+def test_a_bf16_moe_checkpoint_end_to_end_msp_recovery_gptq_export(word_corpus, tmp_path, capsys):
     """What a user with a MoE checkpoint runs: Fisher + MSP search, pruning, block-wise recovery, GPTQ and the
     exports on a bf16 Mixtral; the experts carry the sparsity and the saved model reloads with it."""
     import json
@@ -231,7 +265,10 @@ def test_a_bf16_moe_checkpoint_end_to_end_msp_recovery_gptq_export(word_corpus, 
     run = json.loads((out / "run.json").read_text())
     experts = run["coverage"]["by_kind"]["experts"]
     assert experts["prunable_params"] > 0 and experts["sparsity"] == pytest.approx(0.5, abs=0.05)
-    assert run["coverage"]["unprunable_large"] == [] and "fallbacks" in run["pruning"]
+    assert run["coverage"]["unprunable_large"] == []
+    summary = capsys.readouterr().out  # the CLI summary and the report show the experts' zeros
+    assert f"experts {experts['sparsity']:.3f}" in summary
+    assert "| experts |" in (out / "report.md").read_text()
     assert any("experts.down_proj[" in n for n in run["allocation"]["per_layer"])
     back = AutoModelForCausalLM.from_pretrained(out / "model")
     assert back.dtype == torch.bfloat16
@@ -243,24 +280,75 @@ def test_a_bf16_moe_checkpoint_end_to_end_msp_recovery_gptq_export(word_corpus, 
     assert not (out / "model-quantized").exists() and "fused MoE experts" in run["quantization"]["export"]["skipped"]
 
 
-def test_hessian_trace_covers_every_expert_matrix():
-    """Hutchinson's estimate per expert (the probe product summed over its slice of the fused tensor): every
-    expert matrix gets a finite one, and routed experts a non-zero one."""
-    from mixsparse.sensitivity.hessian import hessian_trace
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # [E, out, in] and transposed [E, in, out]
+def test_hessian_trace_of_an_expert_is_the_probe_product_over_its_slice(family):
+    """Hutchinson's z^T H z per layer, computed directly with the same probes: an expert's is the sum over its
+    own slice of the fused tensor (routed experts non-zero)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    model = family_model("qwen3_moe")
+    from mixsparse.experts import owners
+    from mixsparse.sensitivity.fisher import sequence_loss
+    from mixsparse.sensitivity.hessian import hessian_trace, rademacher
+
+    model = family_model(family)
     ids = tiny_ids(2, 16, seed=3)
-    traces = hessian_trace(model, ids, n_probes=2, seed=0, device="cpu", progress=False)
+    traces = hessian_trace(model, ids, n_probes=1, seed=0, device="cpu", batch_size=None, progress=False)
     layers = prunable_linears(model)
-    assert set(traces) == set(layers) and all(torch.isfinite(torch.tensor(v)) for v in traces.values())
+    weights, where = owners(layers.values())
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = sequence_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        gen = torch.Generator().manual_seed(0)
+        zs = [rademacher(w.shape, gen) for w in weights]
+        hz = torch.autograd.grad(sum((g * z).sum() for g, z in zip(grads, zs)), weights, allow_unused=True)
+    for (n, lin), j in zip(layers.items(), where):
+        part = (zs[j] * hz[j]).double()
+        expected = float((lin.slot(part) if isinstance(lin, ExpertMatrix) else part).sum())
+        assert traces[n] == pytest.approx(expected, rel=1e-5, abs=1e-9), n
     assert any(abs(traces[n]) > 0 for n in layers if "experts" in n)
 
 
-def test_starved_experts_are_named_in_the_summary_and_report():
-    from mixsparse.record import PruningInfo
+def test_starved_experts_are_named_in_the_summary_and_report(tmp_path, capsys):
+    from mixsparse.cli import _summary
+    from mixsparse.record import PruningInfo, RunRecord
+    from mixsparse.report import _summary as report_summary
 
-    info = PruningInfo(pruner="sparsegpt", fallbacks={f"model.layers.0.mlp.experts.down_proj[{e}]":
-                                                      {"tokens": e, "min_tokens": 21} for e in range(5)})
+    info = PruningInfo(pruner="sparsegpt", overall_sparsity=0.5,
+                       fallbacks={f"model.layers.0.mlp.experts.down_proj[{e}]": {"tokens": e, "min_tokens": 21}
+                                  for e in range(5)})
     line = info.fallback_warning()
     assert "5 layer(s) saw fewer than 21 calibration tokens" in line and "down_proj[0]" in line and "2 more" in line
     assert PruningInfo(pruner="wanda").fallback_warning() is None
+    run = RunRecord(config={}, pruning=info)
+    _summary(run, tmp_path)
+    assert f"WARNING: {line}" in capsys.readouterr().out
+    assert f"**Warning:** {line}." in report_summary(run)
+
+
+def test_owl_outliers_use_per_token_norms():
+    """OWL pools a block's Wanda scores with per-token mean norms (an expert sees a share of the tokens, attention
+    all of them): on a dense model that is OWL's own ratio; on a MoE model a never-routed expert is left out."""
+    from mixsparse.pruners.wanda import WandaPruner
+    from mixsparse.sensitivity.owl import outlier_ratio, owl_outlier_ratios
+
+    from .tiny import tiny_model
+
+    dense = tiny_model("llama")
+    pooled = {}
+    observe_layerwise(dense, CALIB, WandaPruner.factory(), lambda n, o: pooled.setdefault(
+        int(n.split(".")[2]), []).append(o.scores()))  # OWL's definition: summed norms, all layers see all tokens
+    want = {b: outlier_ratio(s, 3.0) for b, s in pooled.items()}
+    assert owl_outlier_ratios(dense, CALIB, M=3.0, progress=False) == pytest.approx(want, abs=1e-12)
+    model = family_model("mixtral")
+    _never_route_expert_3(model)
+    ratios = owl_outlier_ratios(model, CALIB, M=3.0, progress=False)
+    assert set(ratios) == {0, 1} and all(0 < r < 1 for r in ratios.values())
+
+
+def test_recovery_checks_leave_out_the_biases_it_tunes():
+    from mixsparse.modeling import prunable_params
+
+    model = family_model("gpt_oss")
+    held = prunable_params(model, biases=True)
+    assert "model.layers.0.mlp.experts.gate_up_proj_bias" in held and "model.layers.0.self_attn.q_proj.bias" in held
+    assert "model.layers.0.mlp.experts.gate_up_proj_bias" not in prunable_params(model)

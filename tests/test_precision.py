@@ -12,6 +12,7 @@ import torch
 
 from mixsparse.engine import prune_layerwise
 from mixsparse.modeling import param_counts
+from mixsparse.placement import Placement
 from mixsparse.recovery import BlockwiseOptions, FinetuneOptions
 from mixsparse.recovery.blockwise import reconstruct_blockwise
 from mixsparse.recovery.common import DenseStore, MasterWeights, zero_masks
@@ -21,6 +22,9 @@ from mixsparse.sparsity import SparsityMap
 from .tiny import tiny_ids, tiny_model
 
 IDS = tiny_ids(8, 16)
+# in the model's own dtype (no float32 compute, whatever this CPU's bf16 support): the masters are what is tested
+OWN = Placement(torch.device("cpu"), "blockwise")
+OWN_WHOLE = Placement(torch.device("cpu"), "whole")
 BW = BlockwiseOptions(epochs=3, lr=1e-4, batch_size=2, dtype="float32")  # no autocast: the model's own dtype
 FT = FinetuneOptions(steps=12, lr=1e-3, warmup=1, batch_size=2, seqlen=16, eval_every=0, val_windows=2,
                      checkpoint_every=0, dtype="float32", gradient_checkpointing=False)
@@ -36,7 +40,7 @@ def pruned(dtype, tmp_path):
 def blockwise_ratios(dtype, tmp_path):
     model, dense = pruned(dtype, tmp_path)
     zeros = zero_masks(model)
-    rec = reconstruct_blockwise(model, IDS, dense, BW, device="cpu", progress=False)
+    rec = reconstruct_blockwise(model, IDS, dense, BW, device=OWN, progress=False)
     assert all(torch.equal(zeros[n], z) for n, z in zero_masks(model).items())
     assert next(model.parameters()).dtype == dtype
     return [b["mse_after"] / b["mse_before"] for b in rec["blocks"]], rec
@@ -69,7 +73,7 @@ def finetune_drop(dtype, tmp_path):
     model, dense = pruned(dtype, tmp_path)
     zeros = zero_masks(model)
     train = tiny_ids(16, 16, seed=3)
-    rec = finetune(model, train, train[:2], FT, dense=dense, device="cpu", progress=False)
+    rec = finetune(model, train, train[:2], FT, dense=dense, device=OWN_WHOLE, progress=False)
     assert all(torch.equal(zeros[n], z) for n, z in zero_masks(model).items())
     losses = [v for _, v in rec["loss"]]
     return losses[0] - losses[-1], rec

@@ -178,7 +178,7 @@ def min_tokens(calib_ids: torch.Tensor | None, share: float) -> int:
 def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, device, batch_size, offload, sequential,
                      progress, min_token_share) -> PruneReport:
     cls = get_pruner(pruner)
-    make = cls.factory(pruner_options, min_tokens(calib_ids, min_token_share) if cls.needs_inputs else 0)
+    make = cls.factory(pruner_options, min_tokens(calib_ids, min_token_share))
     runner = LayerwiseRunner(model, device=device, offload=offload)
     per_block = block_layers(model, runner, targets)
     targets.check_divisible({n: lin.in_features for layers in per_block for n, lin in layers.items()})

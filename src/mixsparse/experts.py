@@ -114,6 +114,21 @@ def bias_owner(layer: nn.Module) -> nn.Parameter | None:
     return layer.fused_bias if isinstance(layer, ExpertMatrix) else layer.bias
 
 
+def owners(layers: Iterable[nn.Module]) -> tuple[list[nn.Parameter], list[int]]:
+    """The distinct parameters holding ``layers``' weights (the experts of one fused tensor share it), and for
+    each layer the position of its parameter in that list."""
+    params: list[nn.Parameter] = []
+    index: dict[int, int] = {}
+    where = []
+    for lin in layers:
+        p = weight_owner(lin)
+        if id(p) not in index:
+            index[id(p)] = len(params)
+            params.append(p)
+        where.append(index[id(p)])
+    return params, where
+
+
 def slot(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """``layer``'s part of a tensor shaped like :func:`weight_owner` (a gradient, a probe, a mask)."""
     return layer.slot(t) if isinstance(layer, ExpertMatrix) else t

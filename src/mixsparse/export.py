@@ -149,7 +149,9 @@ def index_bits(m: int) -> int:
 
 def fits_nm(weight: torch.Tensor, pattern: NM) -> bool:
     """True when every group of M consecutive inputs holds at most N non-zeros (so it packs as N:M)."""
-    if weight.dim() < 2 or weight.shape[-1] % pattern.m:  # 3-D: fused experts [E, out, in], groups along in
+    # groups run along the last dimension: a linear's or a fused [E, out, in] experts tensor's inputs (a
+    # transposed [E, in, out] one, GPT-OSS, seldom fits and is stored with a bitmask: lossless either way)
+    if weight.dim() < 2 or weight.shape[-1] % pattern.m:
         return False
     return bool(((weight != 0).reshape(-1, pattern.m).sum(-1) <= pattern.n).all())
 
@@ -325,7 +327,8 @@ def save_compressed(
     for layer_name, lin in linears.items():
         units.setdefault(owner_name[id(weight_owner(lin))], []).append(layer_name)
     prunable = set(units)
-    codes_lost = [n for n, us in units.items() if len(us) > 1 and any(u in (quantized or {}) for u in us)]
+    single = {n for n, us in units.items() if isinstance(linears[us[0]], nn.Linear)}  # not a fused tensor
+    codes_lost = [n for n, us in units.items() if n not in single and any(u in (quantized or {}) for u in us)]
     if codes_lost:
         log.warning("%d fused experts tensor(s) (e.g. %s) are stored as their quantized values (bitmask), not as "
                     "packed codes: the compact quantized encoding covers linear layers only", len(codes_lost), codes_lost[0])
@@ -355,7 +358,7 @@ def save_compressed(
             dense_bytes += dense_size
             entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
             parts: dict[str, torch.Tensor]
-            layer = units[name][0] if name in prunable and len(units[name]) == 1 else None
+            layer = units[name][0] if name in single else None
             held = {str(targets.get(u)) for u in units.get(name, [])}  # an N:M encoding needs one pattern for all
             target = targets.get(units[name][0]) if name in prunable and len(held) == 1 else None
             qw = (quantized or {}).get(layer) if layer is not None else None

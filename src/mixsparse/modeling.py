@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import UnknownNameError
-from .experts import ExpertMatrix, expert_matrices, is_fused_experts, weight_owner
+from .experts import ExpertMatrix, bias_owner, expert_matrices, is_fused_experts, owners, weight_owner
 from .sparsity import weighted_average
 
 
@@ -118,11 +118,15 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear | ExpertMatrix]:
     return out
 
 
-def prunable_params(model: nn.Module) -> set[str]:
+def prunable_params(model: nn.Module, biases: bool = False) -> set[str]:
     """Qualified names of the parameters that hold prunable weights (``….q_proj.weight``, the fused
-    ``….experts.down_proj``): every other parameter is left untouched by pruning."""
-    owners = {id(weight_owner(lin)) for lin in prunable_linears(model).values()}
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in owners}
+    ``….experts.down_proj``), with ``biases`` also their biases (which recovery tunes): every other parameter
+    is left untouched by pruning and recovery."""
+    layers = prunable_linears(model).values()
+    held = {id(weight_owner(lin)) for lin in layers}
+    if biases:
+        held |= {id(b) for b in map(bias_owner, layers) if b is not None}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in held}
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
@@ -196,9 +200,9 @@ def coverage(model: nn.Module) -> dict:
     3-D parameters, not ``nn.Linear``), which a run names in a warning instead of reporting a sparsity
     'of prunable weights' that silently covers a small part of the model."""
     blocks_name, _ = find_decoder_blocks(model)
-    owners = {id(weight_owner(lin)): weight_owner(lin) for lin in prunable_linears(model).values()}
-    prunable = set(owners)
-    large = 0.5 * sum(w.numel() for w in owners.values()) / len(owners)
+    layers = list(prunable_linears(model).values())
+    prunable = {id(p) for p in owners(layers)[0]}
+    large = 0.5 * sum(lin.weight.numel() for lin in layers) / len(layers)  # half a mean prunable layer
     kinds: dict[str, dict] = {}
     total = pruned_params = 0
     missed = []

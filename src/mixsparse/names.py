@@ -27,6 +27,12 @@ def split_layer(name: str, blocks_name: str | None = None) -> tuple[int | None, 
     return int(index), kind
 
 
+def kind_group(kind: str) -> str:
+    """A layer kind with the expert index generalised (``mlp.experts.down_proj[5]`` -> ``mlp.experts.down_proj[*]``):
+    what plots and tables group by, so a model with 128 experts has one series per matrix, not 128."""
+    return re.sub(r"\[\d+\]$", "[*]", kind)
+
+
 def block_index(name: str, blocks_name: str) -> int:
     """Index of the block a qualified layer name belongs to ('model.layers.3.mlp.up_proj' -> 3)."""
     return split_layer(name, blocks_name)[0]  # type: ignore[return-value]

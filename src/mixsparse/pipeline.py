@@ -41,7 +41,16 @@ log = logging.getLogger(__name__)
 
 def placement_for(cfg: RunConfig, model: nn.Module) -> Placement:
     """The run's one placement policy (device, whole/blockwise), from ``model.device``/``model.placement``."""
-    return Placement.resolve(check_device(cfg.model.device), cfg.model.placement, model, offload=cfg.prune.offload)
+    return Placement.resolve(check_device(cfg.model.device), cfg.model.placement, model, offload=cfg.prune.offload,
+                             compute=cfg.model.compute_dtype)
+
+
+def placement_info(placement: Placement, model: nn.Module) -> PlacementInfo:
+    dtype = next(model.parameters()).dtype
+    compute = placement.compute or dtype
+    whole = placement.whole_upcast(model) if placement.compute is not None else None
+    return PlacementInfo(device=str(placement.device), mode=placement.mode, dtype=str(dtype).replace("torch.", ""),
+                         compute_dtype=str(compute).replace("torch.", ""), whole_upcast=whole)
 
 
 def peak_memory() -> dict:
@@ -320,7 +329,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         record.model = ModelInfo(name=cfg.model.name, num_params=sum(p.numel() for p in model.parameters()),
                                  prunable_params=sum(counts.values()), blocks=len(blocks))
         placement = placement_for(cfg, model)
-        record.placement = PlacementInfo(device=str(placement.device), mode=placement.mode)
+        record.placement = placement_info(placement, model)
         record.windows = WindowsInfo(bos=cfg.data.bos, prefix_ids=window_prefix(tokenizer, cfg.data.bos))
 
         from .recovery.stage import check_placement, dense_snapshot, needs_dense, recover
@@ -365,6 +374,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
                                                                 blocksize=q.blocksize, percdamp=q.percdamp,
                                                                 progress=progress,
                                                                 min_token_share=cfg.prune.min_token_share)
+            if record.quantization.get("fallbacks"):
+                fb = record.quantization["fallbacks"]
+                log.warning("gptq: %d layer(s) saw fewer than %d calibration tokens (rarely routed experts, e.g. %s) and "
+                            "were rounded to nearest; run.json lists them (quantization.fallbacks)", len(fb),
+                            next(iter(fb.values()))["min_tokens"], next(iter(fb)))
             w.save()
             w.perplexity("quantized", model, tokenizer, placement)
         elif cfg.quantize.method == "joint":
@@ -464,7 +478,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
             with timer("dense_snapshot"):
                 dense_model, _ = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
                 dense = dense_snapshot(dense_model, out / "cache")
-                pruned_params = prunable_params(dense_model)
+                pruned_params = prunable_params(dense_model, biases=True)  # recovery tunes biases too
                 untouched = {n: p.detach().clone() for n, p in dense_model.named_parameters() if n not in pruned_params}
                 del dense_model
         with timer("load"):
@@ -478,6 +492,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
                                       f"{n}, which pruning does not touch; it is not the model this run pruned")
             del untouched
         placement = placement_for(cfg, model)
+        record.placement = placement_info(placement, model)
         check_placement(cfg.recover, placement)
         w.perplexity("pruned", model, tokenizer, placement)
         with timer("recover"):

@@ -39,6 +39,9 @@ class ModelInfo:
 class PlacementInfo:
     device: str | None = None
     mode: str | None = None  # "whole" or "blockwise"
+    dtype: str | None = None  # the model's (storage) dtype
+    compute_dtype: str | None = None  # what placed blocks compute in (float32 for a bf16 model on an AVX2 CPU)
+    whole_upcast: bool | None = None  # whole-model stages upcast too (None: no upcast at all; False: did not fit)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError, MixsparseError
 from .io import atomic_write, atomic_write_text
-from .names import split_layer
+from .names import kind_group, split_layer
 from .record import AllocationInfo, ModelInfo, Perplexity, PruningInfo, RunRecord
 from .sparsity import parse_layer_sparsity, sparsity_of
 
@@ -117,7 +117,7 @@ def _kinds(layers: Sequence[str]) -> dict[str, list[int]]:
     """Layer kind -> x positions (forward order)."""
     out: dict[str, list[int]] = {}
     for i, name in enumerate(layers):
-        out.setdefault(split_layer(name)[1], []).append(i)
+        out.setdefault(kind_group(split_layer(name)[1]), []).append(i)
     return out
 
 
@@ -305,6 +305,14 @@ def _summary(run: RunRecord) -> list[str]:
                              (f"quantized ({(run.quantization or {}).get('scheme', '?')})", ppl.quantized)):
             if value is not None:
                 rows.append((f"Perplexity, {label}" + where, _ratio(value, ppl.dense)))
+    pl = run.placement
+    if pl is not None and pl.device:
+        compute = pl.compute_dtype or "?"
+        if pl.dtype and pl.compute_dtype and pl.compute_dtype != pl.dtype:
+            compute += f" (upcast from {pl.dtype} while placed; stored in {pl.dtype}" + (
+                "; whole-model stages in the model's own dtype: the float32 copy did not fit)" if pl.whole_upcast is False
+                else ")")
+        rows.append(("Placement (device, mode, compute dtype)", f"{pl.device}, {pl.mode}, {compute}"))
     if run.windows is not None:
         prefix = run.windows.prefix_ids
         rows.append(("Window start (data.bos)", f"{run.windows.bos}: " + (f"token ids {prefix}" if prefix else "no BOS")))

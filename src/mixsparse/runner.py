@@ -144,8 +144,7 @@ class LayerwiseRunner:
         self.model = model
         take_placement(model)  # a device_map-dispatched model is gathered on the CPU; offloaded weights are refused
         self.blocks_name, self.blocks = find_decoder_blocks(model)
-        self.placement = device if isinstance(device, Placement) else Placement(
-            torch.device(device) if device is not None else next(model.parameters()).device, "blockwise", offload)
+        self.placement = Placement.resolve(device, "blockwise", model, offload=offload)
         self.device = self.placement.device
         self.store = self.placement.store
         self.block_returns_tuple: bool | None = None
@@ -160,6 +159,7 @@ class LayerwiseRunner:
     def _place_non_blocks(self, device: torch.device) -> None:
         for m in self._non_block_modules():
             m.to(device)
+            self.placement.upcast(m, recurse=False)  # its own tensors; back home when Placement.stage ends
 
     @contextlib.contextmanager
     def _swapped_blocks(self, make: Callable[[int, nn.Module], nn.Module]):

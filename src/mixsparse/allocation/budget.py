@@ -197,14 +197,20 @@ def rank_offsets(scores: Mapping[object, float], alpha: float) -> dict[object, f
 
 def log_offsets(scores: Mapping[object, float], alpha: float) -> dict[object, float]:
     """Offset linear in the standardised log-score, scaled so the most extreme unit sits at +-alpha
-    (higher score = more sensitive = lower sparsity)."""
-    bad = [u for u, v in scores.items() if not v > 0]
+    (higher score = more sensitive = lower sparsity). A zero score (a MoE expert no calibration token was
+    routed to: its Fisher trace is exactly 0) counts as the smallest positive one: least sensitive, but not an
+    infinitely distant outlier that would squash every other unit's offset."""
+    bad = [u for u, v in scores.items() if not (v >= 0 and np.isfinite(v))]
     if bad:
         raise SparsityError(
-            f"log-score allocation needs positive scores; {bad[0]!r} has {scores[bad[0]]!r} (use mode='rank')"
+            f"log-score allocation needs non-negative scores; {bad[0]!r} has {scores[bad[0]]!r} (use mode='rank')"
         )
+    positive = [v for v in scores.values() if v > 0]
+    if not positive:
+        return {u: 0.0 for u in scores}
+    floor = min(positive)
     units = list(scores)
-    logs = np.log(np.asarray([scores[u] for u in units], dtype=np.float64))
+    logs = np.log(np.asarray([max(scores[u], floor) for u in units], dtype=np.float64))
     z = logs - logs.mean()
     std = logs.std()
     if std == 0 or not np.isfinite(std):

@@ -72,6 +72,14 @@ class LayerPruner:
     def weight(self) -> torch.Tensor:
         return self.layer.weight.data
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The weight's dtype at home (it may be an upcast float32 copy while its block is placed)."""
+        from ..experts import weight_owner
+        from ..placement import home_dtype
+
+        return home_dtype(weight_owner(self.layer))
+
     def add_batch(self, inp: torch.Tensor) -> None:
         """Accumulate statistics from a batch of layer inputs of shape (..., in_features)."""
         x = inp.detach().reshape(-1, inp.shape[-1])

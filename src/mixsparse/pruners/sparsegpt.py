@@ -97,7 +97,7 @@ class SparseGPTPruner(LayerPruner):
         if spec is None and not isinstance(target, NM) and prune_count(W0.numel(), target) == 0:
             return PruneResult(W0.clone(), torch.ones_like(W0, dtype=torch.bool))
         W, prune, quantized = obs_sweep(W0, self.factor(), self.options.blocksize, target=target, spec=spec,
-                                        name=self.layer_name)
+                                        name=self.layer_name, storage_dtype=self.storage_dtype)
         if not torch.isfinite(W).all():
             raise NumericalError(f"layer {self.layer_name!r}: SparseGPT update produced NaN/Inf")
         return PruneResult(W.to(W0.dtype), ~prune, quantized)
@@ -109,7 +109,7 @@ class SparseGPTPruner(LayerPruner):
             return res
         from ..quant.grid import quantize_rtn  # joint mode: the kept weights still go on the grid (0 stays 0)
 
-        qw = quantize_rtn(res.weight, spec, self.layer_name)
+        qw = quantize_rtn(res.weight, spec, self.layer_name, self.storage_dtype)
         return PruneResult(qw.dequantize().to(res.weight.dtype), res.mask, qw)
 
     def changes_unpruned(self) -> bool:

@@ -31,14 +31,15 @@ def unstructured_selector(target: float, rows: int, starts: list[int], sizes: li
 
 
 def obs_sweep(W0: torch.Tensor, Hinv: torch.Tensor, blocksize: int, *, target: LayerSparsity | None = None,
-              fixed: torch.Tensor | None = None, spec: QuantSpec | None = None, name: str = ""
-              ) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None]:
+              fixed: torch.Tensor | None = None, spec: QuantSpec | None = None, name: str = "",
+              storage_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None]:
     """Returns ``(weight float32, pruned mask, quantized codes or None)``.
 
     ``Hinv``: upper Cholesky factor of the dampened inverse Hessian. The pruned positions are chosen
     (``target``: a sparsity or an N:M pattern) or given (``fixed``: True = pruned, kept at 0). With
     ``spec`` every kept weight is put on the grid; a group's scale comes from its current (already
-    error-updated) values when the sweep reaches its first column, as in GPTQ."""
+    error-updated) values when the sweep reaches its first column, as in GPTQ. ``storage_dtype``: the dtype the
+    weight is stored in at home, when ``W0`` is an upcast copy (the scales are stored in it)."""
     W = W0.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # W0 may be a transposed expert view
     rows, cols = W.shape
     prune = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
@@ -49,7 +50,7 @@ def obs_sweep(W0: torch.Tensor, Hinv: torch.Tensor, blocksize: int, *, target: L
     starts = list(range(0, cols, bs))
     sizes = [min(bs, cols - s) for s in starts]
     select = unstructured_selector(float(target), rows, starts, sizes) if target is not None and nm is None else None
-    sd = scale_dtype_for(W0.dtype)
+    sd = scale_dtype_for(storage_dtype or W0.dtype)
     if spec is not None:
         gs = spec.group_size or cols
         groups = spec.groups(cols, name)

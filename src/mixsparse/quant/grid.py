@@ -96,13 +96,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q.float() - zero) * scale
 
 
-def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, name: str = "") -> "QuantizedWeight":
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, name: str = "", storage_dtype: torch.dtype | None = None
+                 ) -> "QuantizedWeight":
     """Round-to-nearest: every group's scale from its own range, every weight to its nearest grid point.
     Pruned (zero) weights stay zero: 0 is on every grid."""
     rows, cols = weight.shape
     g = spec.groups(cols, name)
     w = weight.float().reshape(rows * g, cols // g)
-    sd = scale_dtype_for(weight.dtype)
+    sd = scale_dtype_for(storage_dtype or weight.dtype)  # an upcast copy's scales are stored in its home dtype
     scale, zero = find_params(w, spec, name, sd)
     q = quantize(w, scale, zero, spec)
     return QuantizedWeight.from_signed(q.reshape(rows, cols), scale.reshape(rows, g), zero.reshape(rows, g), spec, sd)

@@ -93,10 +93,11 @@ def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress, leas
             for name, p in stats.items():
                 W0 = linears[name].weight.data
                 if p.starved:  # a Hessian from a handful of routed tokens: round to nearest instead (zeros stay)
-                    qw = quantize_rtn(W0, spec, name)
+                    qw = quantize_rtn(W0, spec, name, p.storage_dtype)
                     fallbacks[name] = {"tokens": p.nsamples, "min_tokens": p.min_tokens, "fallback": "rtn"}
                 else:
-                    W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=name)
+                    W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=name,
+                                         storage_dtype=p.storage_dtype)
                 out[name] = _write(linears[name], qw, name)
                 p.free()
     return out, fallbacks

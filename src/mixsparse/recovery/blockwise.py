@@ -97,7 +97,7 @@ def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, see
     bar = tqdm(list(enumerate(runner.blocks)), desc="recover[blockwise]", disable=not progress)
     for i, block in bar:
         with runner.on_device(block):
-            dense_params = dense.block(i, placement.device)
+            dense_params = placement.cast(dense.block(i, placement.device))  # the placed block's dtype
             targets = runner.run_block(i, state, dense_params, hidden=dense_hidden)
             del dense_params
             prefix = f"{runner.blocks_name}.{i}."  # the block's prunable linears (ArchSpec.skip, routers left out)

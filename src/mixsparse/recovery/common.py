@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_text
-from ..experts import bias_owner, weight_owner
+from ..experts import bias_owner, owners, weight_owner
 from ..modeling import find_decoder_blocks, prunable_linears
 from ..placement import fast_bf16
 
@@ -57,8 +57,7 @@ class FixedMask:
 
     def __init__(self, linears: dict[str, nn.Linear]):
         # per parameter holding prunable weights (a fused experts tensor holds all its experts' masks)
-        owners = {id(weight_owner(lin)): weight_owner(lin) for lin in linears.values()}
-        self.by_param = {k: p.detach() != 0 for k, p in owners.items()}
+        self.by_param = {id(p): p.detach() != 0 for p in owners(linears.values())[0]}
 
 
 class MasterWeights:

@@ -131,14 +131,14 @@ def _restore(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer | None,
 
 def _dense_names(model: nn.Module, dense: DenseStore, blocks_name: str, device) -> dict[str, torch.Tensor]:
     """The dense block tensors under the names the (possibly peft-wrapped) model uses for them."""
-    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    own = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
     out = {}
     for name, t in dense.params(blocks_name, device):
         if name not in own:
             head, _, leaf = name.rpartition(".")
             name = f"{head}.base_layer.{leaf}"  # a linear wrapped by peft
         if name in own:
-            out[name] = t
+            out[name] = t.to(own[name])  # the placed model's dtype (float32 when upcast for the stage)
     return out
 
 
@@ -222,7 +222,7 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
                 p.requires_grad_(flags.get(n, False))
             model.train(was_training)
     if lora:
-        result["not_adapted"] = sum(not isinstance(lin, nn.Linear) for lin in linears.values())
+        result["not_adapted"] = not_adapted
     result.update({"mode": "lora" if lora else "finetune", "settings": dataclasses.asdict(opts),
                    "seconds": round(time.perf_counter() - t0, 3)})
     return result

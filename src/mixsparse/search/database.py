@@ -146,14 +146,13 @@ class LevelDatabase:
                 save_file(tensors, str(tmp))
                 os.replace(tmp, path)
             if p.starved:
-                db.fallbacks[name] = {"tokens": p.nsamples, "min_tokens": p.min_tokens}
+                db.fallbacks[name] = {"tokens": p.nsamples, "min_tokens": p.min_tokens, "fallback": "magnitude per row"}
             p.free()
             bar.update(1)
 
         if len(levels) > 255:
             raise ConfigError(f"the level database holds at most 255 levels per layer, the space has {len(levels)}")
-        pcls = get_pruner(pruner)
-        make = pcls.factory(pruner_options, min_tokens(calib_ids, min_token_share) if pcls.needs_inputs else 0)
+        make = get_pruner(pruner).factory(pruner_options, min_tokens(calib_ids, min_token_share))
         observe_layerwise(model, calib_ids, make, on_layer, layers=db.layers, device=device)
         bar.close()
         db.seconds = time.perf_counter() - t0

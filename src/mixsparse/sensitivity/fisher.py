@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..runner import LayerwiseRunner
 from ..errors import DataError, NumericalError
-from ..experts import slot, weight_owner
+from ..experts import owners, slot
 from ..modeling import block_linears, prunable_linears
 from ..placement import Placement
 
@@ -146,8 +146,7 @@ def fisher_trace(
                 prefix = f"{runner.blocks_name}.{i}."
                 linears = {n: lin for n, lin in block_linears(block).items() if prefix + n in wanted}
                 # the parameters holding the weights (an expert's matrix is a slice of a fused 3-D one)
-                weights = list({id(weight_owner(lin)): weight_owner(lin) for lin in linears.values()}.values())
-                where = [next(j for j, w in enumerate(weights) if w is weight_owner(lin)) for lin in linears.values()]
+                weights, where = owners(linears.values())
                 sums = torch.zeros(len(linears), dtype=torch.float64, device=runner.device)
                 with weights_require_grad(weights), torch.enable_grad():
                     for s, (h, kw) in enumerate(zip(inputs, state.of_block(i))):

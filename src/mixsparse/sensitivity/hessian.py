@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericalError
-from ..experts import slot, weight_owner
+from ..experts import ExpertMatrix, owners
 from ..modeling import prunable_linears
 from ..placement import Placement
 from .fisher import check_calib_ids, eval_mode, sequence_loss, weights_require_grad
@@ -85,8 +85,7 @@ def hessian_trace(
 def _hutchinson(model, layers, chunks, n, n_probes, seed, dev, totals, progress) -> None:
     # the placed parameters holding the weights, whatever .to() made of them (an expert's matrix is a slice
     # of a fused 3-D parameter: its trace is the probe's sum over that slice)
-    weights = list({id(weight_owner(lin)): weight_owner(lin) for lin in layers}.values())
-    where = [next(j for j, w in enumerate(weights) if w is weight_owner(lin)) for lin in layers]
+    weights, where = owners(layers)
     with eval_mode(model), weights_require_grad(weights), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         bar = tqdm(total=len(chunks) * n_probes, desc="hessian", disable=not progress, leave=False)
         for chunk in chunks:
@@ -102,8 +101,12 @@ def _hutchinson(model, layers, chunks, n, n_probes, seed, dev, totals, progress)
                 gz = sum((g * z).sum() for g, z in zip(grads, zs))
                 # allow_unused: a weight the gradient does not depend on has a zero Hessian block
                 hz = torch.autograd.grad(gz, weights, retain_graph=True, allow_unused=True)
-                totals += torch.tensor([0.0 if hz[j] is None else float(slot(lin, zs[j] * hz[j]).sum())
-                                        for lin, j in zip(layers, where)], dtype=torch.float64)
+                # z^T H z per parameter, then per layer: a linear's whole product, an expert's sum over its slice
+                # (dim 0 of a fused tensor, whichever way its matrices are laid out)
+                prods = [None if h is None else (z * h).double() for z, h in zip(zs, hz)]
+                sums = [None if p is None else (p.flatten(1).sum(1) if p.dim() == 3 else p.sum()).cpu() for p in prods]
+                totals += torch.tensor([0.0 if sums[j] is None else float(sums[j][lin.index] if isinstance(
+                    lin, ExpertMatrix) else sums[j]) for lin, j in zip(layers, where)], dtype=torch.float64)
                 bar.update()
             del grads, logits, loss
         bar.close()

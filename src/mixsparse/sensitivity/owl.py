@@ -59,7 +59,11 @@ def owl_outlier_ratios(
     def on_layer(name: str, obs: WandaPruner) -> None:
         b = block_index(name, blocks_name)
         flush(b)  # blocks run in order: earlier blocks are complete
-        pending.setdefault(b, []).append(obs.scores().cpu())
+        if obs.nsamples == 0:  # a MoE expert no token was routed to: no activations, no outliers
+            return
+        # per-token mean norms: an expert sees a share of the tokens, attention all of them; summed norms would
+        # make the block's outliers follow routing (the same ratios as OWL's for dense models)
+        pending.setdefault(b, []).append((obs.scores() / obs.nsamples ** 0.5).cpu())
 
     with eval_mode(model):
         observe_layerwise(model, calib_ids, WandaPruner.factory(), on_layer, device=device,
