@@ -10,7 +10,9 @@ step fails (the failure and its traceback are recorded, and the exit status says
    on the device; no weights needed: shapes alone set time and memory), calibrated on real text:
    ``wanda_70`` and ``sparsegpt_70`` (uniform 70%), ``msp_whole`` and ``msp_blockwise`` (level database +
    a few generations of the search, with the model on the device or at home on the CPU).
-3. On a two-block model of the same shape: ``recovery_blockwise`` (block-wise reconstruction after Wanda
+3. ``moe_50``: a two-block Mixtral-shaped model (fused experts) pruned to 50% by Wanda and SparseGPT on the
+   device, experts included.
+4. On a two-block model of the same shape: ``recovery_blockwise`` (block-wise reconstruction after Wanda
    70%, zeros checked), ``gptq_4bit`` (4-bit group-128 GPTQ with the mask fixed), ``export_compressed``
    (compressed checkpoint written, read back, compared bit-exactly).
 
@@ -224,6 +226,40 @@ def recovery_step(model, calib, device: torch.device) -> dict:
             "blocks": blocks, "recovery_seconds": round(seconds, 2), "autocast": rec["autocast"]}
 
 
+def moe_step(shape: CheckShape, calib, device: torch.device, dtype: torch.dtype) -> dict:
+    """Fused MoE experts on the device: a 2-block Mixtral-shaped model (8 experts, top-2; the shape's hidden size,
+    a quarter of its MLP per expert) pruned to 50% by Wanda and SparseGPT, every expert from its routed tokens
+    (the observation loop is checked against the device's grouped_mm kernel on the first batch)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from mixsparse.engine import prune_layerwise
+    from mixsparse.modeling import coverage, measured_sparsity, param_counts
+    from mixsparse.sparsity import SparsityMap
+
+    cfg = MixtralConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate // 4,
+                        num_hidden_layers=2, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=max(2048, shape.seqlen),
+                        tie_word_embeddings=False, dtype=dtype)
+    out = {}
+    for pruner in ("wanda", "sparsegpt"):
+        torch.manual_seed(2)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        t0 = time.perf_counter()
+        rep = prune_layerwise(model, calib, SparsityMap.uniform(0.5, param_counts(model)), pruner, device=device,
+                              progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        _, sparsity = measured_sparsity(model)
+        experts = coverage(model)["by_kind"]["experts"]
+        out[pruner] = {"seconds": round(time.perf_counter() - t0, 2), "measured_sparsity": round(sparsity, 6),
+                       "experts_sparsity": round(experts["sparsity"], 6), "starved_layers": len(rep.fallbacks)}
+        del model
+    out["ok"] = all(abs(v["measured_sparsity"] - 0.5) < 0.01 and abs(v["experts_sparsity"] - 0.5) < 0.01
+                    for v in out.values())
+    return out
+
+
 def gptq_step(model, calib, device: torch.device) -> dict:
     from mixsparse.modeling import prunable_linears
     from mixsparse.quant.grid import QuantSpec
@@ -318,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    step("moe_50", lambda: moe_step(shape, calib, device, dtype))
     small = build(shape, 2, shape.vocab, dtype, device, seed=1)
     step("recovery_blockwise", lambda: recovery_step(small, calib, device))
     codes = {}

@@ -38,8 +38,9 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(gpu_check, kit, tmp_path):
     steps = data["steps"]
     failed = {n: s.get("error") or s.get("failed") or s.get("output_tail") for n, s in steps.items() if not s["ok"]}
     assert rc == 0 and not failed, failed
-    assert list(steps) == ["placement_tests", "wanda_70", "sparsegpt_70", "msp_whole", "msp_blockwise",
+    assert list(steps) == ["placement_tests", "wanda_70", "sparsegpt_70", "msp_whole", "msp_blockwise", "moe_50",
                            "recovery_blockwise", "gptq_4bit", "export_compressed"]
+    assert steps["moe_50"]["wanda"]["experts_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert steps["placement_tests"]["passed"] >= 20 and steps["placement_tests"]["device"] == "simulated"
     for pruner in ("wanda_70", "sparsegpt_70"):
         assert steps[pruner]["measured_sparsity"] == pytest.approx(0.7, abs=0.01)
