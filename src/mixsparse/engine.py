@@ -180,6 +180,7 @@ def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, devic
     cls = get_pruner(pruner)
     make = cls.factory(pruner_options, min_tokens(calib_ids, min_token_share))
     runner = LayerwiseRunner(model, device=device, offload=offload)
+    runner.writes = True  # a streamed model's pruned blocks go back to disk
     per_block = block_layers(model, runner, targets)
     targets.check_divisible({n: lin.in_features for layers in per_block for n, lin in layers.items()})
 

@@ -221,6 +221,9 @@ def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, metada
     ``metadata`` ends up as ``config.mixsparse``. GGUF-loaded models are saved like plain ones: the
     save sees a cleaned copy of the config and no quantizer; the caller's model is left as it was.
     """
+    from .streaming import refuse
+
+    refuse(model, "save_hf", "write it with mixsparse.streaming.save_streamed (one shard per block)")
     cfg = _clean_config(model, metadata)
     with atomic_dir(out_dir, overwrite) as tmp:
         saved_config, saved_quantizer = model.config, getattr(model, "hf_quantizer", None)
@@ -319,6 +322,9 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
+    from .streaming import refuse
+
+    refuse(model, "the compressed export", "export the streamed model with mixsparse.streaming.save_streamed")
     targets = _layer_targets(sparsity_map)
     linears = prunable_linears(model)
     # tensor name -> the prunable layers it holds (one for a linear's weight, every expert for a fused tensor)

@@ -150,11 +150,25 @@ def _restore(module: nn.Module) -> None:
             home = getattr(p, "_mixsparse_home_dtype", None) if p is not None else None
             if home is not None:
                 with torch.no_grad():
-                    p.data = narrow(p.data, home)
+                    p.data = p.data.to(home) if p.is_meta else narrow(p.data, home)
                 del p._mixsparse_home_dtype
         for name, b in m._buffers.items():
             home = getattr(b, "_mixsparse_home_dtype", None) if b is not None else None
             if home is not None:
+                m._buffers[name] = b.to(home)
+
+
+def _send_home(model: nn.Module, home: torch.device) -> None:
+    """``model.to(home)``, leaving tensors on the meta device (a streamed model's blocks) where they are."""
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(home)
+        return
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and not p.is_meta and p.device != home:
+                p.data = p.data.to(home)
+        for name, b in m._buffers.items():
+            if b is not None and not b.is_meta and b.device != home:
                 m._buffers[name] = b.to(home)
 
 
@@ -177,7 +191,7 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 
 def home_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
+    p = next((p for p in model.parameters() if not p.is_meta), None)  # a streamed model's blocks are on meta
     return p.device if p is not None else torch.device("cpu")
 
 
@@ -203,6 +217,10 @@ class Placement:
         if mode not in MODES:
             raise ConfigError(f"model.placement must be one of {', '.join(MODES)}, got {mode!r}")
         dev = torch.device(device) if device is not None else (home_of(model) if model is not None else torch.device("cpu"))
+        from .streaming import stream_of
+
+        if model is not None and stream_of(model) is not None:  # its blocks live on disk: one at a time
+            mode = "blockwise"
         model_dtype = next(model.parameters()).dtype if model is not None else torch.float32
         dtype = compute_dtype(compute, model_dtype, dev)
         if mode == "auto":
@@ -252,11 +270,14 @@ class Placement:
             yield home
         finally:
             _restore(model)  # whatever the stage upcast goes back to the model's dtype, also after an error
-            model.to(home)
+            _send_home(model, home)
 
     @contextlib.contextmanager
     def whole(self, model: nn.Module) -> Iterator[torch.device]:
         """The whole model on the device (upcast when :meth:`whole_upcast`) for the duration, then back home."""
+        from .streaming import refuse
+
+        refuse(model, "placing the whole model on the device", "use model.placement=blockwise")
         with self.stage(model):
             model.to(self.device)
             if self.whole_upcast(model):

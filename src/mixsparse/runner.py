@@ -148,6 +148,13 @@ class LayerwiseRunner:
         self.device = self.placement.device
         self.store = self.placement.store
         self.block_returns_tuple: bool | None = None
+        from .streaming import stream_of
+
+        # a model larger than RAM: blocks are read from its checkpoint when placed (mixsparse.streaming); a stage
+        # that changes weights sets ``writes`` so that each block is written back before it is dropped
+        self.stream = stream_of(model)
+        self.writes = False
+        self._index = {id(b): i for i, b in enumerate(self.blocks)}
 
     # --- placement -------------------------------------------------------------------------
     def _non_block_modules(self) -> Iterator[nn.Module]:
@@ -184,7 +191,7 @@ class LayerwiseRunner:
     def _learn_output_form(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict, params: dict | None) -> None:
         """Whether blocks return a tuple (older layouts) or the hidden states alone: block 0 is run once."""
         if params is None:  # the non-block modules were placed: place the block too
-            with self.placement.block(block):
+            with self.on_device(block, write=False):
                 out = block(hidden, **kwargs)
         else:  # the caller holds device copies of the non-block tensors only (the fitness): the block's own
             # tensors, in the dtype the caller computes in (e.g. a float32 fitness of a bf16 model)
@@ -269,7 +276,11 @@ class LayerwiseRunner:
         with self._swapped_blocks(lambda i, b: _Replay(b, hidden.to(self.device) if i == 0 else None, as_tuple)):
             return self._call_model(params, input_ids=input_ids.to(self.device), use_cache=False).logits
 
-    def on_device(self, block: nn.Module):
+    def on_device(self, block: nn.Module, write: bool | None = None):
+        """``block`` on the device for the duration (read from the checkpoint first when streamed; written back
+        after when the stage ``writes``)."""
+        if self.stream is not None:
+            return self.stream.placed(self._index[id(block)], self.placement, self.writes if write is None else write)
         return self.placement.block(block)
 
     def forward_all(self, batches: Sequence[torch.Tensor], progress: bool = False,

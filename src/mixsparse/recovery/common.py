@@ -180,6 +180,10 @@ class DenseStore:
         fingerprint is reused."""
         from safetensors.torch import save_file
 
+        from ..streaming import refuse
+
+        refuse(model, "recovery's dense snapshot", "recovery does not stream yet; prune without --recover")
+
         path = Path(path)
         with contextlib.suppress(ConfigError):
             old = cls(path)

@@ -212,6 +212,10 @@ class Fitness:
             raise ConfigError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
         if kl_topk < 0:
             raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact full-vocabulary KL), got {kl_topk}")
+        from ..streaming import refuse
+
+        refuse(db.model, "the search's fitness", "allocate with uniform or owl (they stream), or search on a "
+               "machine whose RAM holds the model")
         self.db, self.windows, self.kind, self.group = db, windows, kind, group
         model = db.model
         pl = Placement.resolve(device, placement, model)

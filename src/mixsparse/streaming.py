@@ -1,0 +1,257 @@
+"""Models larger than RAM: decoder blocks stream from the checkpoint, one or two at a time.
+
+:func:`load_streamed` builds the model on the meta device and loads only what is outside the decoder blocks
+(embeddings, final norm, head). Each block's weights are read from the safetensors checkpoint (memory-mapped)
+when a stage places that block (:meth:`LayerwiseRunner.on_device`), and dropped back to the meta device when it
+leaves; a stage that changes weights (pruning) writes the block to the stream's work directory, and later
+stages read that version. RAM holds at most two blocks (the one in flight and, while the next is read, its
+successor) plus the calibration activations and the non-block tensors, whatever the model's size.
+
+:func:`save_streamed` writes the result as a Hugging Face checkpoint (one shard per block, plus the
+non-block tensors), which ``from_pretrained`` loads, without ever holding the whole model.
+
+Stages that need the whole model at once (the Hessian trace, end-to-end fine-tuning, the compressed export's
+single pass, the search's fitness replica) are not streamed yet: they refuse a streamed model with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelLoadError
+from .io import atomic_dir, atomic_write_text
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """A safetensors checkpoint's tensors by name (one file or an index of shards), read lazily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if (self.path / INDEX).is_file():
+            self.files = {k: self.path / v for k, v in json.loads((self.path / INDEX).read_text())["weight_map"].items()}
+        elif (self.path / SINGLE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / SINGLE), framework="pt") as f:
+                self.files = {k: self.path / SINGLE for k in f.keys()}
+        else:
+            raise ModelLoadError(f"{self.path} holds no safetensors checkpoint ({SINGLE} or {INDEX}); streaming reads "
+                                 "safetensors only (save the model once with save_pretrained)")
+
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.files.values()))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once (its pages are mapped, read and released)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                out.update({k: f.get_tensor(k) for k in keys})
+        return out
+
+
+class BlockStream:
+    """Where a streamed model's blocks live: the checkpoint, or the work directory once a stage changed them."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, blocks_name: str, blocks: nn.ModuleList,
+                 work_dir: Path, dtype: torch.dtype):
+        # the blocks themselves, not the ModuleList: the runner swaps recorders into the list while it captures
+        self.checkpoint, self.blocks_name, self.blocks, self.dtype = checkpoint, blocks_name, list(blocks), dtype
+        self.work_dir = work_dir
+        self.live: set[int] = set()
+        self.peak_live = 0  # most blocks materialised at once (a test asserts it stays at most two)
+        self.reads = 0
+        self._own_dir = False
+        for i, block in enumerate(blocks):
+            missing = [n for n, _ in block.named_parameters() if self._key(i, n) not in checkpoint.files]
+            if missing:
+                raise ModelLoadError(
+                    f"the checkpoint in {checkpoint.path} has no tensor {self._key(i, missing[0])!r} that block {i} "
+                    "needs; streaming reads tensors under the model's own names (a checkpoint in an older layout, "
+                    "e.g. per-expert MoE weights, must be loaded and saved once with save_pretrained)")
+
+    def _key(self, i: int, local: str) -> str:
+        return f"{self.blocks_name}.{i}.{local}"
+
+    def _saved(self, i: int) -> Path:
+        return self.work_dir / f"block-{i}.safetensors"
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s parameters by local name, in the model's dtype: its latest version."""
+        from safetensors.torch import load_file
+
+        self.reads += 1
+        if self._saved(i).is_file():
+            return load_file(str(self._saved(i)))
+        names = [n for n, _ in self.blocks[i].named_parameters()]
+        got = self.checkpoint.read([self._key(i, n) for n in names])
+        return {n: got[self._key(i, n)].to(self.dtype) for n in names}
+
+    @staticmethod
+    def _set(block: nn.Module, tensors: "dict[str, torch.Tensor] | None") -> None:
+        """Every parameter of ``block`` replaced by one holding ``tensors[name]`` (None: an empty meta tensor). New
+        parameter objects: torch does not let a parameter's data move between the meta device and a real one."""
+        for prefix, m in block.named_modules():
+            for attr, p in list(m._parameters.items()):
+                if p is not None:
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    t = torch.empty_like(p, device="meta") if tensors is None else tensors[name]
+                    m._parameters[attr] = nn.Parameter(t, requires_grad=p.requires_grad)
+
+    def materialise(self, i: int) -> nn.Module:
+        block = self.blocks[i]
+        self._set(block, self.read(i))
+        self.live.add(i)
+        self.peak_live = max(self.peak_live, len(self.live))
+        return block
+
+    def release(self, i: int, write: bool) -> None:
+        """Back to the meta device; with ``write`` the block's weights go to the work directory first."""
+        block = self.blocks[i]
+        if write:
+            from safetensors.torch import save_file
+
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._saved(i).with_suffix(".tmp")
+            save_file({n: p.detach().to("cpu").contiguous() for n, p in block.named_parameters()}, str(tmp))
+            os.replace(tmp, self._saved(i))
+        self._set(block, None)
+        self.live.discard(i)
+
+    @contextlib.contextmanager
+    def placed(self, i: int, placement, write: bool) -> Iterator[nn.Module]:
+        """Block ``i`` read, on the placement's device for the duration, then written (``write``) and dropped."""
+        block = self.materialise(i)
+        try:
+            with placement.block(block):
+                yield block
+        finally:
+            self.release(i, write)
+
+    def blocks_at_rest(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Every block's current tensors, one block at a time (for measurements and the export)."""
+        for i in range(len(self.blocks)):
+            yield i, self.read(i)
+
+    def cleanup(self) -> None:
+        if self._own_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def stream_of(model: nn.Module) -> BlockStream | None:
+    return getattr(model, "_mixsparse_stream", None)
+
+
+def load_streamed(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                  work_dir: str | os.PathLike | None = None) -> nn.Module:
+    """The model in ``path`` with its decoder blocks left on the checkpoint (see the module docstring)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .loading import parse_dtype
+    from .modeling import find_decoder_blocks
+
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    ckpt = Checkpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks_name, blocks = find_decoder_blocks(model)
+    inside = {id(p) for p in blocks.parameters()}
+    outside = [n for n, p in model.named_parameters() if id(p) not in inside]
+    have = [n for n in outside if n in ckpt.files]
+    state = {n: t.to(dtype) for n, t in ckpt.read(have).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if id(p) not in inside and p.is_meta]
+    if left:
+        raise ModelLoadError(f"the checkpoint in {path} lacks {left[0]!r}, which the model needs outside its blocks")
+    own = work_dir is None
+    wd = Path(tempfile.mkdtemp(prefix="mixsparse-stream-")) if own else Path(work_dir)
+    stream = BlockStream(model, ckpt, blocks_name, blocks, wd, dtype)
+    stream._own_dir = own
+    object.__setattr__(model, "_mixsparse_stream", stream)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def refuse(model: nn.Module, stage: str, alternative: str) -> None:
+    """A stage that needs the whole model at once stops on a streamed model, naming what to do instead."""
+    if stream_of(model) is not None:
+        raise ConfigError(f"{stage} needs the whole model in memory, but this model is streamed from its checkpoint "
+                          f"(larger than RAM); {alternative}")
+
+
+def measured_sparsity_streamed(model: nn.Module) -> tuple[dict[str, float], float]:
+    """:func:`~mixsparse.modeling.measured_sparsity` of a streamed model, one block at a time."""
+    from .experts import ExpertMatrix
+    from .modeling import prunable_linears
+    from .names import block_index
+    from .sparsity import weighted_average
+
+    stream = stream_of(model)
+    layers = prunable_linears(model)  # names and kinds only: the blocks' tensors are on the meta device
+    by_block: dict[int, dict] = {}
+    for name, lin in layers.items():
+        by_block.setdefault(block_index(name, stream.blocks_name), {})[name] = lin
+    per, counts = {}, {}
+    for i, tensors in stream.blocks_at_rest():
+        for name, lin in by_block.get(i, {}).items():
+            local = name[len(f"{stream.blocks_name}.{i}."):]
+            if isinstance(lin, ExpertMatrix):
+                w = lin.slot(tensors[local.split("[")[0]])
+            else:
+                w = tensors[f"{local}.weight"]
+            per[name] = float((w == 0).sum()) / w.numel()
+            counts[name] = w.numel()
+    return per, weighted_average(per, counts)
+
+
+def save_streamed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """A Hugging Face checkpoint of a streamed model: the non-block tensors in one shard, each block in its own."""
+    from safetensors.torch import save_file
+
+    stream = stream_of(model)
+    if stream is None:
+        raise ConfigError("save_streamed takes a streamed model (mixsparse.streaming.load_streamed)")
+    inside = {id(p) for b in stream.blocks for p in b.parameters()}
+    weight_map: dict[str, str] = {}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        seen, rest = set(), {}
+        for n, p in model.named_parameters():
+            if id(p) not in inside and id(p) not in seen:  # tied weights are written once (the loader re-ties)
+                seen.add(id(p))
+                rest[n] = p.detach().cpu().contiguous()
+        files = len(stream.blocks) + 1
+        name = f"model-00001-of-{files:05d}.safetensors"
+        save_file(rest, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in rest})
+        for i, tensors in stream.blocks_at_rest():
+            name = f"model-{i + 2:05d}-of-{files:05d}.safetensors"
+            full = {stream._key(i, k): v.contiguous() for k, v in tensors.items()}
+            save_file(full, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in full})
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        atomic_write_text(tmp / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -1,0 +1,79 @@
+"""Streaming a model larger than RAM from its checkpoint: the streamed run gives bit-identical pruned weights to
+the in-memory run, never holds more than two blocks, and what needs the whole model says so."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mixsparse.engine import prune_layerwise
+from mixsparse.errors import ConfigError, ModelLoadError
+from mixsparse.evaluation import perplexity
+from mixsparse.modeling import measured_sparsity, param_counts
+from mixsparse.sensitivity.owl import owl_outlier_ratios
+from mixsparse.sparsity import NM, SparsityMap
+from mixsparse.streaming import load_streamed, measured_sparsity_streamed, save_streamed, stream_of
+
+from .tiny import tiny_ids, tiny_model
+
+CALIB = tiny_ids(4, 16, seed=1)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="60KB")  # several shards, as a large checkpoint has
+    return model, tmp_path / "dense"
+
+
+@pytest.mark.parametrize("pruner, target", [("wanda", 0.6), ("sparsegpt", 0.5), ("magnitude", 0.7), ("wanda", NM(2, 4))])
+def test_a_streamed_prune_equals_the_in_memory_one_bit_for_bit(saved, tmp_path, pruner, target):
+    model, path = saved
+    mem = copy.deepcopy(model)
+    prune_layerwise(mem, CALIB, SparsityMap.uniform(target, param_counts(mem)), pruner, device="cpu", progress=False)
+    streamed = load_streamed(path)
+    assert all(p.is_meta for b in stream_of(streamed).blocks for p in b.parameters())  # no block in RAM after loading
+    prune_layerwise(streamed, CALIB, SparsityMap.uniform(target, param_counts(streamed)), pruner, device="cpu",
+                    progress=False)
+    stream = stream_of(streamed)
+    assert stream.peak_live <= 2 and not stream.live  # one block in flight (two while one is read)
+    assert measured_sparsity_streamed(streamed) == measured_sparsity(mem)
+    back = AutoModelForCausalLM.from_pretrained(save_streamed(streamed, tmp_path / "out"))
+    theirs = dict(back.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in mem.named_parameters())
+
+
+def test_owl_and_perplexity_stream_block_by_block(saved):
+    model, path = saved
+    streamed = load_streamed(path)
+    assert owl_outlier_ratios(streamed, CALIB, progress=False) == owl_outlier_ratios(model, CALIB, progress=False)
+    ev = tiny_ids(2, 16, seed=4)
+    assert perplexity(streamed, ev, device="cpu") == pytest.approx(perplexity(model, ev, device="cpu", layerwise=True),
+                                                                  rel=1e-12)
+    assert stream_of(streamed).peak_live <= 2
+
+
+def test_what_needs_the_whole_model_refuses_a_streamed_one(saved):
+    from mixsparse.placement import Placement
+
+    _, path = saved
+    streamed = load_streamed(path)
+    with pytest.raises(ConfigError, match="streamed from its checkpoint"), Placement(torch.device("cpu"), "whole").whole(streamed):
+        pass
+
+
+def test_a_checkpoint_under_other_names_is_refused_before_any_work(saved, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, path = saved
+    single = tmp_path / "renamed"
+    model.save_pretrained(single)
+    state = load_file(str(single / "model.safetensors"))
+    state = {k.replace("layers.2.mlp.up_proj", "layers.2.mlp.w3"): v for k, v in state.items()}
+    save_file(state, str(single / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((single / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="model.layers.2.mlp.up_proj.weight"):
+        load_streamed(single)
