@@ -116,7 +116,6 @@ def worker(path: str, method: str, samples: int, seqlen: int) -> dict:
     stream = stream_of(model)
     _, sparsity = measured_sparsity_streamed(model)
     disk = sum(p.stat().st_size for p in stream.work_dir.glob("*.safetensors"))
-    stream.cleanup()
     blocks = len(stream.blocks)
     return {"seconds": round(time.perf_counter() - t0, 1), "load_seconds": round(load_s, 1),
             "owl_seconds": round(owl_s, 1), "prune_seconds": round(prune_s, 1),

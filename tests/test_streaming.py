@@ -77,3 +77,16 @@ def test_a_checkpoint_under_other_names_is_refused_before_any_work(saved, tmp_pa
     assert json.loads((single / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="model.layers.2.mlp.up_proj.weight"):
         load_streamed(single)
+
+
+def test_the_temporary_work_directory_goes_with_the_model(saved):
+    import gc
+
+    _, path = saved
+    streamed = load_streamed(path)
+    prune_layerwise(streamed, CALIB, SparsityMap.uniform(0.5, param_counts(streamed)), "magnitude", progress=False)
+    work = stream_of(streamed).work_dir
+    assert len(list(work.glob("block-*.safetensors"))) == 4
+    del streamed
+    gc.collect()
+    assert not work.exists()

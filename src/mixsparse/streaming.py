@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +79,6 @@ class BlockStream:
         self.live: set[int] = set()
         self.peak_live = 0  # most blocks materialised at once (a test asserts it stays at most two)
         self.reads = 0
-        self._own_dir = False
         for i, block in enumerate(blocks):
             missing = [n for n, _ in block.named_parameters() if self._key(i, n) not in checkpoint.files]
             if missing:
@@ -150,9 +150,6 @@ class BlockStream:
         for i in range(len(self.blocks)):
             yield i, self.read(i)
 
-    def cleanup(self) -> None:
-        if self._own_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def stream_of(model: nn.Module) -> BlockStream | None:
@@ -185,8 +182,14 @@ def load_streamed(path: str | os.PathLike, dtype: torch.dtype | str = torch.floa
         raise ModelLoadError(f"the checkpoint in {path} lacks {left[0]!r}, which the model needs outside its blocks")
     own = work_dir is None
     wd = Path(tempfile.mkdtemp(prefix="mixsparse-stream-")) if own else Path(work_dir)
-    stream = BlockStream(model, ckpt, blocks_name, blocks, wd, dtype)
-    stream._own_dir = own
+    try:
+        stream = BlockStream(model, ckpt, blocks_name, blocks, wd, dtype)
+    except BaseException:
+        if own:
+            shutil.rmtree(wd, ignore_errors=True)
+        raise
+    if own:  # a temporary work directory goes with the model (the pruned blocks in it are the model's weights)
+        weakref.finalize(model, shutil.rmtree, str(wd), True)
     object.__setattr__(model, "_mixsparse_stream", stream)
     model.config.use_cache = False
     return model.eval()
