@@ -42,6 +42,30 @@ class StreamShape:
 SHAPES = {"13b": StreamShape(5120, 13824, 40, 40, 32000),  # Llama-2-13B
           "tiny": StreamShape(64, 128, 4, 4, 512)}
 PROJECT = {"70b": 70.6e9, "405b": 405.8e9}  # parameters of Llama-3-70B and -405B
+# Llama-3-70B and -405B (hidden, MLP, query heads, key/value heads, vocabulary, blocks): what RAM is projected from
+BIG = {"70b": (8192, 28672, 64, 8, 128256, 80), "405b": (16384, 53248, 128, 8, 128256, 126)}
+
+
+def block_and_rest_bytes(hidden: int, inter: int, heads: int, kv: int, vocab: int, bytes_per: int = 2) -> tuple[int, int]:
+    """bf16 bytes of one decoder block (attention with GQA + gated MLP) and of what is outside the blocks
+    (untied embeddings and head)."""
+    kv_dim = hidden // heads * kv
+    block = (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter) * bytes_per
+    return block, 2 * vocab * hidden * bytes_per
+
+
+def ram_projection(entry: dict) -> dict:
+    """Peak RSS for a bigger model: the measured peak with this model's block and non-block bytes replaced by the
+    bigger one's (the rest, interpreter, torch and activations, assumed unchanged; activations grow with hidden
+    size, a few MB at this calibration size)."""
+    sh = entry["shape"]
+    block, rest = block_and_rest_bytes(sh["hidden"], sh["intermediate"], sh["heads"], sh["heads"], sh["vocab"])
+    base = entry["peak_rss_mb"] * 2**20 - entry["peak_live_blocks"] * block - rest
+    out = {}
+    for k, (h, i, q, kv, v, _) in BIG.items():
+        b, r = block_and_rest_bytes(h, i, q, kv, v)
+        out[k] = round((base + entry["peak_live_blocks"] * b + r) / 2**30, 1)
+    return out
 
 
 def config(shape: StreamShape):
@@ -133,7 +157,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="only rewrite streaming.md from streaming.json")
     args = ap.parse_args()
+    if args.render:
+        render(Results(RESULTS / "streaming.json", None))
+        return
     if args.worker:
         print(json.dumps(worker(args.dir, args.worker, args.samples, args.seqlen)))
         return
@@ -174,20 +202,21 @@ def main() -> None:
 def render(res: Results) -> None:
     e, meta = res.data["entries"], res.data["meta"]
     rows = ["| shape / method | checkpoint | machine RAM | peak RSS | seconds | s / block | pruned blocks on disk | "
-            "sparsity | projected 70B: disk, hours | projected 405B: disk, hours |", "|---|" + "---|" * 9]
+            "sparsity | projected 70B: RAM, disk, hours | projected 405B: RAM, disk, hours |", "|---|" + "---|" * 9]
     for key, v in e.items():
-        p = v["projection"]
+        p, ram = v["projection"], ram_projection(v)
         rows.append(f"| {key} | {v['model_bytes'] / 1e9:.1f} GB | "
                     f"{(v['machine_ram_bytes'] or 0) / 2**30:.0f} GiB | {fmt(v['peak_rss_mb'], 0)} MB | "
                     f"{fmt(v['seconds'], 0)} | {v['seconds_per_block']} | {v['pruned_blocks_disk_bytes'] / 1e9:.1f} GB | "
-                    f"{v['measured_sparsity']:.4f} | {p['70b']['disk_gb']} GB, {p['70b']['hours']} h | "
-                    f"{p['405b']['disk_gb']} GB, {p['405b']['hours']} h |")
+                    f"{v['measured_sparsity']:.4f} | {ram['70b']} GiB, {p['70b']['disk_gb']} GB, {p['70b']['hours']} h | "
+                    f"{ram['405b']} GiB, {p['405b']['disk_gb']} GB, {p['405b']['hours']} h |")
     text = ["# Streaming a model larger than RAM", "", produced_by(meta), "",
             "A random Llama-shaped bf16 checkpoint (one shard per block), pruned with Wanda to 70% by "
             "`mixsparse.streaming` (blocks read from the checkpoint one at a time, pruned blocks written to a work "
             "directory), in a fresh process per method; calibration: random token ids. Peak RSS is the process's. "
-            "Projections scale time and disk linearly in parameters; RAM is one block plus the embeddings and "
-            "head (which grow with hidden size and vocabulary, not with depth).", "", *rows, "",
+            "Projections (Llama-3-70B and -405B shapes) scale time and disk linearly in parameters; RAM replaces "
+            "this model's block and embeddings/head bytes in the measured peak with theirs (RAM grows with one "
+            "block and the vocabulary, not with depth).", "", *rows, "",
             *provenance_lines(e, meta)]
     write_markdown(RESULTS / "streaming.md", "\n".join(text) + "\n")
 
