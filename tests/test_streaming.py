@@ -90,3 +90,47 @@ def test_the_temporary_work_directory_goes_with_the_model(saved):
     del streamed
     gc.collect()
     assert not work.exists()
+
+
+@pytest.mark.parametrize("pruner, incremental", [("wanda", True), ("sparsegpt", False)])
+def test_a_streamed_search_equals_the_in_memory_one_bit_for_bit(saved, pruner, incremental):
+    """MSP on a streamed model: the Fisher seed, the level database (a mask-only pruner's masks on disk), every
+    fitness value, the search's path and the stitched model are those of the in-memory run."""
+    from mixsparse.search import Fitness, LevelDatabase, LevelSpace, SearchConfig, evolutionary_search
+    from mixsparse.sensitivity import model_fingerprint
+    from mixsparse.sensitivity.fisher import fisher_trace
+
+    model, path = saved
+    windows = tiny_ids(3, 16, seed=2)
+    cfg = SearchConfig(generations=2, population=2, offspring=3, stages=[[1, 2], [3, 1]])
+
+    def search(m):
+        counts = param_counts(m)
+        trace = fisher_trace(m, CALIB[:2], device="cpu", progress=False)
+        space = LevelSpace.unstructured(0.6, counts, step=0.1, max_shift=0.2)
+        with LevelDatabase.build(m, space, CALIB, pruner, device="cpu", progress=False) as db:
+            ram = db.ram_bytes_used()
+            fit = Fitness(db, windows, "kl", device="cpu", dtype="model", incremental=incremental)
+            init = {n: (1 if i % 2 else -1) for i, n in enumerate(sorted(counts))}
+            res = evolutionary_search(fit, space, [init, {n: 0 for n in counts}], cfg, progress=False)
+            memo = dict(fit.memo)
+            db.write(res.offsets)
+        return trace, res, memo, ram
+
+    mem = copy.deepcopy(model)
+    streamed = load_streamed(path)
+    fp = model_fingerprint(streamed)
+    assert fp == model_fingerprint(load_streamed(path)) and fp != model_fingerprint(mem)  # blocks are hashed
+    got, want = search(streamed), search(mem)
+    assert got[0] == want[0]  # Fisher traces
+    def path(res):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in res.history]
+
+    assert got[1].offsets == want[1].offsets and path(got[1]) == path(want[1])
+    assert got[2] == want[2]  # every fitness value
+    if pruner == "wanda":
+        assert got[3] == 0 < want[3]  # the streamed model's masks live on disk, not in RAM
+    stream = stream_of(streamed)
+    assert stream.peak_live <= 2 and not stream.live
+    assert model_fingerprint(streamed) != fp  # the stitched blocks were written: the fingerprint follows them
+    assert measured_sparsity_streamed(streamed) == measured_sparsity(mem)

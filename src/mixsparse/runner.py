@@ -195,8 +195,9 @@ class LayerwiseRunner:
                 out = block(hidden, **kwargs)
         else:  # the caller holds device copies of the non-block tensors only (the fitness): the block's own
             # tensors, in the dtype the caller computes in (e.g. a float32 fitness of a bf16 model)
-            tensors = {n: t.to(self.device, dtype=hidden.dtype if t.is_floating_point() else t.dtype)
-                       for n, t in [*block.named_parameters(), *block.named_buffers()]}
+            with self.readable(0):
+                tensors = {n: t.to(self.device, dtype=hidden.dtype if t.is_floating_point() else t.dtype)
+                           for n, t in [*block.named_parameters(), *block.named_buffers()]}
             out = torch.func.functional_call(block, tensors, (hidden,), kwargs, strict=False)
         self.block_returns_tuple = isinstance(out, (tuple, list))
 
@@ -275,6 +276,19 @@ class LayerwiseRunner:
         as_tuple = bool(self.block_returns_tuple)
         with self._swapped_blocks(lambda i, b: _Replay(b, hidden.to(self.device) if i == 0 else None, as_tuple)):
             return self._call_model(params, input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    @contextlib.contextmanager
+    def readable(self, i: int) -> Iterator[None]:
+        """Block ``i``'s weights readable where they are for the duration: a streamed block at rest is read from
+        the checkpoint and dropped after, unchanged (tensors taken from it meanwhile stay valid)."""
+        if self.stream is None or i in self.stream.live:
+            yield
+            return
+        self.stream.materialise(i)
+        try:
+            yield
+        finally:
+            self.stream.release(i, write=False)
 
     def on_device(self, block: nn.Module, write: bool | None = None):
         """``block`` on the device for the duration (read from the checkpoint first when streamed; written back

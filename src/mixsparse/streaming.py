@@ -77,6 +77,8 @@ class BlockStream:
         self.checkpoint, self.blocks_name, self.blocks, self.dtype = checkpoint, blocks_name, list(blocks), dtype
         self.work_dir = work_dir
         self.live: set[int] = set()
+        self.version = 0  # bumped whenever a block is written: what a cached fingerprint was computed on
+        self._fingerprint: tuple[int, str] | None = None
         self.peak_live = 0  # most blocks materialised at once (a test asserts it stays at most two)
         self.reads = 0
         for i, block in enumerate(blocks):
@@ -132,6 +134,7 @@ class BlockStream:
             tmp = self._saved(i).with_suffix(".tmp")
             save_file({n: p.detach().to("cpu").contiguous() for n, p in block.named_parameters()}, str(tmp))
             os.replace(tmp, self._saved(i))
+            self.version += 1
         self._set(block, None)
         self.live.discard(i)
 
@@ -144,6 +147,21 @@ class BlockStream:
                 yield block
         finally:
             self.release(i, write)
+
+    def fingerprint_into(self, h) -> None:
+        """Feed every block's current tensors (name, shape, dtype, bytes) to the hash ``h``, one block at a time;
+        the digest is kept until a block is written, so the stages of one run read the blocks for it only once."""
+        import hashlib
+
+        if self._fingerprint is None or self._fingerprint[0] != self.version:
+            inner = hashlib.sha256()
+            for i, tensors in self.blocks_at_rest():
+                for n in sorted(tensors):
+                    t = tensors[n]
+                    inner.update(f"{self._key(i, n)}:{tuple(t.shape)}:{t.dtype}".encode())
+                    inner.update(t.reshape(-1).view(torch.uint8).numpy())
+            self._fingerprint = (self.version, inner.hexdigest())
+        h.update(self._fingerprint[1].encode())
 
     def blocks_at_rest(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Every block's current tensors, one block at a time (for measurements and the export)."""

@@ -18,6 +18,10 @@ Memory, per prunable parameter, whatever the number of levels L:
   ``sequential`` it uses the fitness dtype, which bf16 halves for an fp32 model);
   free disk space is checked before building. RAM holds the most recently used entries up to
   ``ram_bytes`` (default 0: read from the page cache each time) plus, while building, one layer's levels.
+
+A model streamed from its checkpoint (larger than RAM, :mod:`mixsparse.streaming`) keeps a mask-only
+pruner's ``kept_levels`` on disk too (one file per layer, read when its block is evaluated), so RAM holds
+no per-parameter state; :meth:`LevelDatabase.write` stitches the final model block by block.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from ..engine import min_tokens, observe_layerwise
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_json
 from ..modeling import prunable_linears
+from ..names import block_index
 from ..pruners import get_pruner
+from ..streaming import stream_of
 from .space import LevelSpace, Offsets
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,7 @@ class LevelDatabase:
         self.space = space
         self.layers = prunable_linears(model)
         self.masks_only = masks_only
+        self.stream = stream_of(model)
         self.kept_levels: dict[str, torch.Tensor] = {}  # mask-only pruners
         self.store_dir = store_dir  # reconstructing pruners
         self.ram_bytes = ram_bytes
@@ -90,7 +97,9 @@ class LevelDatabase:
         pcls = get_pruner(pruner)
         masks_only = not getattr(pcls, "reconstructs", False)
         owns = False
-        if not masks_only:
+        if masks_only and stream_of(model) is not None:  # the masks go to disk: a private store
+            store_dir, owns = Path(tempfile.mkdtemp(prefix="mixsparse-levels-")), True
+        elif not masks_only:
             if store_dir is None:
                 store_dir, owns = Path(tempfile.mkdtemp(prefix="mixsparse-levels-")), True
             store_dir = Path(store_dir)
@@ -107,7 +116,8 @@ class LevelDatabase:
             store_dir.mkdir(parents=True, exist_ok=True)
         try:
             if store_dir is not None:
-                _check_disk(store_dir, db.layers, len(levels), store_dtype)
+                _check_disk(store_dir, db.layers, 1 if masks_only else len(levels),
+                            torch.uint8 if masks_only else store_dtype)
             db._fill(model, space, calib_ids, pruner, pruner_options, device, store_dtype, progress, min_token_share)
         except BaseException:
             db.free()  # a temporary store goes; a named one stays incomplete (no marker) and is rebuilt next time
@@ -135,7 +145,12 @@ class LevelDatabase:
                             "lower level; the level database needs nested masks (one ranking per layer)")
                     count = mask.to(torch.uint8) if count is None else count + mask.to(torch.uint8)
                     prev = mask
-                db.kept_levels[name] = count.cpu()
+                if db.stream is not None:
+                    from safetensors.torch import save_file
+
+                    save_file({"kept_levels": count.cpu().contiguous()}, str(db._path(name)))
+                else:
+                    db.kept_levels[name] = count.cpu()
             else:
                 from safetensors.torch import save_file
 
@@ -180,8 +195,16 @@ class LevelDatabase:
     def keep_mask(self, name: str, k: int, device: torch.device | str | None = None) -> torch.Tensor:
         j = self._level_index(k)
         if self.masks_only:
-            return self.kept_levels[name].to(device or "cpu") > j
+            return self._kept(name).to(device or "cpu") > j
         return self._stored(name, j).to(device or "cpu") != 0
+
+    def _kept(self, name: str) -> torch.Tensor:
+        if name in self.kept_levels:
+            return self.kept_levels[name]
+        from safetensors import safe_open
+
+        with safe_open(str(self._path(name)), framework="pt", device="cpu") as f:  # a streamed model's, on disk
+            return f.get_tensor("kept_levels")
 
     def weight(self, name: str, k: int, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -192,7 +215,7 @@ class LevelDatabase:
         device = torch.device(device) if device is not None else dense.device
         dtype = dtype or dense.dtype
         if self.masks_only:
-            keep = self.kept_levels[name].to(device) > j
+            keep = self._kept(name).to(device) > j
             w = dense.to(device=device, dtype=dtype)
             return torch.where(keep, w, torch.zeros((), dtype=dtype, device=device))
         return self._stored(name, j).to(device=device, dtype=dtype)
@@ -218,10 +241,25 @@ class LevelDatabase:
 
     @torch.no_grad()
     def write(self, offsets: Offsets) -> None:
-        """Put a candidate's weights into the model itself (the final stitched model)."""
-        for name, k in offsets.items():
-            w = self.layers[name].weight
-            w.copy_(self.weight(name, k, w.device, w.dtype))
+        """Put a candidate's weights into the model itself (the final stitched model); a streamed model's blocks
+        are read, written and dropped one at a time."""
+        def put(names) -> None:
+            for name in names:
+                w = self.layers[name].weight
+                w.copy_(self.weight(name, offsets[name], w.device, w.dtype))
+
+        if self.stream is None:
+            put(offsets)
+            return
+        by_block: dict[int, list[str]] = {}
+        for name in offsets:
+            by_block.setdefault(block_index(name, self.stream.blocks_name), []).append(name)
+        for i, names in sorted(by_block.items()):
+            self.stream.materialise(i)
+            try:
+                put(names)
+            finally:
+                self.stream.release(i, write=True)
 
     # --- accounting -----------------------------------------------------------------------
     def ram_bytes_used(self) -> int:

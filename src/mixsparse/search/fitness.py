@@ -142,6 +142,11 @@ class CandidateForward:
         self.replica_levels: list[dict[str, int | None]] = [{} for _ in self.blocks]
         self.keep_replica = placement.mode == "whole"
 
+    def loaded(self, i: int):
+        """Block ``i``'s dense weights readable for the duration (a streamed model's are read from its checkpoint
+        and dropped after; the tensors :meth:`block_tensors` built from them stay valid)."""
+        return self.runner.readable(i)
+
     def _dense_block(self, i: int, skip: frozenset = frozenset()) -> dict[str, torch.Tensor]:
         b, dev = self.blocks[i], self.placement.device
         fused = {local for local, lin in self.units_of[i].values() if isinstance(lin, ExpertMatrix)}
@@ -212,10 +217,6 @@ class Fitness:
             raise ConfigError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
         if kl_topk < 0:
             raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact full-vocabulary KL), got {kl_topk}")
-        from ..streaming import refuse
-
-        refuse(db.model, "the search's fitness", "allocate with uniform or owl (they stream), or search on a "
-               "machine whose RAM holds the model")
         self.db, self.windows, self.kind, self.group = db, windows, kind, group
         model = db.model
         pl = Placement.resolve(device, placement, model)
@@ -238,8 +239,10 @@ class Fitness:
         self.reference: list | None = None
         if kind == "kl":
             self.reference = []
+            # one pass over the blocks for every window (a streamed model is read once, not once per window)
+            (hidden,) = self._final_hidden_many([(None, list(range(windows.shape[0])))], store=False)
             for i in range(windows.shape[0]):
-                logits = self._final_logits(None, i, store=False)
+                logits = self.forward.logits(windows[i : i + 1], hidden.pop(i))
                 if not torch.isfinite(logits).all():
                     raise NumericalError(
                         f"the dense model's logits on fitness window {i} are not finite in {self.dtype} "
@@ -300,68 +303,77 @@ class Fitness:
         self.states = {k: v for k, v in self.states.items() if k in keep}
 
     # --- scoring ----------------------------------------------------------------------------
-    def _final_hidden(self, offsets: Offsets | None, ws: list[int], tokens: int | None = None,
-                      store: bool = True) -> dict[int, torch.Tensor]:
-        """Final hidden states of one candidate on windows ``ws`` (their first ``tokens`` tokens when
-        given). Blocks are the outer loop: each block's tensors are built once for all the windows (in
-        blockwise placement, a candidate crosses to the device once, not once per window); windows
+    def _final_hidden_many(self, jobs: list[tuple[Offsets | None, list[int]]], tokens: int | None = None,
+                           store: bool = True) -> list[dict[int, torch.Tensor]]:
+        """Final hidden states of each job's candidate on its windows (their first ``tokens`` tokens when
+        given). Blocks are the outer loop: a block's dense weights are read once for all the jobs (a streamed
+        model is read from disk once per call) and each candidate's tensors are built once for all its
+        windows (in blockwise placement, a candidate crosses to the device once, not once per window); windows
         continue from kept states where incremental evaluation allows."""
         short = tokens is not None and tokens < self.windows.shape[1]
-        sig = self._signature(offsets)
-        keep = store and self.incremental and offsets is not None and not short
-        start, hs, h, kw = {}, {}, {}, {}
-        for w in ws:
-            if short:
-                if (w, tokens) not in self._short_inputs:
-                    self._short_inputs[(w, tokens)] = self.forward.embed(self.windows[w : w + 1, :tokens])
-                h[w], kw[w] = self._short_inputs[(w, tokens)]
-                start[w] = 0
-                continue
-            start[w], kept = self._start(sig, w)
-            h0, kw[w] = self.inputs[w]
-            hs[w] = list(kept[: start[w] + 1]) if kept is not None else [h0]
-            h[w] = hs[w][-1]
-        for i in range(min(start.values()), len(self.forward.blocks)):
-            todo = [w for w in ws if start[w] <= i]
-            tensors = self.forward.block_tensors(i, offsets)
-            for w in todo:
-                h[w] = self.forward.run_block(i, tensors, h[w], kw[w])
-                if keep:
-                    hs[w].append(h[w])
-                self.blocks_run += 1
-            del tensors
-        if keep:
-            key = self.key(offsets)
-            entry = self.states.setdefault(key, {"sig": sig})
+        runs = []
+        for offsets, ws in jobs:
+            sig = self._signature(offsets)
+            keep = store and self.incremental and offsets is not None and not short
+            start, hs, h, kw = {}, {}, {}, {}
             for w in ws:
-                entry[w] = hs[w]
-                if self._state_bytes() > self.state_cache_bytes:
-                    entry.pop(w)  # over the bound: this one is not kept
-            if len(entry) == 1:
-                self.states.pop(key)
-        return h
+                if short:
+                    if (w, tokens) not in self._short_inputs:
+                        self._short_inputs[(w, tokens)] = self.forward.embed(self.windows[w : w + 1, :tokens])
+                    h[w], kw[w] = self._short_inputs[(w, tokens)]
+                    start[w] = 0
+                    continue
+                start[w], kept = self._start(sig, w)
+                h0, kw[w] = self.inputs[w]
+                hs[w] = list(kept[: start[w] + 1]) if kept is not None else [h0]
+                h[w] = hs[w][-1]
+            runs.append((offsets, ws, sig, keep, start, hs, h, kw))
+        first = min((min(r[4].values()) for r in runs if r[1]), default=len(self.forward.blocks))
+        for i in range(first, len(self.forward.blocks)):
+            with self.forward.loaded(i):
+                for offsets, ws, _, keep, start, hs, h, kw in runs:
+                    todo = [w for w in ws if start[w] <= i]
+                    if not todo:
+                        continue
+                    tensors = self.forward.block_tensors(i, offsets)
+                    for w in todo:
+                        h[w] = self.forward.run_block(i, tensors, h[w], kw[w])
+                        if keep:
+                            hs[w].append(h[w])
+                        self.blocks_run += 1
+                    del tensors
+        for offsets, ws, sig, keep, _, hs, _, _ in runs:
+            if keep:
+                key = self.key(offsets)
+                entry = self.states.setdefault(key, {"sig": sig})
+                for w in ws:
+                    entry[w] = hs[w]
+                    if self._state_bytes() > self.state_cache_bytes:
+                        entry.pop(w)  # over the bound: this one is not kept
+                if len(entry) == 1:
+                    self.states.pop(key)
+        return [r[6] for r in runs]
 
-    def _final_logits(self, offsets: Offsets | None, w: int, store: bool = True) -> torch.Tensor:
-        h = self._final_hidden(offsets, [w], store=store)[w]
-        return self.forward.logits(self.windows[w : w + 1], h)
-
-    def _window_scores(self, offsets: Offsets, ws: list[int], tokens: int | None = None) -> list[float]:
+    def _window_scores_many(self, jobs: list[tuple[Offsets, list[int]]], tokens: int | None = None) -> list[list[float]]:
         if tokens is None or tokens >= self.windows.shape[1]:
             tokens = None
-        hidden = self._final_hidden(offsets, ws, tokens)
+        hiddens = self._final_hidden_many(jobs, tokens)
         out = []
-        for w in ws:
-            ids = self.windows[w : w + 1, :tokens] if tokens else self.windows[w : w + 1]
-            logits = self.forward.logits(ids, hidden.pop(w)).unsqueeze(0)
-            n_tok = ids.shape[1]
-            if self.kind == "ppl":
-                s, n = nll_sum(logits, ids)
-            elif isinstance(self.reference[w], TopK):  # causal: the prefix's reference is the reference's prefix
-                r = self.reference[w]
-                s, n = topk_kl(TopK(r.logp[:n_tok], r.idx[:n_tok], r.log_rest[:n_tok]), logits[0])
-            else:
-                s, n = mean_kl(self.reference[w][:, :n_tok], logits)
-            out.append(s / n)
+        for (_, ws), hidden in zip(jobs, hiddens):
+            scores = []
+            for w in ws:
+                ids = self.windows[w : w + 1, :tokens] if tokens else self.windows[w : w + 1]
+                logits = self.forward.logits(ids, hidden.pop(w)).unsqueeze(0)
+                n_tok = ids.shape[1]
+                if self.kind == "ppl":
+                    s, n = nll_sum(logits, ids)
+                elif isinstance(self.reference[w], TopK):  # causal: the prefix's reference is the reference's prefix
+                    r = self.reference[w]
+                    s, n = topk_kl(TopK(r.logp[:n_tok], r.idx[:n_tok], r.log_rest[:n_tok]), logits[0])
+                else:
+                    s, n = mean_kl(self.reference[w][:, :n_tok], logits)
+                scores.append(s / n)
+            out.append(scores)
         return out
 
     def _memo_key(self, offsets: Offsets, tokens: int | None) -> tuple:
@@ -390,11 +402,16 @@ class Fitness:
         for j in range(rank, len(todo), world):
             key, offsets, _ = todo[j]
             by_candidate.setdefault(key, (offsets, []))[1].append(j)
-        for offsets, js in by_candidate.values():
-            scores = self._window_scores(offsets, [todo[j][2] for j in js], tokens)
-            for j, s in zip(js, scores):
-                mine[j] = s if math.isfinite(s) else math.inf
-            self.local_evaluations += len(js)
+        groups = list(by_candidate.values())
+        # a streamed model: every candidate in one pass over the blocks (one read of the checkpoint); in memory,
+        # one candidate at a time (the block states of a whole population need not fit on the device at once)
+        batches = [groups] if self.forward.runner.stream is not None else [[g] for g in groups]
+        for batch in batches:
+            scores = self._window_scores_many([(offsets, [todo[j][2] for j in js]) for offsets, js in batch], tokens)
+            for (_, js), got in zip(batch, scores):
+                for j, s in zip(js, got):
+                    mine[j] = s if math.isfinite(s) else math.inf
+                self.local_evaluations += len(js)
         if world > 1:
             import torch.distributed as dist
 

@@ -60,14 +60,19 @@ def model_fingerprint(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         h.update(config.to_json_string(use_diff=False).encode())
+    from ..streaming import stream_of
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            if p.is_meta:
+            if p.is_meta:  # a streamed model's block (hashed below from the checkpoint) or a placeholder
                 continue
             flat = p.detach().reshape(-1).view(torch.uint8)
             for chunk in flat.split(64 * 2**20):
                 h.update(chunk.cpu().contiguous().numpy())
+    stream = stream_of(model)
+    if stream is not None:
+        stream.fingerprint_into(h)
     return h.hexdigest()[:16]
 
 
