@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, fmt, produced_by, provenance, provenance_lines, write_markdown
+from common import RESULTS, Results, fmt, produced_by, provenance_lines, write_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -134,3 +134,46 @@ def test_a_streamed_search_equals_the_in_memory_one_bit_for_bit(saved, pruner, i
     assert stream.peak_live <= 2 and not stream.live
     assert model_fingerprint(streamed) != fp  # the stitched blocks were written: the fingerprint follows them
     assert measured_sparsity_streamed(streamed) == measured_sparsity(mem)
+
+
+def test_the_cli_prunes_a_streamed_model_like_an_in_memory_one(tiny_llama_dir, word_corpus, tmp_path):
+    """`mixsparse prune --set model.stream=always`: MSP (Fisher seed, level database, search), pruning, evaluation and
+    the HF checkpoint, block by block; the same allocation and weights as the in-memory run."""
+    import json
+
+    from mixsparse.cli import main
+
+    from .test_cli import _search_argv
+
+    def prune(stream: str):
+        out = tmp_path / stream
+        argv = ["prune", *_search_argv(tiny_llama_dir, word_corpus, out)[1:], "--set", f"model.stream={stream}",
+                "--set", f"data.evaluation={word_corpus}", "--set", "data.eval_tokens=256",
+                "--set", "eval.zeroshot=[sentiment]", "--set", "eval.zeroshot_n=8"]
+        assert main(argv) == 0
+        return json.loads((out / "run.json").read_text()), out
+
+    (on, on_dir), (off, off_dir) = prune("always"), prune("never")
+    assert on["placement"]["streamed"] is True and off["placement"]["streamed"] is False
+    assert on["allocation"]["per_layer"] == off["allocation"]["per_layer"]
+    assert on["pruning"]["achieved"] == off["pruning"]["achieved"]
+    assert on["coverage"] == off["coverage"]
+    for k in ("dense", "pruned"):
+        assert on["perplexity"][k] == pytest.approx(off["perplexity"][k], rel=1e-5)
+    assert on["zeroshot"] == off["zeroshot"]
+    assert "skipped" in on["sizes"] and (off_dir / "compressed").is_dir() and not (on_dir / "compressed").exists()
+    a = AutoModelForCausalLM.from_pretrained(on_dir / "model")
+    b = dict(AutoModelForCausalLM.from_pretrained(off_dir / "model").named_parameters())
+    assert all(torch.equal(p, b[n]) for n, p in a.named_parameters())
+    assert a.config.mixsparse["per_layer"] == on["allocation"]["per_layer"]
+
+
+def test_a_streamed_run_refuses_what_does_not_stream_before_any_work(tiny_llama_dir, word_corpus, tmp_path, capsys):
+    from mixsparse.cli import main
+
+    from .test_cli import _search_argv
+
+    argv = ["prune", *_search_argv(tiny_llama_dir, word_corpus, tmp_path / "r")[1:], "--set", "model.stream=always",
+            "--recover", "blockwise"]
+    assert main(argv) == 2
+    assert "recovery (blockwise) does not stream yet" in capsys.readouterr().err

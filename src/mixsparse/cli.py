@@ -103,7 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .distributed import from_env, shutdown
+    from .distributed import from_env, guarded, shutdown
     from .io import atomic_write_json
     from .loading import load_model
     from .modeling import param_counts
@@ -117,20 +117,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = check_run_dir(args.out)  # a search directory resumes (its state is reused); a finished prune run is refused
     workers = from_env()  # under torchrun: the ranks share the search's fitness evaluations
     try:
-        main = workers is None or workers.is_main
-        device = workers.device if workers and workers.device is not None else check_device(cfg.model.device)
-        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
-        from .placement import Placement
+        with guarded(workers):  # an error on one rank stops every rank (see mixsparse.distributed)
+            main = workers is None or workers.is_main
+            device = workers.device if workers and workers.device is not None else check_device(cfg.model.device)
+            model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle,
+                                    stream=cfg.model.stream)
+            from .placement import Placement
 
-        placement = Placement.resolve(device, cfg.model.placement, model, offload=cfg.prune.offload)
-        alloc = allocate(model, tok, cfg, device=placement, run_dir=out, progress=main and not args.quiet,
-                         workers=workers)
-        if not main:
-            return 0
-        path = save_allocation(out / "allocation.yaml", alloc, cfg, param_counts(model))
-        atomic_write_json(out / "search.json", {
-            "command": _command(), "config": cfg.to_dict(), "search": alloc.search, "sensitivity": alloc.sensitivity,
-            "per_layer": alloc.sparsity_map.to_dict(), "processes": workers.world if workers else 1})
+            placement = Placement.resolve(device, cfg.model.placement, model, offload=cfg.prune.offload)
+            alloc = allocate(model, tok, cfg, device=placement, run_dir=out, progress=main and not args.quiet,
+                             workers=workers)
+            if not main:
+                return 0
+            path = save_allocation(out / "allocation.yaml", alloc, cfg, param_counts(model))
+            atomic_write_json(out / "search.json", {
+                "command": _command(), "config": cfg.to_dict(), "search": alloc.search, "sensitivity": alloc.sensitivity,
+                "per_layer": alloc.sparsity_map.to_dict(), "processes": workers.world if workers else 1})
     finally:
         shutdown(workers)
     print(f"allocation ({alloc.method}, average {alloc.sparsity_map.average():.4f}) saved to {path}")
@@ -168,7 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from .loading import load_model
 
-        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle,
+                                stream=cfg.model.stream)
     from .modeling import measured_sparsity
 
     _, overall = measured_sparsity(model)

@@ -35,8 +35,13 @@ class ModelConfig:
     # its dtype (CPUs without AVX512-BF16/AMX: ~10x faster), "model" never, "float32" always; stored in the
     # model's dtype either way
     compute_dtype: str = "auto"
+    # "always": decoder blocks stay on the safetensors checkpoint and are read one at a time (models larger than RAM,
+    # see mixsparse.streaming); "auto": when the model would not fit in 80% of the free RAM; "never"
+    stream: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.stream not in ("auto", "always", "never"):
+            raise ConfigError(f"model.stream must be auto, always or never, got {self.stream!r}")
         if self.placement not in ("auto", "whole", "blockwise"):
             raise ConfigError(f"model.placement must be auto, whole or blockwise, got {self.placement!r}")
         if self.compute_dtype not in ("auto", "model", "float32"):

@@ -221,10 +221,11 @@ def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, metada
     ``metadata`` ends up as ``config.mixsparse``. GGUF-loaded models are saved like plain ones: the
     save sees a cleaned copy of the config and no quantizer; the caller's model is left as it was.
     """
-    from .streaming import refuse
+    from .streaming import save_streamed, stream_of
 
-    refuse(model, "save_hf", "write it with mixsparse.streaming.save_streamed (one shard per block)")
     cfg = _clean_config(model, metadata)
+    if stream_of(model) is not None:  # block by block, one shard each
+        return save_streamed(model, out_dir, tokenizer, overwrite, config=cfg)
     with atomic_dir(out_dir, overwrite) as tmp:
         saved_config, saved_quantizer = model.config, getattr(model, "hf_quantizer", None)
         try:

@@ -139,11 +139,14 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    stream: str = "never",
 ):
     """``(model, tokenizer)`` in eval mode with ``use_cache`` off.
 
     ``spec``: ``"embedded"``, a local model directory, or a hub id ``org/name``.
     ``cache_dir`` only matters for ``"embedded"`` (see :func:`mixsparse.assets.cache_root`).
+    ``stream``: ``"always"`` leaves the decoder blocks on the safetensors checkpoint (:mod:`mixsparse.streaming`),
+    ``"auto"`` does so when the model would not fit in 80% of the available RAM, ``"never"`` loads it whole.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,6 +172,26 @@ def load_model(
         if not allow_pickle:
             kwargs["use_safetensors"] = True
 
+    if stream != "never":
+        from .streaming import load_streamed, should_stream
+
+        local = source
+        if on_hub and stream == "always":  # the checkpoint's files on disk (the hub cache), read block by block
+            from huggingface_hub import snapshot_download
+
+            try:
+                local = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            except Exception as e:  # noqa: BLE001 - offline, unknown id, ...
+                raise ModelLoadError(f"could not download {text!r} from the Hugging Face hub to stream it: "
+                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        if not on_hub or stream == "always":
+            decided = stream == "always" or should_stream(local, torch_dtype)
+            if decided:
+                if dev is not None and dev.type != "cpu":
+                    raise ConfigError("a streamed model stays on the CPU between stages (blocks go to the device one "
+                                      "at a time): load it without device=")
+                model = load_streamed(local, torch_dtype)
+                return model, AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

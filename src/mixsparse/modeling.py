@@ -138,8 +138,16 @@ def zero_fraction(weight) -> float:
     return float((weight == 0).sum().item()) / weight.numel()
 
 
+def stream_of(model: nn.Module):
+    """The :class:`mixsparse.streaming.BlockStream` a streamed model's blocks are read from, or None."""
+    return getattr(model, "_mixsparse_stream", None)
+
+
 def measured_sparsity(model: nn.Module) -> tuple[dict[str, float], float]:
     """Share of exact zeros in every prunable layer, and their parameter-weighted average."""
+    stream = stream_of(model)
+    if stream is not None:  # its blocks are on disk: read one at a time
+        return stream.measured_sparsity(model)
     linears = prunable_linears(model)
     per_layer = {n: zero_fraction(lin.weight) for n, lin in linears.items()}
     return per_layer, weighted_average(per_layer, {n: lin.weight.numel() for n, lin in linears.items()})
@@ -207,13 +215,15 @@ def coverage(model: nn.Module) -> dict:
     total = pruned_params = 0
     missed = []
     seen = set()
+    stream = stream_of(model)
+    at_rest = stream.zeros_at_rest() if stream is not None else {}
     for name, p in model.named_parameters():
         if id(p) in seen:  # tied embeddings count once
             continue
         seen.add(id(p))
         kind = module_kind(name, blocks_name)
         k = kinds.setdefault(kind, {"params": 0, "zeros": 0, "prunable_params": 0})
-        zeros = int((p.detach() == 0).sum())
+        zeros = at_rest[name] if p.is_meta and name in at_rest else int((p.detach() == 0).sum())
         k["params"] += p.numel()
         k["zeros"] += zeros
         total += p.numel()

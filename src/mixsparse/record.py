@@ -42,6 +42,7 @@ class PlacementInfo:
     dtype: str | None = None  # the model's (storage) dtype
     compute_dtype: str | None = None  # what placed blocks compute in (float32 for a bf16 model on an AVX2 CPU)
     whole_upcast: bool | None = None  # whole-model stages upcast too (None: no upcast at all; False: did not fit)
+    streamed: bool | None = None  # decoder blocks read from the checkpoint one at a time (model.stream)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import ConfigError, ModelLoadError
 from .io import atomic_dir, atomic_write_text
+from .modeling import stream_of  # noqa: F401 - part of this module's API
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -163,6 +164,30 @@ class BlockStream:
             self._fingerprint = (self.version, inner.hexdigest())
         h.update(self._fingerprint[1].encode())
 
+    def zeros_at_rest(self) -> dict[str, int]:
+        """Exact zeros of every parameter of the blocks, by qualified name (one block at a time)."""
+        return {self._key(i, n): int((t == 0).sum()) for i, tensors in self.blocks_at_rest() for n, t in tensors.items()}
+
+    def measured_sparsity(self, model: nn.Module) -> tuple[dict[str, float], float]:
+        """:func:`~mixsparse.modeling.measured_sparsity` of the streamed ``model``, one block at a time."""
+        from .experts import ExpertMatrix
+        from .modeling import prunable_linears
+        from .names import block_index
+        from .sparsity import weighted_average
+
+        layers = prunable_linears(model)  # names and kinds only: the blocks' tensors are on the meta device
+        by_block: dict[int, dict] = {}
+        for name, lin in layers.items():
+            by_block.setdefault(block_index(name, self.blocks_name), {})[name] = lin
+        per, counts = {}, {}
+        for i, tensors in self.blocks_at_rest():
+            for name, lin in by_block.get(i, {}).items():
+                local = name[len(f"{self.blocks_name}.{i}."):]
+                w = lin.slot(tensors[local.split("[")[0]]) if isinstance(lin, ExpertMatrix) else tensors[f"{local}.weight"]
+                per[name] = float((w == 0).sum()) / w.numel()
+                counts[name] = w.numel()
+        return per, weighted_average(per, counts)
+
     def blocks_at_rest(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Every block's current tensors, one block at a time (for measurements and the export)."""
         for i in range(len(self.blocks)):
@@ -170,8 +195,36 @@ class BlockStream:
 
 
 
-def stream_of(model: nn.Module) -> BlockStream | None:
-    return getattr(model, "_mixsparse_stream", None)
+def should_stream(path: str | os.PathLike, dtype: torch.dtype, share: float = 0.8) -> bool:
+    """Whether the checkpoint in ``path``, loaded in ``dtype``, would take more than ``share`` of the RAM available
+    now (from its tensors' shapes, nothing read); False when it is not a safetensors checkpoint."""
+    import logging
+
+    import psutil
+    from safetensors import safe_open
+
+    try:
+        ckpt = Checkpoint(path)
+    except ModelLoadError:
+        return False
+    size = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    need = 0
+    for file in set(ckpt.files.values()):
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                stored = {"F32": 4, "F64": 8, "I64": 8, "I32": 4}.get(sl.get_dtype(), 2)
+                need += n * (size or stored)
+    free = psutil.virtual_memory().available
+    if need > share * free:
+        logging.getLogger(__name__).warning(
+            "the model takes %.1f GiB in memory, %.1f GiB of RAM are available: its decoder blocks are streamed from "
+            "the checkpoint (model.stream=never to load it whole)", need / 2**30, free / 2**30)
+        return True
+    return False
 
 
 def load_streamed(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
@@ -180,10 +233,12 @@ def load_streamed(path: str | os.PathLike, dtype: torch.dtype | str = torch.floa
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .loading import parse_dtype
     from .modeling import find_decoder_blocks
 
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        name, dtype = dtype, getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"unknown dtype {name!r} (float32, bfloat16 or float16)")
     ckpt = Checkpoint(path)
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed for real
@@ -213,6 +268,24 @@ def load_streamed(path: str | os.PathLike, dtype: torch.dtype | str = torch.floa
     return model.eval()
 
 
+def check_streamed(cfg, model: nn.Module) -> None:
+    """A run's stages that need the whole model at once, refused for a streamed model before any work."""
+    if stream_of(model) is None:
+        return
+    why = "the model is streamed from its checkpoint (larger than RAM, or model.stream=always)"
+    if cfg.prune.allocation == "hessian":
+        raise ConfigError(f"allocation hessian needs the whole model on the device, but {why}; use msp, fisher, owl or "
+                          "uniform (they stream)")
+    if cfg.recover.mode != "none":
+        raise ConfigError(f"recovery ({cfg.recover.mode}) does not stream yet, and {why}; prune without --recover, or "
+                          "on a machine whose RAM holds the model")
+    if cfg.quantize.method != "none":
+        raise ConfigError(f"quantization ({cfg.quantize.method}) does not stream yet, and {why}; prune without "
+                          "--quantize, or on a machine whose RAM holds the model")
+    if cfg.eval.lm_eval_tasks:
+        raise ConfigError(f"lm-eval needs the whole model, but {why}; drop eval.lm_eval_tasks")
+
+
 def refuse(model: nn.Module, stage: str, alternative: str) -> None:
     """A stage that needs the whole model at once stops on a streamed model, naming what to do instead."""
     if stream_of(model) is not None:
@@ -222,31 +295,13 @@ def refuse(model: nn.Module, stage: str, alternative: str) -> None:
 
 def measured_sparsity_streamed(model: nn.Module) -> tuple[dict[str, float], float]:
     """:func:`~mixsparse.modeling.measured_sparsity` of a streamed model, one block at a time."""
-    from .experts import ExpertMatrix
-    from .modeling import prunable_linears
-    from .names import block_index
-    from .sparsity import weighted_average
-
-    stream = stream_of(model)
-    layers = prunable_linears(model)  # names and kinds only: the blocks' tensors are on the meta device
-    by_block: dict[int, dict] = {}
-    for name, lin in layers.items():
-        by_block.setdefault(block_index(name, stream.blocks_name), {})[name] = lin
-    per, counts = {}, {}
-    for i, tensors in stream.blocks_at_rest():
-        for name, lin in by_block.get(i, {}).items():
-            local = name[len(f"{stream.blocks_name}.{i}."):]
-            if isinstance(lin, ExpertMatrix):
-                w = lin.slot(tensors[local.split("[")[0]])
-            else:
-                w = tensors[f"{local}.weight"]
-            per[name] = float((w == 0).sum()) / w.numel()
-            counts[name] = w.numel()
-    return per, weighted_average(per, counts)
+    return stream_of(model).measured_sparsity(model)
 
 
-def save_streamed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """A Hugging Face checkpoint of a streamed model: the non-block tensors in one shard, each block in its own."""
+def save_streamed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+                  config=None) -> Path:
+    """A Hugging Face checkpoint of a streamed model: the non-block tensors in one shard, each block in its own
+    (``config``: the config to write, default the model's)."""
     from safetensors.torch import save_file
 
     stream = stream_of(model)
@@ -272,7 +327,7 @@ def save_streamed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, 
         total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         atomic_write_text(tmp / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                   indent=2))
-        model.config.save_pretrained(tmp)
+        (config or model.config).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)

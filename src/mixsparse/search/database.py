@@ -97,14 +97,15 @@ class LevelDatabase:
         pcls = get_pruner(pruner)
         masks_only = not getattr(pcls, "reconstructs", False)
         owns = False
-        if masks_only and stream_of(model) is not None:  # the masks go to disk: a private store
-            store_dir, owns = Path(tempfile.mkdtemp(prefix="mixsparse-levels-")), True
-        elif not masks_only:
+        on_disk = not masks_only or stream_of(model) is not None  # a streamed model's masks go to disk too
+        if on_disk:
             if store_dir is None:
                 store_dir, owns = Path(tempfile.mkdtemp(prefix="mixsparse-levels-")), True
             store_dir = Path(store_dir)
+        else:
+            store_dir = None
         db = cls(model, space, masks_only, store_dir, ram_bytes, owns)
-        if not masks_only and fingerprint and db._complete(fingerprint):
+        if on_disk and fingerprint and db._complete(fingerprint):
             db.reused = True
             db.fallbacks = json.loads((store_dir / "complete.json").read_text()).get("fallbacks", {})
             log.info("reusing the level database in %s", store_dir)
@@ -122,7 +123,7 @@ class LevelDatabase:
         except BaseException:
             db.free()  # a temporary store goes; a named one stays incomplete (no marker) and is rebuilt next time
             raise
-        if not masks_only and fingerprint:
+        if on_disk and fingerprint:
             atomic_write_json(store_dir / "complete.json", {"fingerprint": fingerprint, "layers": len(db.layers),
                                                             "levels": levels, "fallbacks": db.fallbacks})
         return db

@@ -54,7 +54,11 @@ def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, flo
     from ..distributed import share_flag
     from ..pruners import get_pruner
 
-    shared_store = workers is not None and store is not None and get_pruner(cfg.prune.pruner).reconstructs
+    from ..streaming import stream_of
+
+    # a store on disk (a reconstructing pruner's levels, a streamed model's masks) is built once, by rank 0
+    on_disk = get_pruner(cfg.prune.pruner).reconstructs or stream_of(model) is not None
+    shared_store = workers is not None and store is not None and on_disk
     if shared_store and not workers.is_main:
         # rank 0 writes the on-disk store; the others wait for its word, then open it (same fingerprint)
         if not share_flag(workers, None):
