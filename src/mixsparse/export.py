@@ -62,7 +62,8 @@ from torch import nn
 from .errors import ModelLoadError, NumericalError
 from .io import atomic_dir, atomic_write_text, read_json, to_plain
 from .experts import weight_owner
-from .modeling import prunable_linears
+from .modeling import prunable_linears, stream_of
+from .names import block_index
 from .sparsity import NM, parse_layer_sparsity
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     seen: dict[tuple, str] = {}
     for name, t in model.state_dict(keep_vars=False).items():
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and key in seen:
+        if t.numel() and not t.is_meta and key in seen:  # a streamed model's blocks are all on meta: never aliases
             aliases[name] = seen[key]
             continue
         seen[key] = name
@@ -323,9 +324,6 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
-    from .streaming import refuse
-
-    refuse(model, "the compressed export", "export the streamed model with mixsparse.streaming.save_streamed")
     targets = _layer_targets(sparsity_map)
     linears = prunable_linears(model)
     # tensor name -> the prunable layers it holds (one for a linear's weight, every expert for a fused tensor)
@@ -340,6 +338,19 @@ def save_compressed(
         log.warning("%d fused experts tensor(s) (e.g. %s) are stored as their quantized values (bitmask), not as "
                     "packed codes: the compact quantized encoding covers linear layers only", len(codes_lost), codes_lost[0])
     tensors, aliases = _unique_tensors(model)
+    stream = stream_of(model)
+    current: tuple[int | None, dict] = (None, {})
+
+    def value(name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t``, or for a streamed model's block tensor its data at rest (the block read once, in order)."""
+        nonlocal current
+        if not t.is_meta or stream is None:
+            return t
+        i = block_index(name, stream.blocks_name)
+        if current[0] != i:
+            current = (None, {})  # the previous block goes before the next is read
+            current = (i, stream.read(i))
+        return current[1][name[len(f"{stream.blocks_name}.{i}."):]]
 
     out_tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
@@ -360,7 +371,7 @@ def save_compressed(
 
     try:
         for name, t in tensors.items():
-            t = _cast(name, t, dtype)
+            t = _cast(name, value(name, t), dtype)
             dense_size = t.numel() * t.element_size()
             dense_bytes += dense_size
             entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
@@ -370,7 +381,7 @@ def save_compressed(
             target = targets.get(units[name][0]) if name in prunable and len(held) == 1 else None
             qw = (quantized or {}).get(layer) if layer is not None else None
             if qw is not None:
-                weight = tensors[name].detach().cpu()
+                weight = value(name, tensors[name]).detach().cpu()
                 deq = qw.dequantize().to(weight.dtype)
                 if not torch.equal(deq, weight):
                     raise NumericalError(f"layer {layer!r} no longer equals its quantized codes (changed after "

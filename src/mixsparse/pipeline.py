@@ -275,18 +275,18 @@ class _Writer:
             artifacts["checkpoint"] = "model/"
         from .streaming import stream_of
 
-        if cfg.export.compressed and stream_of(model) is not None:
-            reason = "the compressed export does not stream yet (the HF checkpoint model/ is written block by block)"
-            log.warning("compressed/ not written: %s", reason)
-            record.sizes = {"skipped": reason}
-        elif cfg.export.compressed:
+        if cfg.export.compressed:
             with timer("export_compressed"):
                 record.sizes = save_compressed(model, out / "compressed",
                                                dtype=cfg.export.compressed_dtype(next(model.parameters()).dtype),
                                                sparsity_map=sparsity_map, tokenizer=tokenizer, metadata=metadata,
                                                overwrite=True, quantized=quantized)
             artifacts["compressed"] = "compressed/"
-        if cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
+        if cfg.export.quantized_hf and cfg.quantize.method != "none" and stream_of(model) is not None:
+            reason = "the compressed-tensors export does not stream yet (model/ holds the quantized values)"
+            log.warning("model-quantized/ not written: %s", reason)
+            record.quantization["export"] = {"skipped": reason}
+        elif cfg.export.quantized_hf and cfg.quantize.method != "none" and quantized:
             from .quant.ct_export import save_compressed_tensors, unsupported
 
             reason = unsupported(model)

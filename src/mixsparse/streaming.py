@@ -10,8 +10,13 @@ successor) plus the calibration activations and the non-block tensors, whatever 
 :func:`save_streamed` writes the result as a Hugging Face checkpoint (one shard per block, plus the
 non-block tensors), which ``from_pretrained`` loads, without ever holding the whole model.
 
-Stages that need the whole model at once (the Hessian trace, end-to-end fine-tuning, the compressed export's
-single pass, the search's fitness replica) are not streamed yet: they refuse a streamed model with a message.
+What streams: every pruner and the OWL, Fisher and MSP allocations (the level database keeps a mask-only
+pruner's masks on disk; the fitness reads each block once per stage for all candidates), block-wise recovery
+(the checkpoint itself is the dense teacher), RTN/GPTQ quantization (the packed codes are not kept: for a model
+larger than RAM they would not fit in it), perplexity and zero-shot evaluation, the HF checkpoint and the
+compressed export. What needs the whole model at once is refused before any work, naming the alternative
+(:func:`check_streamed`): the Hessian allocation, end-to-end fine-tuning and LoRA, lm-eval, and the
+compressed-tensors export (skipped, with the reason in run.json).
 """
 
 from __future__ import annotations
@@ -168,24 +173,30 @@ class BlockStream:
         """Exact zeros of every parameter of the blocks, by qualified name (one block at a time)."""
         return {self._key(i, n): int((t == 0).sum()) for i, tensors in self.blocks_at_rest() for n, t in tensors.items()}
 
-    def measured_sparsity(self, model: nn.Module) -> tuple[dict[str, float], float]:
-        """:func:`~mixsparse.modeling.measured_sparsity` of the streamed ``model``, one block at a time."""
+    def layer_weights(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, weight)`` of every prunable layer at rest, one block at a time (an expert's as its slice)."""
         from .experts import ExpertMatrix
         from .modeling import prunable_linears
         from .names import block_index
-        from .sparsity import weighted_average
 
         layers = prunable_linears(model)  # names and kinds only: the blocks' tensors are on the meta device
         by_block: dict[int, dict] = {}
         for name, lin in layers.items():
             by_block.setdefault(block_index(name, self.blocks_name), {})[name] = lin
-        per, counts = {}, {}
         for i, tensors in self.blocks_at_rest():
             for name, lin in by_block.get(i, {}).items():
                 local = name[len(f"{self.blocks_name}.{i}."):]
-                w = lin.slot(tensors[local.split("[")[0]]) if isinstance(lin, ExpertMatrix) else tensors[f"{local}.weight"]
-                per[name] = float((w == 0).sum()) / w.numel()
-                counts[name] = w.numel()
+                yield name, (lin.slot(tensors[local.split("[")[0]]) if isinstance(lin, ExpertMatrix)
+                             else tensors[f"{local}.weight"])
+
+    def measured_sparsity(self, model: nn.Module) -> tuple[dict[str, float], float]:
+        """:func:`~mixsparse.modeling.measured_sparsity` of the streamed ``model``, one block at a time."""
+        from .sparsity import weighted_average
+
+        per, counts = {}, {}
+        for name, w in self.layer_weights(model):
+            per[name] = float((w == 0).sum()) / w.numel()
+            counts[name] = w.numel()
         return per, weighted_average(per, counts)
 
     def blocks_at_rest(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -276,12 +287,9 @@ def check_streamed(cfg, model: nn.Module) -> None:
     if cfg.prune.allocation == "hessian":
         raise ConfigError(f"allocation hessian needs the whole model on the device, but {why}; use msp, fisher, owl or "
                           "uniform (they stream)")
-    if cfg.recover.mode != "none":
-        raise ConfigError(f"recovery ({cfg.recover.mode}) does not stream yet, and {why}; prune without --recover, or "
-                          "on a machine whose RAM holds the model")
-    if cfg.quantize.method != "none":
-        raise ConfigError(f"quantization ({cfg.quantize.method}) does not stream yet, and {why}; prune without "
-                          "--quantize, or on a machine whose RAM holds the model")
+    if cfg.recover.mode in ("finetune", "lora"):
+        raise ConfigError(f"recovery {cfg.recover.mode} trains the whole model at once, but {why}; use --recover "
+                          "blockwise (it streams), or a machine whose RAM holds the model")
     if cfg.eval.lm_eval_tasks:
         raise ConfigError(f"lm-eval needs the whole model, but {why}; drop eval.lm_eval_tasks")
 

@@ -17,7 +17,8 @@ from ..data import batches as split_batches
 from ..engine import block_layers, calibrated_blocks, min_tokens
 from ..runner import LayerwiseRunner
 from ..errors import ConfigError
-from ..modeling import prunable_linears
+from ..modeling import prunable_linears, stream_of
+from ..names import block_index
 from ..placement import Placement
 from .grid import QuantizedWeight, QuantSpec, quantize_rtn
 
@@ -45,11 +46,27 @@ def quantize_model(model: nn.Module, method: str, spec: QuantSpec, calib_ids: to
                    progress: bool = True, min_token_share: float = 0.005) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize the prunable linears of ``model`` in place; returns their codes (for the packed
     checkpoint) and a record (method, spec, seconds; with gptq, ``fallbacks``: the layers that saw fewer than
-    ``min_token_share`` of the calibration tokens, rarely routed experts, rounded to nearest instead)."""
+    ``min_token_share`` of the calibration tokens, rarely routed experts, rounded to nearest instead). A streamed
+    model is quantized block by block and its codes are not returned: for a model larger than RAM they would not fit
+    in it (its compressed export stores the quantized values as bitmask + values instead of packed codes)."""
     check_not_quantized(model)
     check_groups(model, spec)
     t0 = time.perf_counter()
-    if method == "rtn":
+    stream = stream_of(model)
+    if method == "rtn" and stream is not None:  # block by block, each written back to disk; the codes are not kept
+        out = {}
+        by_block: dict[int, list[str]] = {}
+        layers = prunable_linears(model)
+        for name in layers:
+            by_block.setdefault(block_index(name, stream.blocks_name), []).append(name)
+        for i, names in tqdm(sorted(by_block.items()), desc="quantize[rtn]", disable=not progress):
+            stream.materialise(i)
+            try:
+                for name in names:
+                    _write(layers[name], quantize_rtn(layers[name].weight.data, spec, name), name)
+            finally:
+                stream.release(i, write=True)
+    elif method == "rtn":
         out = {}
         for name, lin in tqdm(prunable_linears(model).items(), desc="quantize[rtn]", disable=not progress):  # noqa: B007
             out[name] = _write(lin, quantize_rtn(lin.weight.data, spec, name), name)
@@ -82,6 +99,8 @@ def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress, leas
     from .gptq import obs_sweep
 
     runner = LayerwiseRunner(model, device=placement)
+    runner.writes = True  # a streamed model's quantized blocks go back to disk
+    keep_codes = runner.stream is None  # a streamed model's codes would fill RAM (see the docstring)
     per_block = block_layers(model, runner, None)  # the same layers as rtn and check_groups
     state = runner.catch(split_batches(calib_ids, 1))
     out, fallbacks = {}, {}
@@ -98,6 +117,8 @@ def _gptq(model, calib_ids, spec, placement, blocksize, percdamp, progress, leas
                 else:
                     W, _, qw = obs_sweep(W0, p.factor(), blocksize, fixed=W0 == 0, spec=spec, name=name,
                                          storage_dtype=p.storage_dtype)
-                out[name] = _write(linears[name], qw, name)
+                qw = _write(linears[name], qw, name)
+                if keep_codes:
+                    out[name] = qw
                 p.free()
     return out, fallbacks

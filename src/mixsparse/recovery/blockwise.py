@@ -87,6 +87,7 @@ def reconstruct_blockwise(model: nn.Module, calib_ids: torch.Tensor, dense: Dens
 def _reconstruct(model, calib_ids, dense, opts: BlockwiseOptions, placement, seed, state_dir, fingerprint, progress):
     t0 = time.perf_counter()
     runner = LayerwiseRunner(model, device=placement)
+    runner.writes = True  # a streamed model's tuned blocks go back to disk
     prunable = prunable_linears(model)
     if len(dense) != len(runner.blocks):
         raise ValueError(f"dense snapshot has {len(dense)} blocks, the model {len(runner.blocks)}")

@@ -145,7 +145,9 @@ def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_pruned(model: nn.Module) -> None:
     """Recovery tunes a pruned model back toward its dense original; a model without a single pruned
     weight is refused (there is no mask to keep, and fine-tuning a dense model is another tool's job)."""
-    if not any(bool((lin.weight == 0).any()) for lin in prunable_linears(model).values()):
+    from ..modeling import measured_sparsity
+
+    if not any(v > 0 for v in measured_sparsity(model)[0].values()):
         raise SparsityError("recovery needs a pruned model, but no prunable weight of this model is zero; "
                             "prune it first (mixsparse prune ... --recover blockwise)")
 
@@ -180,9 +182,11 @@ class DenseStore:
         fingerprint is reused."""
         from safetensors.torch import save_file
 
-        from ..streaming import refuse
+        from ..modeling import stream_of
 
-        refuse(model, "recovery's dense snapshot", "recovery does not stream yet; prune without --recover")
+        stream = stream_of(model)
+        if stream is not None:  # its checkpoint is the dense model: read from there, no copy
+            return CheckpointDense(stream, fingerprint)
 
         path = Path(path)
         with contextlib.suppress(ConfigError):
@@ -213,3 +217,19 @@ class DenseStore:
         for i in range(len(self)):
             for k, v in self.block(i, device).items():
                 yield f"{blocks_name}.{i}.{k}", v
+
+
+class CheckpointDense(DenseStore):
+    """The dense snapshot of a model streamed from its checkpoint (:mod:`mixsparse.streaming`): the checkpoint's
+    own block tensors, read when asked (pruning writes elsewhere, so the checkpoint stays dense)."""
+
+    def __init__(self, stream, fingerprint: str):
+        if stream.version:
+            raise ConfigError("the dense snapshot of a streamed model is taken before any block is changed")
+        self.stream, self.path = stream, stream.checkpoint.path
+        self.meta = {"fingerprint": fingerprint, "blocks": len(stream.blocks), "checkpoint": str(self.path)}
+
+    def block(self, i: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        names = [n for n, _ in self.stream.blocks[i].named_parameters()]
+        got = self.stream.checkpoint.read([self.stream._key(i, n) for n in names])
+        return {n: got[self.stream._key(i, n)].to(device=device, dtype=self.stream.dtype) for n in names}

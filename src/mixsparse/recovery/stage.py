@@ -30,9 +30,14 @@ def check_placement(recover, placement: Placement) -> None:
 
 def mask_digest(model: nn.Module) -> dict[str, str]:
     """A hash of every prunable weight's zero pattern (a few bytes per layer, whatever the model's size)."""
+    from ..modeling import stream_of
+
+    stream = stream_of(model)
+    weights = (stream.layer_weights(model) if stream is not None
+               else ((n, lin.weight.detach()) for n, lin in prunable_linears(model).items()))
     out = {}
-    for name, lin in prunable_linears(model).items():
-        zeros = (lin.weight.detach() == 0).cpu().contiguous().view(torch.uint8).numpy()
+    for name, w in weights:
+        zeros = (w == 0).cpu().contiguous().view(torch.uint8).numpy()
         out[name] = hashlib.sha256(zeros.tobytes()).hexdigest()[:16]
     return out
 
