@@ -1,0 +1,82 @@
+"""A linear layer that keeps its weight in mixsparse's compressed bitmask format and multiplies with it.
+
+The bitmask and the non-zero values are the checkpoint's own tensors (memory-mapped from its safetensors file,
+never densified in memory); ``row_ptr`` (where each row's values start, 8 bytes per row) is computed at load.
+A few tokens (decoding) go through the sparse kernel; many tokens (a prompt) expand the layer once into a
+dense scratch matrix and use the dense GEMM, which is faster there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# up to this many tokens per call the sparse kernel is used; beyond, one expansion + dense GEMM is cheaper
+SPARSE_MAX_TOKENS = 8
+
+
+def row_pointers(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Offsets of each row's first value among the stored values (int64, ``rows + 1``)."""
+    from ..export import unpack_bits
+
+    counts = torch.zeros(rows + 1, dtype=torch.int64)
+    per_row = cols // 8
+    chunk = max(1, (1 << 24) // max(cols, 1))  # a few MB of unpacked bits at a time
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        bits = unpack_bits(mask[r0 * per_row : r1 * per_row], (r1 - r0) * cols).reshape(r1 - r0, cols)
+        counts[r0 + 1 : r1 + 1] = bits.sum(1)
+    return counts.cumsum(0)
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` (out x in) held as bitmask + fp16/bf16 values; computes in float32."""
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, values: torch.Tensor,
+                 bias: torch.Tensor | None = None, kernels=None, isa: int = -1, row_ptr: torch.Tensor | None = None):
+        super().__init__()
+        if in_features % 8:
+            raise ValueError(f"SparseLinear needs in_features divisible by 8 (byte-aligned rows), got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features) if row_ptr is None else row_ptr,
+                             persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        if int(self.row_ptr[-1]) != values.numel():
+            raise ValueError(f"bitmask has {int(self.row_ptr[-1])} set bits but {values.numel()} values are stored")
+        self.kernels, self.isa = kernels, isa
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.mask, self.values, self.row_ptr))
+
+    def dense(self) -> torch.Tensor:
+        """The weight as a dense float32 matrix (a scratch copy)."""
+        if self.kernels is not None:
+            return self.kernels.bitmask_expand(self.mask, self.values, self.row_ptr, self.out_features, self.in_features)
+        from ..export import bitmask_decode
+
+        return bitmask_decode(self.mask, self.values, (self.out_features, self.in_features)).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernels is not None and x2.shape[0] <= SPARSE_MAX_TOKENS:
+            y = self.kernels.bitmask_matmul(x2.float().contiguous(), self.mask, self.values, self.row_ptr,
+                                            self.out_features, self.isa)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x2.float(), self.dense(), self.bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        density = self.nnz / (self.in_features * self.out_features)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, "
+                f"values={str(self.values.dtype).replace('torch.', '')}, "
+                f"path={'kernel' if self.kernels is not None else 'torch'}")

@@ -1,0 +1,179 @@
+"""Load a run's compressed checkpoint as a model whose pruned linears compute from the packed format.
+
+The model is built on the meta device; every tensor comes from the checkpoint's safetensors files, which are
+memory-mapped (a tensor read from them costs no copy: resident memory grows only with the pages a forward
+touches). A prunable linear stored as ``bitmask`` becomes a :class:`SparseLinear` on the file's own bitmask and
+values; ``nm`` and ``quantized`` (int4/int8 codes) layers are converted to bitmask + values at load, exactly
+(an N:M layer's positions and values; a quantized layer's dequantized values at the dtype the index records,
+float32 for a float32 model: no int4 kernel yet, so such a layer reads 4 bytes per kept weight), so one
+kernel serves every format; a layer whose sparsity is below ``min_sparsity`` (where bitmask + values would be
+slower than the dense GEMV) or whose shape the kernel does not take stays a dense float32 linear. Everything
+else (embeddings, norms, head) is float32, or the head in ``head_dtype`` (fp16/bf16 through the same kernel
+with every bit set, half the bytes read per token; a tied embedding then keeps its own float32 copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelLoadError
+from .linear import SparseLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeInfo:
+    """What the loader did: per layer, sparse (kernel or torch path) or dense and why; bytes held."""
+
+    kernels: str  # "avx512", "avx2", "scalar" or "torch" (no compiled kernels: the slower path)
+    sparse: dict[str, str] = field(default_factory=dict)  # layer -> its stored encoding
+    dense: dict[str, str] = field(default_factory=dict)  # layer -> why it stays dense
+    weight_bytes: int = 0  # bytes of every tensor the model computes from
+    kernels_missing: str | None = None
+
+
+def compressed_dir(path: str | os.PathLike) -> Path:
+    """A run directory's ``compressed/``, or the compressed checkpoint directory itself."""
+    from ..export import INDEX_FILE
+
+    p = Path(path).expanduser()
+    if (p / INDEX_FILE).is_file():
+        return p
+    if (p / "compressed" / INDEX_FILE).is_file():
+        return p / "compressed"
+    raise ModelLoadError(f"{p} holds no compressed checkpoint ({INDEX_FILE}, or compressed/{INDEX_FILE} of a run); "
+                         "prune with export.compressed on (the default)")
+
+
+def _open_all(d: Path, index: dict) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    from ..export import TENSOR_FILE
+
+    files = index.get("files") or {str(index.get("file", TENSOR_FILE)): None}
+    stored: dict[str, torch.Tensor] = {}
+    for fname in files:
+        with safe_open(str(d / fname), framework="pt", device="cpu") as f:  # tensors are views of the mapping
+            stored.update({k: f.get_tensor(k) for k in f.keys()})
+    return stored
+
+
+def _as_bitmask(name: str, entry: dict, stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, values)`` of a stored prunable weight in the bitmask layout (the file's own for ``bitmask``)."""
+    from ..export import _decode, bitmask_encode
+
+    if entry["encoding"] == "bitmask":
+        return stored[f"{name}::bitmask"], stored[f"{name}::values"]
+    return bitmask_encode(_decode(name, entry, stored))  # N:M or quantized: exact values, converted once
+
+
+def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_sparsity: float = 0.3,
+                use_kernels: bool = True, isa: int = -1) -> tuple[nn.Module, RuntimeInfo]:
+    """``(model, info)``: the compressed checkpoint in ``path`` (a run directory or its ``compressed/``) with its
+    pruned linears as :class:`SparseLinear` (see the module docstring). ``isa`` caps the kernels' instruction set
+    (0 scalar, 1 AVX2, 2 AVX-512; -1 the best this CPU has)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..export import _decode, _read_index
+    from . import kernels as K
+
+    if head_dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"head_dtype must be float32, float16 or bfloat16, got {head_dtype!r}")
+    d = compressed_dir(path)
+    index = _read_index(d)
+    stored = _open_all(d, index)
+    entries: dict[str, dict] = index["tensors"]
+    aliases: dict[str, str] = index.get("aliases", {})
+    kern = K.get() if use_kernels else None
+    info = RuntimeInfo(kernels=K.isa(isa) if kern is not None else "torch",
+                       kernels_missing=None if kern is not None or not use_kernels else K.reason())
+    if use_kernels and kern is None:
+        log.warning("sparse kernels unavailable (%s): the pure-torch path is used (correct, slower)", info.kernels_missing)
+    config = AutoConfig.from_pretrained(d)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    modules = dict(model.named_modules())
+    state: dict[str, torch.Tensor] = {}
+    replaced: dict[str, nn.Module] = {}
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in modules.items() if m is head), None)
+    for name, entry in entries.items():
+        owner, _, attr = name.rpartition(".")
+        mod = modules.get(owner)
+        enc = entry["encoding"]
+        if attr == "weight" and isinstance(mod, nn.Linear) and enc in ("bitmask", "nm", "quantized"):
+            shape = tuple(entry["shape"])
+            density = int(entry.get("nnz", -1)) / (shape[0] * shape[1]) if enc == "bitmask" else None
+            why = None
+            if shape[1] % 8:
+                why = f"in_features {shape[1]} is not a multiple of 8"
+            elif density is not None and 1 - density < min_sparsity:
+                why = f"sparsity {1 - density:.3f} < min_sparsity {min_sparsity}"
+            if why is None:
+                mask, values = _as_bitmask(name, entry, stored)
+                if 1 - values.numel() / (shape[0] * shape[1]) < min_sparsity:
+                    why = f"sparsity {1 - values.numel() / (shape[0] * shape[1]):.3f} < min_sparsity {min_sparsity}"
+                else:
+                    bias = entries.get(f"{owner}.bias")
+                    replaced[owner] = SparseLinear(shape[1], shape[0], mask, values,
+                                                   None if bias is None else _decode(f"{owner}.bias", bias, stored),
+                                                   kernels=kern, isa=isa)
+                    info.sparse[owner] = enc
+                    continue
+            info.dense[owner] = why
+        state[name] = _decode(name, entry, stored)
+    for alias, target in aliases.items():
+        if target in state:
+            state[alias] = state[target]
+    if head_name is not None and head_dtype != "float32" and head_name not in replaced and kern is not None:
+        w = state.pop(f"{head_name}.weight", None)  # a tied embedding keeps its own (float32) tensor in ``state``
+        if w is not None and w.shape[1] % 8 == 0:
+            from ..export import pack_bits
+
+            values = w.to(getattr(torch, head_dtype)).reshape(-1).contiguous()
+            mask = pack_bits(torch.ones(w.shape, dtype=torch.bool))
+            replaced[head_name] = SparseLinear(w.shape[1], w.shape[0], mask, values, state.pop(f"{head_name}.bias", None),
+                                               kernels=kern, isa=isa)
+            info.sparse[head_name] = f"dense {head_dtype} (every bit set)"
+        elif w is not None:
+            state[f"{head_name}.weight"] = w
+    for owner, new in replaced.items():
+        parent, _, child = owner.rpartition(".")
+        setattr(modules[parent] if parent else model, child, new)
+        for suffix in ("weight", "bias"):
+            state.pop(f"{owner}.{suffix}", None)
+    as_float: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        return as_float.setdefault(id(t), t.float())
+
+    state = {k: f32(v) for k, v in state.items()}
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ModelLoadError(f"the compressed checkpoint in {d} lacks {left[0]!r}")
+    if unexpected:
+        raise ModelLoadError(f"the compressed checkpoint in {d} holds {unexpected[0]!r}, which the model does not have")
+    info.weight_bytes = _weight_bytes(model)
+    model.config.use_cache = True
+    return model.eval(), info
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,120 @@
+"""Sparse runtime: a compressed checkpoint loaded as SparseLinear layers computes what the dense-with-zeros model
+computes, for every stored format, on the kernels (each instruction set this CPU has) and on the torch path."""
+
+import copy
+
+import pytest
+import torch
+
+from mixsparse.engine import prune_layerwise
+from mixsparse.export import load_compressed, save_compressed
+from mixsparse.modeling import param_counts
+from mixsparse.quant.grid import QuantSpec
+from mixsparse.quant.stage import quantize_model
+from mixsparse.runtime import SparseLinear, kernels, load_sparse
+from mixsparse.runtime.decode import greedy
+from mixsparse.sparsity import NM, SparsityMap
+
+from .tiny import tiny_ids, tiny_model
+
+CALIB = tiny_ids(4, 16, seed=1)
+KERNELS = kernels.get()
+ISAS = [i for i in (0, 1, 2) if KERNELS is not None and int(KERNELS.isa_level(i)) == i]
+
+
+def _saved(tmp_path, target, *, dtype=torch.float16, quant: QuantSpec | None = None, tied=False, smap=None):
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    smap = smap or SparsityMap.uniform(target, param_counts(model))
+    prune_layerwise(model, CALIB, smap, "wanda", device="cpu", progress=False)
+    codes = {}
+    if quant is not None:
+        codes, _ = quantize_model(model, "rtn", quant, progress=False)
+    out = tmp_path / "c"
+    save_compressed(model, out, dtype=dtype, sparsity_map=smap, quantized=codes)
+    return out
+
+
+def _reference_logits(path, ids):
+    ref = load_compressed(path, dtype=torch.float32).eval()  # the dense-with-zeros model, exactly the stored values
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+CASES = {
+    "bitmask-fp16": dict(target=0.7),
+    "bitmask-bf16": dict(target=0.7, dtype=torch.bfloat16),
+    "nm-2:4": dict(target=NM(2, 4)),
+    "int4-sym": dict(target=0.6, quant=QuantSpec(4, 16, True)),
+    "int4-asym": dict(target=0.6, quant=QuantSpec(4, 16, False)),
+    "tied-head": dict(target=0.7, tied=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_runtime_logits_equal_the_dense_with_zeros_model(tmp_path, case, path):
+    if path == "kernel" and KERNELS is None:
+        pytest.skip(f"kernels not built: {kernels.reason()}")
+    d = _saved(tmp_path, **CASES[case])
+    ids = tiny_ids(1, 12, seed=3)
+    want = _reference_logits(d, ids)
+    model, info = load_sparse(d, use_kernels=path == "kernel")
+    assert len(info.sparse) == 14 and not info.dense  # every pruned linear of the 2 blocks is sparse
+    assert all(isinstance(m, SparseLinear) for n, m in model.named_modules() if n in info.sparse)
+    with torch.no_grad():
+        prefill = model(ids).logits  # 12 tokens: the dense-expansion path
+        decode = torch.cat([model(ids[:, : t + 1]).logits[:, -1:] for t in range(3)], 1)  # few tokens: the kernel
+    torch.testing.assert_close(prefill, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode, want[:, :3], rtol=1e-4, atol=1e-4)
+
+
+def test_every_instruction_set_and_the_torch_path_agree():
+    if len(ISAS) < 2:
+        pytest.skip("one instruction set here")
+    from mixsparse.export import bitmask_encode
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 136)
+    w[torch.rand_like(w) < 0.7] = 0
+    for dt in (torch.float16, torch.bfloat16):
+        mask, values = bitmask_encode(w.to(dt))
+        x = torch.randn(5, 136)
+        ys = [SparseLinear(136, 96, mask, values, kernels=KERNELS, isa=i)(x) for i in ISAS]
+        ys.append(SparseLinear(136, 96, mask, values)(x))
+        ref = x @ w.to(dt).float().t()
+        for y in ys:
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_too_dense_to_gain_stay_dense(tmp_path):
+    model = tiny_model("llama")
+    counts = param_counts(model)
+    smap = SparsityMap({n: (0.1 if "mlp" in n else 0.7) for n in counts}, counts)
+    d = _saved(tmp_path, None, smap=smap)
+    sparse, info = load_sparse(d, min_sparsity=0.3)
+    assert set(info.dense) == {n.rsplit(".", 1)[0] if n.endswith(".weight") else n for n in counts if "mlp" in n}
+    assert all("min_sparsity" in why for why in info.dense.values())
+    ids = tiny_ids(1, 8, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, _reference_logits(d, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_decode_gives_the_dense_models_tokens(tmp_path):
+    d = _saved(tmp_path, 0.7)
+    ref = load_compressed(d, dtype=torch.float32).eval()
+    sparse, _ = load_sparse(d)
+    ids = tiny_ids(1, 6, seed=7)
+    a, b = greedy(ref, ids, 16), greedy(sparse, ids, 16)
+    assert a.tokens == b.tokens and len(a.tokens) == 16 and b.tokens_per_s > 0
+
+
+def test_the_packed_tensors_are_the_files_own_mapping(tmp_path):
+    """Never densified: a sparse layer's values are a view of the memory-mapped checkpoint, and the model holds
+    fewer weight bytes than the dense float32 one."""
+    d = _saved(tmp_path, 0.7)
+    sparse, info = load_sparse(d)
+    dense = load_compressed(d, dtype=torch.float32)
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+    lin = next(m for m in sparse.modules() if isinstance(m, SparseLinear))
+    assert lin.values.dtype == torch.float16 and not lin.values.untyped_storage().resizable()  # a file mapping
+    assert info.weight_bytes < dense_bytes
