@@ -1,7 +1,6 @@
 """Sparse runtime: a compressed checkpoint loaded as SparseLinear layers computes what the dense-with-zeros model
 computes, for every stored format, on the kernels (each instruction set this CPU has) and on the torch path."""
 
-import copy
 
 import pytest
 import torch
@@ -118,3 +117,37 @@ def test_the_packed_tensors_are_the_files_own_mapping(tmp_path):
     lin = next(m for m in sparse.modules() if isinstance(m, SparseLinear))
     assert lin.values.dtype == torch.float16 and not lin.values.untyped_storage().resizable()  # a file mapping
     assert info.weight_bytes < dense_bytes
+
+
+def test_cli_generate_eval_and_bench_on_a_run(tmp_path, capsys):
+    """`mixsparse generate`, `eval --runtime sparse` and `bench` on a compressed checkpoint with a tokenizer."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    from mixsparse.cli import main
+
+    d = _saved(tmp_path, 0.7)
+    from .conftest import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    tok.save_pretrained(d)
+    assert main(["generate", str(d), "--prompt", "the river", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("the river")
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("\n\n".join(" ".join(["the river model quiet stone"] * 20) for _ in range(40)))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(d), "--runtime", "sparse", "--set", f"data.evaluation={corpus}",
+                 "--seqlen", "16", "--set", "data.eval_tokens=64", "--quiet", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["runtime"]["sparse_layers"] == 14 and res["sparsity"] == pytest.approx(0.7, abs=0.01)
+    ref = tmp_path / "ref.json"
+    assert main(["eval", "--model", str(d), "--compressed", "--set", f"data.evaluation={corpus}", "--seqlen", "16",
+                 "--set", "data.eval_tokens=64", "--quiet", "--json", str(ref)]) == 0
+    assert res["perplexity"] == pytest.approx(json.loads(ref.read_text())["perplexity"], rel=1e-3)  # fp16 -> fp32 build
+    js = tmp_path / "b.json"
+    assert main(["bench", str(d), "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--json", str(js)]) == 0
+    b = json.loads(js.read_text())
+    assert b["sparse"]["first_tokens"] == b["dense-fp32"]["first_tokens"]
+    assert b["sparse"]["weight_bytes"] < b["dense-fp32"]["weight_bytes"]

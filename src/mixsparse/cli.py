@@ -159,9 +159,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .data import check_corpus
 
         check_corpus(cfg.data.evaluation, "test")
-    if not args.compressed and (Path(cfg.model.name) / INDEX_FILE).is_file():
+    if not args.compressed and args.runtime == "dense" and (Path(cfg.model.name) / INDEX_FILE).is_file():
         raise ConfigError(f"{cfg.model.name} is a compressed checkpoint (it has {INDEX_FILE}); add --compressed")
-    if args.compressed:
+    sparse_info = None
+    if args.runtime == "sparse":
+        from transformers import AutoTokenizer
+
+        from .runtime import load_sparse
+        from .runtime.load import compressed_dir
+
+        model, sparse_info = load_sparse(cfg.model.name)  # a run directory or its compressed/
+        tok = AutoTokenizer.from_pretrained(compressed_dir(cfg.model.name))
+    elif args.compressed:
         from .export import load_compressed
         from transformers import AutoTokenizer
 
@@ -174,19 +183,71 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 stream=cfg.model.stream)
     from .modeling import measured_sparsity
 
-    _, overall = measured_sparsity(model)
+    _, overall = measured_sparsity(model) if sparse_info is None else (None, sparse_info.sparsity)
     windows = eval_windows(tok, load_corpus(cfg.data.evaluation, "test"), cfg.data.seqlen, cfg.data.eval_tokens or None,
                            prefix=window_prefix(tok, cfg.data.bos))
     placement = placement_for(cfg, model)  # the model stays at home; whole or blockwise as the policy says
     res = {"model": cfg.model.name, "sparsity": overall, "tokens": int(windows.numel()), "seqlen": cfg.data.seqlen,
            "perplexity": perplexity(model, windows, batch_size=cfg.data.batch_size, device=placement,
                                     progress=not args.quiet)}
+    if sparse_info is not None:
+        res["runtime"] = {"kernels": sparse_info.kernels, "sparse_layers": len(sparse_info.sparse),
+                          "dense_layers": sparse_info.dense, "weight_bytes": sparse_info.weight_bytes}
     if args.zeroshot:
         from .zeroshot import evaluate_zeroshot
 
         res["zeroshot"] = evaluate_zeroshot(model, tok, tasks=tuple(args.zeroshot.split(",")), device=placement,
                                             progress=not args.quiet)
     print(json.dumps(res, indent=1))
+    if args.json:
+        from .io import atomic_write_json
+
+        atomic_write_json(args.json, res)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .errors import ConfigError
+    from .runtime.bench import load
+    from .runtime.decode import greedy
+    from .runtime.load import compressed_dir
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    d = compressed_dir(args.run_dir)
+    tok = AutoTokenizer.from_pretrained(d)
+    model, _ = load("sparse" if args.runtime == "sparse" else "dense-fp32", d)
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    out = greedy(model, ids, args.max_new_tokens)
+    print(args.prompt + tok.decode(out.tokens, skip_special_tokens=True))
+    print(f"[{len(out.tokens)} tokens, {out.tokens_per_s:.1f} tokens/s after the prompt, {args.runtime} runtime]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .errors import ModelLoadError
+    from .runtime.load import compressed_dir
+
+    d = compressed_dir(args.run_dir)
+    res = {}
+    for variant in ("sparse", "dense-fp32"):  # each in a fresh process: its peak RSS is its own
+        out = subprocess.run([sys.executable, "-m", "mixsparse.runtime.bench", variant, str(d), "--prompt",
+                              str(args.prompt_tokens), "--new", str(args.new_tokens), "--repeats", str(args.repeats)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise ModelLoadError(f"bench {variant} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
+        res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = res[variant]
+        print(f"{variant:11s} {r['tokens_per_s']:8.2f} tokens/s  peak RSS {r['peak_rss_mb']:8.1f} MB  "
+              f"weights {r['weight_bytes'] / 2**20:8.1f} MiB")
+    s, dn = res["sparse"], res["dense-fp32"]
+    print(f"sparse / dense: {s['tokens_per_s'] / dn['tokens_per_s']:.2f}x tokens/s, "
+          f"{s['weight_bytes'] / dn['weight_bytes']:.2f}x weight bytes")
     if args.json:
         from .io import atomic_write_json
 
@@ -302,7 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressed", action="store_true", help="--model is a compressed checkpoint directory")
     p.add_argument("--zeroshot", help="comma-separated tasks, e.g. sentiment,cloze")
     p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--runtime", choices=["dense", "sparse"], default="dense",
+                   help="sparse: --model is a run directory (or its compressed/), computed from the packed weights")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="greedy text from a run's compressed checkpoint on the sparse runtime")
+    p.add_argument("run_dir", help="a run directory (or its compressed/ checkpoint)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--runtime", choices=["sparse", "dense"], default="sparse")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("bench", help="tokens/s and peak RSS: the sparse runtime vs the dense model, same decode loop")
+    p.add_argument("run_dir", help="a run directory (or its compressed/ checkpoint)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="render RUN_DIR/run.json to report.md and plots")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)

@@ -37,6 +37,12 @@ class RuntimeInfo:
     dense: dict[str, str] = field(default_factory=dict)  # layer -> why it stays dense
     weight_bytes: int = 0  # bytes of every tensor the model computes from
     kernels_missing: str | None = None
+    zeros: int = 0  # zeros in the linear layers' weights other than the head (sparse and dense ones)
+    linear_params: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.linear_params if self.linear_params else 0.0
 
 
 def compressed_dir(path: str | os.PathLike) -> Path:
@@ -109,6 +115,7 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
         owner, _, attr = name.rpartition(".")
         mod = modules.get(owner)
         enc = entry["encoding"]
+        counted = attr == "weight" and isinstance(mod, nn.Linear) and owner != head_name
         if attr == "weight" and isinstance(mod, nn.Linear) and enc in ("bitmask", "nm", "quantized"):
             shape = tuple(entry["shape"])
             density = int(entry.get("nnz", -1)) / (shape[0] * shape[1]) if enc == "bitmask" else None
@@ -127,9 +134,14 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
                                                    None if bias is None else _decode(f"{owner}.bias", bias, stored),
                                                    kernels=kern, isa=isa)
                     info.sparse[owner] = enc
+                    info.zeros += shape[0] * shape[1] - values.numel()
+                    info.linear_params += shape[0] * shape[1]
                     continue
             info.dense[owner] = why
         state[name] = _decode(name, entry, stored)
+        if counted:
+            info.zeros += int((state[name] == 0).sum())
+            info.linear_params += state[name].numel()
     for alias, target in aliases.items():
         if target in state:
             state[alias] = state[target]
