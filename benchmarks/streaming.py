@@ -209,7 +209,7 @@ def worker(path: str, method: str, samples: int, seqlen: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="13b", choices=sorted(SHAPES))
-    ap.add_argument("--dir", required=True, help="where the random checkpoint is written (kept for reruns)")
+    ap.add_argument("--dir", help="where the random checkpoint is written (kept for reruns)")
     ap.add_argument("--methods", default="wanda-uniform,wanda-owl")
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=64)
@@ -219,6 +219,8 @@ def main() -> None:
     if args.render:
         render(Results(RESULTS / "streaming.json", None))
         return
+    if not args.dir:
+        ap.error("--dir is required (where the random checkpoint is written)")
     if args.worker:
         print(json.dumps(worker(args.dir, args.worker, args.samples, args.seqlen)))
         return
@@ -267,7 +269,7 @@ def msp_lines(e: dict) -> list[str]:
                     f"{fmt(v['seconds_per_generation'], 0)} s per generation, {v['checkpoint_passes_in_search']} reads "
                     f"of the checkpoint in the search (every candidate of a stage in one pass); level database "
                     f"{v['level_db_disk_bytes'] / 1e9:.1f} GB on disk, {v['level_db_ram_bytes']} bytes in RAM; "
-                    f"best KL {v['best_fitness']:.4g}.")
+                    f"best KL {v['best_fitness']:.4g}." + (f" Note: {v['note']}." if v.get("note") else ""))
     return ["## MSP on the streamed model", "", *rows, ""] if rows else []
 
 

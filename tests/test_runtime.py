@@ -11,6 +11,7 @@ from mixsparse.modeling import param_counts
 from mixsparse.quant.grid import QuantSpec
 from mixsparse.quant.stage import quantize_model
 from mixsparse.runtime import SparseLinear, kernels, load_sparse
+from mixsparse.runtime.linear import Q4SparseLinear
 from mixsparse.runtime.decode import greedy
 from mixsparse.sparsity import NM, SparsityMap
 
@@ -60,6 +61,8 @@ def test_runtime_logits_equal_the_dense_with_zeros_model(tmp_path, case, path):
     model, info = load_sparse(d, use_kernels=path == "kernel")
     assert len(info.sparse) == 14 and not info.dense  # every pruned linear of the 2 blocks is sparse
     assert all(isinstance(m, SparseLinear) for n, m in model.named_modules() if n in info.sparse)
+    if "int4" in case and path == "kernel":  # codes and group scales as stored, half a byte per kept weight
+        assert all(isinstance(m, Q4SparseLinear) for n, m in model.named_modules() if n in info.sparse)
     with torch.no_grad():
         prefill = model(ids).logits  # 12 tokens: the dense-expansion path
         decode = torch.cat([model(ids[:, : t + 1]).logits[:, -1:] for t in range(3)], 1)  # few tokens: the kernel
@@ -83,6 +86,30 @@ def test_every_instruction_set_and_the_torch_path_agree():
         ref = x @ w.to(dt).float().t()
         for y in ys:
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("cols, group", [(160, 16), (160, 32), (136, 0)])  # 136 per channel: not a multiple of 16
+def test_int4_kernel_on_every_instruction_set_equals_the_dequantized_weight(symmetric, cols, group):
+    if KERNELS is None:
+        pytest.skip(f"kernels not built: {kernels.reason()}")
+    from mixsparse.export import quantized_encode
+    from mixsparse.quant.grid import quantize_rtn
+
+    torch.manual_seed(1)
+    w = torch.randn(40, cols)
+    w[torch.rand_like(w) < 0.6] = 0
+    qw = quantize_rtn(w, QuantSpec(4, group, symmetric), "w")
+    parts = quantized_encode(qw)
+    ref_w = qw.dequantize()
+    x = torch.randn(6, cols)
+    for isa in ISAS:
+        lin = Q4SparseLinear(cols, 40, parts["bitmask"], parts["codes"], parts["scale"], parts.get("zero"),
+                             kernels=KERNELS, isa=isa)
+        torch.testing.assert_close(lin(x), x @ ref_w.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin.dense(), ref_w)
+        many = torch.randn(20, cols)  # past SPARSE_MAX_TOKENS: the dense path
+        torch.testing.assert_close(lin(many), many @ ref_w.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_layers_too_dense_to_gain_stay_dense(tmp_path):

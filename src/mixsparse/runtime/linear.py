@@ -80,3 +80,63 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, "
                 f"values={str(self.values.dtype).replace('torch.', '')}, "
                 f"path={'kernel' if self.kernels is not None else 'torch'}")
+
+
+class Q4SparseLinear(SparseLinear):
+    """``SparseLinear`` whose kept weights are 4-bit codes with per-group scales (and zero points when asymmetric),
+    exactly mixsparse's ``quantized`` encoding at 4 bits: half a byte per kept weight instead of two."""
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, codes: torch.Tensor,
+                 scale: torch.Tensor, zero: torch.Tensor | None, out_dtype: torch.dtype = torch.float32,
+                 bias: torch.Tensor | None = None, kernels=None, isa: int = -1):
+        nn.Module.__init__(self)
+        if in_features % 8:
+            raise ValueError(f"Q4SparseLinear needs in_features divisible by 8, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("zero", zero if zero is not None else torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.out_dtype, self.kernels, self.isa = out_dtype, kernels, isa
+        self.kept = int(self.row_ptr[-1])
+        if codes.numel() * 2 < self.kept:
+            raise ValueError(f"bitmask has {self.kept} set bits but only {codes.numel() * 2} codes are stored")
+
+    @property
+    def nnz(self) -> int:
+        return self.kept
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.mask, self.codes, self.scale, self.zero, self.row_ptr))
+
+    def dense(self) -> torch.Tensor:
+        from ..export import quantized_decode
+
+        stored = {"w::bitmask": self.mask, "w::codes": self.codes, "w::scale": self.scale}
+        entry = {"bits": 4, "symmetric": self.zero.numel() == 0}
+        if self.zero.numel():
+            stored["w::zero"] = self.zero
+        # the weight the model held: (code - zero) * scale in float32, cast to its dtype
+        return quantized_decode(stored, "w", entry, (self.out_features, self.in_features)).to(self.out_dtype).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        # the kernel keeps (code - zero) * scale in float32: exactly the weight of a float32 model; a bf16/fp16
+        # model held it rounded to its dtype, which the kernel's products differ from at that rounding's level
+        if self.kernels is not None and x2.shape[0] <= SPARSE_MAX_TOKENS:
+            y = self.kernels.q4_matmul(x2.float().contiguous(), self.mask, self.codes, self.row_ptr, self.scale,
+                                       self.zero, self.out_features, self.isa)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x2.float(), self.dense(), self.bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        density = self.nnz / (self.in_features * self.out_features)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, codes=int4, "
+                f"scales={str(self.scale.dtype).replace('torch.', '')}, "
+                f"path={'kernel' if self.kernels is not None else 'torch'}")

@@ -4,9 +4,9 @@ The model is built on the meta device; every tensor comes from the checkpoint's 
 memory-mapped (a tensor read from them costs no copy: resident memory grows only with the pages a forward
 touches). A prunable linear stored as ``bitmask`` becomes a :class:`SparseLinear` on the file's own bitmask and
 values; ``nm`` and ``quantized`` (int4/int8 codes) layers are converted to bitmask + values at load, exactly
-(an N:M layer's positions and values; a quantized layer's dequantized values at the dtype the index records,
-float32 for a float32 model: no int4 kernel yet, so such a layer reads 4 bytes per kept weight), so one
-kernel serves every format; a layer whose sparsity is below ``min_sparsity`` (where bitmask + values would be
+(an N:M layer's positions and values; a quantized layer other than 4-bit, or one whose groups the kernel does
+not take, as its dequantized values at the dtype the index records); a 4-bit quantized layer keeps its codes and
+group scales (:class:`Q4SparseLinear`, half a byte per kept weight); a layer whose sparsity is below ``min_sparsity`` (where bitmask + values would be
 slower than the dense GEMV) or whose shape the kernel does not take stays a dense float32 linear. Everything
 else (embeddings, norms, head) is float32, or the head in ``head_dtype`` (fp16/bf16 through the same kernel
 with every bit set, half the bytes read per token; a tied embedding then keeps its own float32 copy).
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
-from .linear import SparseLinear
+from .linear import Q4SparseLinear, SparseLinear
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..export import _decode, _read_index
+    from ..export import _decode, _parse_dtype, _read_index
     from . import kernels as K
 
     if head_dtype not in ("float32", "float16", "bfloat16"):
@@ -124,6 +124,17 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
                 why = f"in_features {shape[1]} is not a multiple of 8"
             elif density is not None and 1 - density < min_sparsity:
                 why = f"sparsity {1 - density:.3f} < min_sparsity {min_sparsity}"
+            if why is None and enc == "quantized" and int(entry["bits"]) == 4 and kern is not None \
+                    and (shape[1] // stored[f"{name}::scale"].shape[1]) % 8 == 0:
+                bias = entries.get(f"{owner}.bias")
+                replaced[owner] = Q4SparseLinear(
+                    shape[1], shape[0], stored[f"{name}::bitmask"], stored[f"{name}::codes"], stored[f"{name}::scale"],
+                    None if entry["symmetric"] else stored[f"{name}::zero"], _parse_dtype(entry["dtype"]),
+                    None if bias is None else _decode(f"{owner}.bias", bias, stored), kernels=kern, isa=isa)
+                info.sparse[owner] = "quantized int4"
+                info.zeros += shape[0] * shape[1] - replaced[owner].nnz
+                info.linear_params += shape[0] * shape[1]
+                continue
             if why is None:
                 mask, values = _as_bitmask(name, entry, stored)
                 if 1 - values.numel() / (shape[0] * shape[1]) < min_sparsity:

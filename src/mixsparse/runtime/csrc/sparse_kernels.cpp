@@ -203,6 +203,150 @@ void dispatch_b(Isa isa, const float* x, int64_t B, int64_t K, const uint8_t* ma
   }
 }
 
+
+// ---- bitmask + 4-bit codes (mixsparse's "quantized" encoding with bits=4) ----------------------------------
+// The stored weights' codes are 4-bit, most significant first, in the values' order; row r's first code is
+// code number row_ptr[r]. Group g of a row (group_size columns) has scale[r, g] and zero point zero[r, g]
+// (symmetric grids: 8); the weight is (code - zero) * scale, in float32. Each 8 or 16 columns share one group
+// (group_size is a multiple of the step), so a chunk's codes are dequantized with one scale, then expanded.
+
+// 8 codes starting at code k, as the top 32 bits (MSB first); reads 8 bytes, so callers keep it off the end
+inline uint32_t nibbles8(const uint8_t* codes, int64_t k, int64_t nbytes) {
+  uint8_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t at = k >> 1;
+  const uint8_t* p = codes + at;
+  if (at + 8 > nbytes) {
+    std::memcpy(buf, p, static_cast<size_t>(nbytes - at));
+    p = buf;
+  }
+  uint64_t u;
+  std::memcpy(&u, p, 8);
+  u = __builtin_bswap64(u) << (4 * (k & 1));
+  return static_cast<uint32_t>(u >> 32);
+}
+
+template <typename S>
+inline float sc(const S* p) { return static_cast<float>(*p); }
+
+template <typename S>
+void rows_q4_scalar(const float* x, int64_t B, int64_t K, const uint8_t* mask, const uint8_t* codes,
+                    const int64_t* row_ptr, const S* scale, const uint8_t* zero, int64_t G, float* y, int64_t N,
+                    int64_t r0, int64_t r1) {
+  const int64_t gs = K / G;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = mask + r * (K / 8);
+    int64_t k = row_ptr[r];
+    for (int64_t b = 0; b < B; ++b) y[b * N + r] = 0.f;
+    for (int64_t c = 0; c < K; ++c) {
+      if (!(m[c >> 3] & (0x80 >> (c & 7)))) continue;
+      const uint8_t byte = codes[k >> 1];
+      const int code = (k & 1) ? (byte & 15) : (byte >> 4);
+      ++k;
+      const int64_t g = r * G + c / gs;
+      const float w = (static_cast<float>(code) - (zero ? static_cast<float>(zero[g]) : 8.f)) * sc(scale + g);
+      for (int64_t b = 0; b < B; ++b) y[b * N + r] += w * x[b * K + c];
+    }
+  }
+}
+
+#if MS_X86
+template <typename S, int BB>
+__attribute__((target("avx2,fma,f16c"))) void rows_q4_avx2(const float* x, int64_t K, const uint8_t* mask,
+                                                          const uint8_t* codes, int64_t nbytes, const int64_t* row_ptr,
+                                                          const S* scale, const uint8_t* zero, int64_t G, float* y,
+                                                          int64_t N, int64_t r0, int64_t r1) {
+  const int64_t gs = K / G;
+  const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = mask + r * (K / 8);
+    int64_t k = row_ptr[r];
+    __m256 acc[BB];
+    for (int b = 0; b < BB; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t c8 = 0; c8 < K / 8; ++c8) {
+      const uint8_t bits = T.rev[m[c8]];
+      if (!bits) continue;
+      const int64_t g = r * G + (c8 * 8) / gs;
+      const __m256i cv = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(nibbles8(codes, k, nbytes))),
+                                                            shifts), low4);
+      const __m256 wq = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(cv), _mm256_set1_ps(zero ? static_cast<float>(zero[g]) : 8.f)),
+                                      _mm256_set1_ps(sc(scale + g)));
+      __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(T.expand[bits]));
+      __m256 on = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(T.lane_on[bits])));
+      __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(wq, idx), on);
+      k += __builtin_popcount(bits);
+      for (int b = 0; b < BB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + c8 * 8), acc[b]);
+    }
+    for (int b = 0; b < BB; ++b) y[b * N + r] = hsum_avx2(acc[b]);
+  }
+}
+
+template <typename S, int BB>
+__attribute__((target(MS_AVX512))) void rows_q4_avx512(const float* x, int64_t K, const uint8_t* mask,
+                                                       const uint8_t* codes, int64_t nbytes, const int64_t* row_ptr,
+                                                       const S* scale, const uint8_t* zero, int64_t G, float* y,
+                                                       int64_t N, int64_t r0, int64_t r1) {
+  const int64_t gs = K / G;
+  const __m512i shifts = _mm512_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = mask + r * (K / 8);
+    int64_t k = row_ptr[r];
+    __m512 acc[BB];
+    for (int b = 0; b < BB; ++b) acc[b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 bits = static_cast<__mmask16>(T.rev[m[c / 8]] | (T.rev[m[c / 8 + 1]] << 8));
+      if (!bits) continue;
+      const int64_t g = r * G + c / gs;
+      const int n0 = __builtin_popcount(bits & 0xFF);  // the codes of the first 8 columns, then of the next 8
+      __m512i v = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(nibbles8(codes, k, nbytes)))),
+          _mm256_set1_epi32(static_cast<int>(nibbles8(codes, k + n0, nbytes))), 1);
+      const __m512 wq = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shifts), low4)),
+                                                    _mm512_set1_ps(zero ? static_cast<float>(zero[g]) : 8.f)),
+                                      _mm512_set1_ps(sc(scale + g)));
+      // lanes 0..n0-1 hold the first half's codes, lanes 8.. the second's: expand each half by its own mask
+      const __m512 w = _mm512_mask_expand_ps(_mm512_maskz_expand_ps(bits & 0xFF, wq), bits & 0xFF00,
+                                             _mm512_shuffle_f32x4(wq, wq, 0xEE));
+      k += __builtin_popcount(bits);
+      for (int b = 0; b < BB; ++b) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * K + c), acc[b]);
+    }
+    for (int b = 0; b < BB; ++b) y[b * N + r] = _mm512_reduce_add_ps(acc[b]);
+  }
+}
+#endif
+
+template <typename S, int BB>
+void run_q4(Isa isa, const float* x, int64_t K, const uint8_t* mask, const uint8_t* codes, int64_t nbytes,
+            const int64_t* row_ptr, const S* scale, const uint8_t* zero, int64_t G, float* y, int64_t N, int64_t r0,
+            int64_t r1) {
+#if MS_X86
+  const int64_t gs = K / G;
+  if (isa == Isa::avx512 && K % 16 == 0 && gs % 16 == 0)
+    return rows_q4_avx512<S, BB>(x, K, mask, codes, nbytes, row_ptr, scale, zero, G, y, N, r0, r1);
+  if (isa >= Isa::avx2 && gs % 8 == 0)
+    return rows_q4_avx2<S, BB>(x, K, mask, codes, nbytes, row_ptr, scale, zero, G, y, N, r0, r1);
+#endif
+  rows_q4_scalar<S>(x, BB, K, mask, codes, row_ptr, scale, zero, G, y, N, r0, r1);
+}
+
+template <typename S>
+void dispatch_q4(Isa isa, const float* x, int64_t B, int64_t K, const uint8_t* mask, const uint8_t* codes,
+                 int64_t nbytes, const int64_t* row_ptr, const S* scale, const uint8_t* zero, int64_t G, float* y,
+                 int64_t N, int64_t r0, int64_t r1) {
+  for (int64_t b0 = 0; b0 < B; b0 += 4) {
+    const int64_t nb = std::min<int64_t>(4, B - b0);
+    const float* xb = x + b0 * K;
+    float* yb = y + b0 * N;
+    switch (nb) {
+      case 1: run_q4<S, 1>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
+      case 2: run_q4<S, 2>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
+      case 3: run_q4<S, 3>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
+      default: run_q4<S, 4>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
+    }
+  }
+}
+
 }  // namespace
 
 int64_t isa_level(int64_t wanted) {
@@ -239,6 +383,41 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
   return y;
 }
 
+
+// x: (B, K) float32; mask: uint8 (N*K/8); codes: uint8, 4-bit codes packed; row_ptr: int64 (N+1);
+// scale: (N, G) half or bfloat16; zero: (N, G) uint8, or empty for a symmetric grid
+torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor codes, torch::Tensor row_ptr,
+                        torch::Tensor scale, torch::Tensor zero, int64_t N, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (B, K) float32");
+  const int64_t B = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 8 == 0 && mask.numel() >= N * K / 8 && row_ptr.numel() == N + 1, "bad bitmask layout");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && K % scale.size(1) == 0, "scale: (N, groups)");
+  const int64_t G = scale.size(1);
+  TORCH_CHECK(zero.numel() == 0 || (zero.scalar_type() == torch::kUInt8 && zero.numel() == N * G), "zero: (N, groups) uint8");
+  auto y = torch::empty({B, N}, x.options());
+  const Isa level = static_cast<Isa>(isa_level(isa));
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint8_t* zp = zero.numel() ? zero.data_ptr<uint8_t>() : nullptr;
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t nbytes = codes.numel();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  auto run = [&](auto* sp) {
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      dispatch_q4(level, xp, B, K, mp, cp, nbytes, rp, sp, zp, G, yp, N, r0, r1);
+    });
+  };
+  if (scale.scalar_type() == torch::kHalf) run(scale.data_ptr<at::Half>());
+  else if (scale.scalar_type() == torch::kBFloat16) run(scale.data_ptr<at::BFloat16>());
+  else {
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat32, "scale: float16, bfloat16 or float32");
+    run(scale.data_ptr<float>());
+  }
+  return y;
+}
+
 // the dense float32 matrix of a bitmask-encoded weight (prefill: many tokens go through one dense GEMM)
 torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr, int64_t N, int64_t K) {
   TORCH_CHECK(K % 8 == 0 && mask.scalar_type() == torch::kUInt8 && row_ptr.numel() == N + 1, "bad bitmask layout");
@@ -271,6 +450,7 @@ torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_matmul", &q4_matmul, "bitmask + 4-bit codes (group scales) times x (B small)");
   m.def("bitmask_expand", &bitmask_expand, "dense float32 matrix of a bitmask-encoded weight");
   m.def("bitmask_matmul", &bitmask_matmul, "bitmask-compressed sparse W times x (B small)");
   m.def("isa_level", &isa_level, "ISA used for a wanted level (-1: best): 0 scalar, 1 AVX2, 2 AVX-512");

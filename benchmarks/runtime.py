@@ -1,0 +1,222 @@
+"""Decode speed and memory of pruned models on the sparse runtime against the dense model, in the same loop.
+
+Prunes the embedded model (Wanda, uniform, 32 x 512 calibration windows) and writes its compressed checkpoint
+in each format, then measures each variant in a fresh process (``python -m mixsparse.runtime.bench``): batch 1,
+128 new tokens after a 128-token prompt of test text, median of 5. Keys ``"<format>@<sparsity>"``:
+
+* ``dense-fp32@0``, ``dense-bf16@0``: the unpruned model densified, in mixsparse's greedy loop;
+* ``hf-dense-fp32@0``: the same model through ``model.generate()`` (what users run today);
+* ``bitmask-fp16@0.7``, ``bitmask-bf16@0.7``, ``bitmask-int4@0.7`` (RTN 4-bit, group 128; the runtime holds its
+  values in float32 until an int4 kernel exists), ``nm-fp16@0.5`` (2:4), and ``bitmask-fp16+head-fp16@0.7``
+  (the tied head read in fp16 through the same kernel).
+
+Each entry has ``tokens_per_s``, ``peak_rss_mb``, ``weight_bytes`` and ``bytes_per_token_read`` (the weights a
+decode step multiplies: every linear and the head), with the machine's measured read and copy bandwidth and the
+tokens/s bound the read bandwidth implies. Also a per-layer kernel entry (one MLP projection at 70%): its time
+against its bandwidth bound. Run it alone (a second torch process on 2 cores slows both).
+
+    python benchmarks/runtime.py --dir /tmp/msrt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, Results, fmt, produced_by, provenance_lines, write_markdown
+
+FORMATS = ("dense-fp32@0", "dense-bf16@0", "hf-dense-fp32@0", "bitmask-fp16@0.7", "bitmask-fp16+head-fp16@0.7",
+           "bitmask-bf16@0.7", "bitmask-int4@0.7", "nm-fp16@0.5")
+
+
+def bandwidth() -> dict:
+    """Read (a sum over 512 MiB) and copy (512 MiB to another buffer, read + write bytes) bandwidth, GB/s, best of 5."""
+    a = torch.ones(128 * 2**20, dtype=torch.float32)
+    b = torch.empty_like(a)
+    reads, copies = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        reads.append(a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        b.copy_(a)
+        copies.append(2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return {"read_gb_s": round(max(reads), 2), "copy_gb_s": round(max(copies), 2), "threads": torch.get_num_threads()}
+
+
+def checkpoints(root: Path, calib_samples: int) -> dict[str, Path]:
+    """The compressed checkpoint of each format (made once; kept in ``root`` for reruns)."""
+    from mixsparse.data import Calibration
+    from mixsparse.config import RunConfig
+    from mixsparse.engine import prune_layerwise
+    from mixsparse.export import save_compressed
+    from mixsparse.loading import load_model
+    from mixsparse.modeling import param_counts
+    from mixsparse.quant.grid import QuantSpec
+    from mixsparse.quant.stage import quantize_model
+    from mixsparse.sparsity import NM, SparsityMap
+
+    want = {"dense@0": (0.0, torch.float16, None), "fp16@0.7": (0.7, torch.float16, None),
+            "bf16@0.7": (0.7, torch.bfloat16, None), "int4@0.7": (0.7, torch.float16, QuantSpec(4, 128, True)),
+            "nm@0.5": (NM(2, 4), torch.float16, None)}
+    out = {}
+    for key, (target, dtype, quant) in want.items():
+        d = root / key
+        out[key] = d
+        if (d / "compression.json").is_file():
+            continue
+        model, tok = load_model("embedded")
+        cfg = RunConfig()
+        ids = Calibration(tok, cfg).ids(calib_samples, 512)
+        smap = SparsityMap.uniform(target, param_counts(model))
+        if target != 0.0:
+            prune_layerwise(model, ids, smap, "wanda", device="cpu", progress=False)
+        codes = quantize_model(model, "rtn", quant, progress=False)[0] if quant else {}
+        save_compressed(model, d, dtype=dtype, sparsity_map=smap, tokenizer=tok, quantized=codes, overwrite=True)
+        print(f"checkpoint {key} written", flush=True)
+    return out
+
+
+def run_variant(variant: str, path: Path, args, head: str = "float32") -> dict:
+    cmd = [sys.executable, "-m", "mixsparse.runtime.bench", variant, str(path), "--prompt", str(args.prompt),
+           "--new", str(args.new), "--repeats", str(args.repeats), "--head-dtype", head]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bytes_per_token(variant: str, path: Path, head: str) -> int:
+    """Weight bytes a decode step multiplies: every (sparse or dense) linear including the head; the embedding
+    table only through a tied head (a lookup reads one row)."""
+    from torch import nn
+
+    from mixsparse.runtime import SparseLinear
+    from mixsparse.runtime.bench import load
+
+    model, _ = load("sparse" if variant == "sparse" else variant.replace("hf-", ""), path, head_dtype=head)
+    total = 0
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            total += m.weight_bytes()
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def layer_kernel(bw: dict) -> dict:
+    """One 70% MLP projection of the embedded model's shape (1536 x 576, fp16 values), batch 1: the kernel's time
+    against the time to read its bytes at the measured read bandwidth."""
+    from mixsparse.export import bitmask_encode
+    from mixsparse.runtime import SparseLinear, kernels
+
+    torch.manual_seed(0)
+    w = torch.randn(1536, 576)
+    w[torch.rand_like(w) < 0.7] = 0
+    mask, values = bitmask_encode(w.half())
+    out = {}
+    for name, isa in (("avx2", 1), ("avx512", 2)):
+        if kernels.get() is None or int(kernels.get().isa_level(isa)) != isa:
+            continue
+        lin = SparseLinear(576, 1536, mask, values, kernels=kernels.get(), isa=isa)
+        x = torch.randn(1, 576)
+        for _ in range(50):
+            lin(x)
+        times = []
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(200):
+                lin(x)
+            times.append((time.perf_counter() - t) / 200)
+        sec = statistics.median(times)
+        bound = lin.weight_bytes() / (bw["read_gb_s"] * 1e9)
+        out[name] = {"us": round(sec * 1e6, 2), "bound_us": round(bound * 1e6, 2), "ratio_to_bound": round(sec / bound, 2),
+                     "bytes": lin.weight_bytes()}
+    dense = torch.randn(1536, 576)
+    x = torch.randn(1, 576)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        for _ in range(200):
+            torch.nn.functional.linear(x, dense)
+        times.append((time.perf_counter() - t) / 200)
+    out["dense-fp32"] = {"us": round(statistics.median(times) * 1e6, 2),
+                         "bound_us": round(dense.numel() * 4 / (bw["read_gb_s"] * 1e9) * 1e6, 2)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", required=True, help="where the compressed checkpoints are written (kept for reruns)")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--render", action="store_true", help="only rewrite runtime.md from runtime.json")
+    args = ap.parse_args()
+    if args.render:
+        render(Results(RESULTS / "runtime.json", None))
+        return
+    res = Results(RESULTS / "runtime.json", {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:]),
+                                             "prompt": args.prompt, "new": args.new, "repeats": args.repeats})
+    bw = bandwidth()
+    res.add("bandwidth", bw)
+    res.add("kernel-layer@0.7", layer_kernel(bw))
+    ck = checkpoints(Path(args.dir), args.calib_samples)
+    where = {"dense": "dense@0", "bitmask-fp16": "fp16@0.7", "bitmask-fp16+head-fp16": "fp16@0.7",
+             "bitmask-bf16": "bf16@0.7", "bitmask-int4": "int4@0.7", "nm-fp16": "nm@0.5"}
+    for key in args.formats.split(","):
+        fmt_, _ = key.split("@")
+        if fmt_.endswith("dense-fp32") or fmt_ == "dense-bf16":
+            variant, path, head = fmt_, ck["dense@0"], "float32"
+        else:
+            variant, path = "sparse", ck[where[fmt_]]
+            head = "float16" if "head-fp16" in fmt_ else "float32"
+        entry = run_variant(variant, path, args, head)
+        entry["bytes_per_token_read"] = bytes_per_token(variant, path, head)
+        entry["bound_tokens_per_s"] = round(bw["read_gb_s"] * 1e9 / entry["bytes_per_token_read"], 1)
+        res.add(key, entry)
+        print(key, {k: entry[k] for k in ("tokens_per_s", "peak_rss_mb", "weight_bytes", "bytes_per_token_read")},
+              flush=True)
+    render(res)
+
+
+def render(res: Results) -> None:
+    e, meta = res.data["entries"], res.data["meta"]
+    bw = e.get("bandwidth", {})
+    base = (e.get("dense-fp32@0") or {}).get("tokens_per_s")
+    hf = (e.get("hf-dense-fp32@0") or {}).get("tokens_per_s")
+    base_bytes = (e.get("dense-fp32@0") or {}).get("weight_bytes")
+    rows = ["| format @ sparsity | tokens/s | vs dense fp32 (same loop) | vs hf generate fp32 | weight bytes | vs dense fp32 | "
+            "bytes read / token | read-bandwidth bound, tokens/s | peak RSS MB | kernels |", "|---|" + "---|" * 9]
+    for key, v in e.items():
+        if "tokens_per_s" not in v:
+            continue
+        rows.append(f"| {key} | {fmt(v['tokens_per_s'], 1)} | {fmt(v['tokens_per_s'] / base, 2) if base else '—'}x | "
+                    f"{fmt(v['tokens_per_s'] / hf, 2) if hf else '—'}x | {v['weight_bytes'] / 2**20:,.1f} MiB | "
+                    f"{fmt(v['weight_bytes'] / base_bytes, 2) if base_bytes else '—'}x | "
+                    f"{v['bytes_per_token_read'] / 2**20:,.1f} MiB | {fmt(v['bound_tokens_per_s'], 1)} | "
+                    f"{fmt(v['peak_rss_mb'], 0)} | {v.get('kernels', 'dense (torch)')} |")
+    k = e.get("kernel-layer@0.7", {})
+    klines = [f"- {name}: {v['us']} µs per call, read-bandwidth bound {v['bound_us']} µs"
+              + (f" ({v['ratio_to_bound']}x the bound)" if "ratio_to_bound" in v else "") for name, v in k.items()]
+    text = ["# Sparse runtime: decode speed and memory", "", produced_by(meta), "",
+            f"Batch 1, {meta.get('new')} new tokens after a {meta.get('prompt')}-token prompt of test text, greedy, median "
+            f"of {meta.get('repeats')}; each variant in a fresh process (its own peak RSS). Embedded model "
+            "(SmolLM2-135M), Wanda uniform. Measured bandwidth: read "
+            f"{bw.get('read_gb_s')} GB/s, copy {bw.get('copy_gb_s')} GB/s (read + write bytes), {bw.get('threads')} threads.",
+            "", *rows, "", "One MLP projection (1536 x 576) at 70%, fp16 values, batch 1:", "", *klines, "",
+            *provenance_lines(e, meta)]
+    write_markdown(RESULTS / "runtime.md", "\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
