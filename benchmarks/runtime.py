@@ -6,9 +6,9 @@ in each format, then measures each variant in a fresh process (``python -m mixsp
 
 * ``dense-fp32@0``, ``dense-bf16@0``: the unpruned model densified, in mixsparse's greedy loop;
 * ``hf-dense-fp32@0``: the same model through ``model.generate()`` (what users run today);
-* ``bitmask-fp16@0.7``, ``bitmask-bf16@0.7``, ``bitmask-int4@0.7`` (RTN 4-bit, group 128; the runtime holds its
-  values in float32 until an int4 kernel exists), ``nm-fp16@0.5`` (2:4), and ``bitmask-fp16+head-fp16@0.7``
-  (the tied head read in fp16 through the same kernel).
+* ``bitmask-fp16@0.7``, ``bitmask-bf16@0.7``, ``bitmask-int4@0.7`` (RTN 4-bit, group 64: codes and scales as
+  stored), ``nm-fp16@0.5`` (2:4, as bitmask + values), and ``bitmask-fp16+head-fp16@0.7`` (the tied head read in
+  fp16 through the same kernel).
 
 Each entry has ``tokens_per_s``, ``peak_rss_mb``, ``weight_bytes`` and ``bytes_per_token_read`` (the weights a
 decode step multiplies: every linear and the head), with the machine's measured read and copy bandwidth and the
@@ -64,7 +64,7 @@ def checkpoints(root: Path, calib_samples: int) -> dict[str, Path]:
     from mixsparse.sparsity import NM, SparsityMap
 
     want = {"dense@0": (0.0, torch.float16, None), "fp16@0.7": (0.7, torch.float16, None),
-            "bf16@0.7": (0.7, torch.bfloat16, None), "int4@0.7": (0.7, torch.float16, QuantSpec(4, 128, True)),
+            "bf16@0.7": (0.7, torch.bfloat16, None), "int4@0.7": (0.7, torch.float16, QuantSpec(4, 64, True)),
             "nm@0.5": (NM(2, 4), torch.float16, None)}
     out = {}
     for key, (target, dtype, quant) in want.items():

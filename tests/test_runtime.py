@@ -178,3 +178,27 @@ def test_cli_generate_eval_and_bench_on_a_run(tmp_path, capsys):
     b = json.loads(js.read_text())
     assert b["sparse"]["first_tokens"] == b["dense-fp32"]["first_tokens"]
     assert b["sparse"]["weight_bytes"] < b["dense-fp32"]["weight_bytes"]
+
+
+def test_a_16_bit_head_shares_its_values_with_the_tied_embedding(tmp_path):
+    if KERNELS is None:
+        pytest.skip(f"kernels not built: {kernels.reason()}")
+    from mixsparse.runtime.load import PackedEmbedding
+
+    d = _saved(tmp_path, 0.7, tied=True)  # stored in fp16: the 16-bit head holds exactly the stored values
+    model, info = load_sparse(d, head_dtype="float16")
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, PackedEmbedding) and emb.weight16.data_ptr() == model.lm_head.values.data_ptr()
+    ids = tiny_ids(1, 10, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _reference_logits(d, ids), rtol=1e-4, atol=1e-4)
+    f32, _ = load_sparse(d)
+    rows, cols = f32.get_input_embeddings().weight.shape
+    # one 16-bit matrix (with its all-ones bitmask and row offsets) instead of the float32 one: no copy left
+    assert info.weight_bytes == _weight_bytes(f32) - rows * cols * 4 + rows * cols * 2 + rows * cols // 8 + (rows + 1) * 8
+
+
+def _weight_bytes(model):
+    from mixsparse.runtime.load import _weight_bytes as wb
+
+    return wb(model)

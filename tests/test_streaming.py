@@ -201,3 +201,14 @@ def test_a_streamed_run_refuses_what_does_not_stream_before_any_work(tiny_llama_
             "--recover", "lora"]
     assert main(argv) == 2
     assert "recovery lora trains the whole model at once" in capsys.readouterr().err
+
+
+def test_auto_streams_only_a_model_that_would_not_fit(saved, caplog):
+    from mixsparse.streaming import should_stream
+
+    _, path = saved
+    assert not should_stream(path, torch.float32)  # a few hundred KB
+    with caplog.at_level("WARNING"):
+        assert should_stream(path, torch.float32, share=1e-9)  # as if RAM were tiny
+    assert "streamed from the checkpoint" in caplog.text
+    assert not should_stream(path.parent / "nowhere", torch.float32)  # not a safetensors checkpoint: load it whole

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 
@@ -45,12 +44,20 @@ def load(variant: str, path, *, head_dtype: str = "float32", isa: int = -1):
     dtype = torch.bfloat16 if variant == "dense-bf16" else torch.float32
     model = load_compressed(compressed_dir(path), dtype=dtype).eval()
     model.config.use_cache = True
+    model.generation_config.use_cache = True  # pruning saved the config with the cache off
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return model, {"weight_bytes": total}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM: ru_maxrss would report the parent's peak at fork)."""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return round(int(line.split()[1]) / 1024, 1)
 
 
 def measure(variant: str, path, prompt: int = 128, new: int = 128, repeats: int = 5, head_dtype: str = "float32",
@@ -68,7 +75,7 @@ def measure(variant: str, path, prompt: int = 128, new: int = 128, repeats: int 
                 t = time.perf_counter()
                 model.generate(ids, max_new_tokens=1, do_sample=False)  # the prompt forward, as greedy times it
                 t1 = time.perf_counter()
-                gen = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+                gen = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new, use_cache=True)
                 t2 = time.perf_counter()
             toks = gen[0, ids.shape[1]:].tolist()
             speeds.append((new - 1) / max(1e-9, (t2 - t1) - (t1 - t)))
@@ -78,7 +85,7 @@ def measure(variant: str, path, prompt: int = 128, new: int = 128, repeats: int 
             speeds.append(d.tokens_per_s)
         tokens = tokens or toks
     out.update({"tokens_per_s": round(statistics.median(speeds), 3), "tokens_per_s_all": [round(s, 3) for s in speeds],
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_rss_mb": peak_rss_mb(),
                 "threads": torch.get_num_threads(), "first_tokens": tokens[:32]})
     return out
 

@@ -166,8 +166,15 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
             replaced[head_name] = SparseLinear(w.shape[1], w.shape[0], mask, values, state.pop(f"{head_name}.bias", None),
                                                kernels=kern, isa=isa)
             info.sparse[head_name] = f"dense {head_dtype} (every bit set)"
+            emb = model.get_input_embeddings()
+            emb_name = next((n for n, m in modules.items() if m is emb), None)
+            if emb_name is not None and state.get(f"{emb_name}.weight") is w:  # tied: look rows up in the same values
+                state.pop(f"{emb_name}.weight")
+                replaced[emb_name] = PackedEmbedding(values.view(w.shape))
         elif w is not None:
             state[f"{head_name}.weight"] = w
+    if kern is not None and isa < 0:
+        info.kernels = _fastest_isa([m for m in replaced.values() if isinstance(m, SparseLinear)], kern)
     for owner, new in replaced.items():
         parent, _, child = owner.rpartition(".")
         setattr(modules[parent] if parent else model, child, new)
@@ -190,6 +197,50 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
     info.weight_bytes = _weight_bytes(model)
     model.config.use_cache = True
     return model.eval(), info
+
+
+class PackedEmbedding(nn.Module):
+    """Token embeddings looked up in a 16-bit matrix (the tied head's values): rows come out in float32."""
+
+    def __init__(self, weight16: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight16", weight16, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(input_ids, self.weight16).float()
+
+
+def _fastest_isa(layers: list[SparseLinear], kern) -> str:
+    """The instruction set whose kernels decode fastest here, timed on the largest layer of each kind (AVX-512 is
+    not always faster: AMD Zen 4 runs its expand instructions slowly); every layer is set to it."""
+    import time
+
+    from .kernels import ISA_NAMES
+    from .linear import Q4SparseLinear
+
+    levels = sorted({int(kern.isa_level(i)) for i in (1, 2)})
+    chosen = {}
+    for kind in (SparseLinear, Q4SparseLinear):
+        group = [m for m in layers if type(m) is kind]
+        if not group:
+            continue
+        big = max(group, key=lambda m: m.nnz)
+        x = torch.randn(1, big.in_features)
+        best = None
+        for level in levels:
+            big.isa = level
+            for _ in range(5):
+                big(x)
+            t = time.perf_counter()
+            for _ in range(30):
+                big(x)
+            sec = time.perf_counter() - t
+            if best is None or sec < best[0]:
+                best = (sec, level)
+        for m in group:
+            m.isa = best[1]
+        chosen[kind.__name__] = ISA_NAMES[best[1]]
+    return ", ".join(f"{v}" if len(chosen) == 1 else f"{k}: {v}" for k, v in chosen.items()) or "none"
 
 
 def _weight_bytes(model: nn.Module) -> int:
