@@ -33,7 +33,8 @@ import torch
 from common import RESULTS, Results, fmt, produced_by, provenance_lines, write_markdown
 
 FORMATS = ("dense-fp32@0", "dense-bf16@0", "hf-dense-fp32@0", "bitmask-fp16@0.7", "bitmask-fp16+head-fp16@0.7",
-           "bitmask-bf16@0.7", "bitmask-int4@0.7", "nm-fp16@0.5")
+           "bitmask-bf16@0.7", "bitmask-int4@0.7", "bitmask-int4+head-fp16@0.7", "nm-fp16@0.5")
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def bandwidth() -> dict:
@@ -84,10 +85,14 @@ def checkpoints(root: Path, calib_samples: int) -> dict[str, Path]:
     return out
 
 
-def run_variant(variant: str, path: Path, args, head: str = "float32") -> dict:
+def run_variant(variant: str, path: Path, args, head: str = "float32", avx2: bool = False) -> dict:
+    """One variant in a fresh process; ``avx2``: torch's kernels and mixsparse's capped at AVX2 (a CPU without
+    AVX-512, as the 2-core AMD EPYC of the issue)."""
+    import os
+
     cmd = [sys.executable, "-m", "mixsparse.runtime.bench", variant, str(path), "--prompt", str(args.prompt),
-           "--new", str(args.new), "--repeats", str(args.repeats), "--head-dtype", head]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+           "--new", str(args.new), "--repeats", str(args.repeats), "--head-dtype", head, "--isa", "1" if avx2 else "-1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(AVX2_ENV if avx2 else {})})
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -160,6 +165,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--avx2", action="store_true", help="also measure each variant with only AVX2 kernels (forced)")
     ap.add_argument("--render", action="store_true", help="only rewrite runtime.md from runtime.json")
     args = ap.parse_args()
     if args.render:
@@ -171,16 +177,19 @@ def main() -> None:
     res.add("bandwidth", bw)
     res.add("kernel-layer@0.7", layer_kernel(bw))
     ck = checkpoints(Path(args.dir), args.calib_samples)
-    where = {"dense": "dense@0", "bitmask-fp16": "fp16@0.7", "bitmask-fp16+head-fp16": "fp16@0.7",
-             "bitmask-bf16": "bf16@0.7", "bitmask-int4": "int4@0.7", "nm-fp16": "nm@0.5"}
+    where = {"bitmask-fp16": "fp16@0.7", "bitmask-bf16": "bf16@0.7", "bitmask-int4": "int4@0.7", "nm-fp16": "nm@0.5"}
     for key in args.formats.split(","):
         fmt_, _ = key.split("@")
         if fmt_.endswith("dense-fp32") or fmt_ == "dense-bf16":
             variant, path, head = fmt_, ck["dense@0"], "float32"
         else:
-            variant, path = "sparse", ck[where[fmt_]]
+            variant, path = "sparse", ck[where[fmt_.split("+")[0]]]
             head = "float16" if "head-fp16" in fmt_ else "float32"
         entry = run_variant(variant, path, args, head)
+        if args.avx2:  # the same variant with AVX2 kernels only (torch's and mixsparse's)
+            forced = run_variant(variant, path, args, head, avx2=True)
+            entry["avx2_forced"] = {k: forced[k] for k in ("tokens_per_s", "tokens_per_s_all", "peak_rss_mb", "kernels")
+                                    if k in forced}
         entry["bytes_per_token_read"] = bytes_per_token(variant, path, head)
         entry["bound_tokens_per_s"] = round(bw["read_gb_s"] * 1e9 / entry["bytes_per_token_read"], 1)
         res.add(key, entry)
@@ -195,17 +204,26 @@ def render(res: Results) -> None:
     base = (e.get("dense-fp32@0") or {}).get("tokens_per_s")
     hf = (e.get("hf-dense-fp32@0") or {}).get("tokens_per_s")
     base_bytes = (e.get("dense-fp32@0") or {}).get("weight_bytes")
-    rows = ["| format @ sparsity | tokens/s | vs dense fp32 (same loop) | vs hf generate fp32 | weight bytes | vs dense fp32 | "
-            "bytes read / token | read-bandwidth bound, tokens/s | peak RSS MB | kernels |", "|---|" + "---|" * 9]
+    a_base = ((e.get("dense-fp32@0") or {}).get("avx2_forced") or {}).get("tokens_per_s")
+    a_hf = ((e.get("hf-dense-fp32@0") or {}).get("avx2_forced") or {}).get("tokens_per_s")
+    def avx2(v: dict) -> str:
+        a = (v.get("avx2_forced") or {}).get("tokens_per_s")
+        if a is None:
+            return "—"
+        return f"{fmt(a, 1)}, {fmt(a / a_base, 2) if a_base else '—'}x, {fmt(a / a_hf, 2) if a_hf else '—'}x"
+
+    rows = ["| format @ sparsity | tokens/s | vs dense fp32 (same loop) | vs hf generate fp32 | AVX2 forced: tokens/s, "
+            "vs dense fp32, vs hf | weight bytes | vs dense fp32 | bytes read / token | read-bandwidth bound, tokens/s | "
+            "peak RSS MB | kernels |", "|---|" + "---|" * 10]
     for key, v in e.items():
         if "tokens_per_s" not in v:
             continue
         rows.append(f"| {key} | {fmt(v['tokens_per_s'], 1)} | {fmt(v['tokens_per_s'] / base, 2) if base else '—'}x | "
-                    f"{fmt(v['tokens_per_s'] / hf, 2) if hf else '—'}x | {v['weight_bytes'] / 2**20:,.1f} MiB | "
+                    f"{fmt(v['tokens_per_s'] / hf, 2) if hf else '—'}x | {avx2(v)} | {v['weight_bytes'] / 2**20:,.1f} MiB | "
                     f"{fmt(v['weight_bytes'] / base_bytes, 2) if base_bytes else '—'}x | "
                     f"{v['bytes_per_token_read'] / 2**20:,.1f} MiB | {fmt(v['bound_tokens_per_s'], 1)} | "
                     f"{fmt(v['peak_rss_mb'], 0)} | {v.get('kernels', 'dense (torch)')} |")
-    k = e.get("kernel-layer@0.7", {})
+    k = {n: v for n, v in e.get("kernel-layer@0.7", {}).items() if n != "provenance"}
     klines = [f"- {name}: {v['us']} µs per call, read-bandwidth bound {v['bound_us']} µs"
               + (f" ({v['ratio_to_bound']}x the bound)" if "ratio_to_bound" in v else "") for name, v in k.items()]
     text = ["# Sparse runtime: decode speed and memory", "", produced_by(meta), "",

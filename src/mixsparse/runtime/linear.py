@@ -16,17 +16,19 @@ from torch import nn
 SPARSE_MAX_TOKENS = 8
 
 
-def row_pointers(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Offsets of each row's first value among the stored values (int64, ``rows + 1``)."""
-    from ..export import unpack_bits
-
-    counts = torch.zeros(rows + 1, dtype=torch.int64)
+def row_pointers(mask: torch.Tensor, rows: int, cols: int, kernels=None) -> torch.Tensor:
+    """Offsets of each row's first value among the stored values (int64, ``rows + 1``). Without the kernels, a
+    popcount table over a few hundred rows at a time (unpacking every bit at once left megabytes per layer in the
+    allocator, hundreds of MB over a model)."""
+    if kernels is not None:
+        return kernels.bitmask_row_ptr(mask, rows, cols)
+    pop = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
     per_row = cols // 8
-    chunk = max(1, (1 << 24) // max(cols, 1))  # a few MB of unpacked bits at a time
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        bits = unpack_bits(mask[r0 * per_row : r1 * per_row], (r1 - r0) * cols).reshape(r1 - r0, cols)
-        counts[r0 + 1 : r1 + 1] = bits.sum(1)
+    counts = torch.zeros(rows + 1, dtype=torch.int64)
+    step = max(1, 4096 // max(per_row // 64, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        counts[r0 + 1 : r1 + 1] = pop[mask[r0 * per_row : r1 * per_row].reshape(r1 - r0, per_row).long()].sum(1)
     return counts.cumsum(0)
 
 
@@ -41,8 +43,8 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("mask", mask, persistent=False)
         self.register_buffer("values", values, persistent=False)
-        self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features) if row_ptr is None else row_ptr,
-                             persistent=False)
+        self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features, kernels) if row_ptr is None
+                             else row_ptr, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         if int(self.row_ptr[-1]) != values.numel():
             raise ValueError(f"bitmask has {int(self.row_ptr[-1])} set bits but {values.numel()} values are stored")
@@ -97,7 +99,7 @@ class Q4SparseLinear(SparseLinear):
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("zero", zero if zero is not None else torch.empty(0, dtype=torch.uint8), persistent=False)
-        self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features), persistent=False)
+        self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features, kernels), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         self.out_dtype, self.kernels, self.isa = out_dtype, kernels, isa
         self.kept = int(self.row_ptr[-1])

@@ -426,6 +426,22 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor codes
   return y;
 }
 
+// where each row's values start: the running count of set bits, row by row (int64, N + 1)
+torch::Tensor bitmask_row_ptr(torch::Tensor mask, int64_t N, int64_t K) {
+  TORCH_CHECK(K % 8 == 0 && mask.scalar_type() == torch::kUInt8 && mask.numel() >= N * K / 8, "bad bitmask layout");
+  auto rp = torch::empty({N + 1}, torch::dtype(torch::kInt64));
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  int64_t* out = rp.data_ptr<int64_t>();
+  out[0] = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    int64_t c = 0;
+    const uint8_t* m = mp + r * (K / 8);
+    for (int64_t j = 0; j < K / 8; ++j) c += __builtin_popcount(m[j]);
+    out[r + 1] = out[r] + c;
+  }
+  return rp;
+}
+
 // the dense float32 matrix of a bitmask-encoded weight (prefill: many tokens go through one dense GEMM)
 torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr, int64_t N, int64_t K) {
   TORCH_CHECK(K % 8 == 0 && mask.scalar_type() == torch::kUInt8 && row_ptr.numel() == N + 1, "bad bitmask layout");
@@ -458,6 +474,7 @@ torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bitmask_row_ptr", &bitmask_row_ptr, "offsets of each row's values (running count of set bits)");
   m.def("q4_matmul", &q4_matmul, "bitmask + 4-bit codes (group scales) times x (B small)");
   m.def("bitmask_expand", &bitmask_expand, "dense float32 matrix of a bitmask-encoded weight");
   m.def("bitmask_matmul", &bitmask_matmul, "bitmask-compressed sparse W times x (B small)");
