@@ -203,7 +203,8 @@ def test_msp_pipeline_and_export_on_the_device(tiny_llama, word_corpus, tmp_path
                   tmp_path / "dev", model=model, tokenizer=tok, progress=False)
     assert at_home(model)
     assert rec.to_dict()["placement"] == {"device": DEV.type, "mode": "blockwise", "dtype": "float32",
-                                          "compute_dtype": "float32", "whole_upcast": None}
+                                          "compute_dtype": "float32", "whole_upcast": None,
+                                              "streamed": False}
     assert rec.allocation.per_layer == rec_cpu.allocation.per_layer
     assert rec.perplexity.pruned == pytest.approx(rec_cpu.perplexity.pruned, rel=1e-4)
     assert (tmp_path / "dev" / "model" / "model.safetensors").exists()

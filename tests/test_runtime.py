@@ -205,8 +205,8 @@ def _weight_bytes(model):
 
 
 def test_the_loaded_sparse_model_is_resident_in_less_memory_than_the_dense_one(tmp_path):
-    """Peak RSS of a fresh process that loads the model and decodes (``mixsparse bench``), sparse vs dense, on a
-    model large enough (22M parameters, 85 MiB in float32) for its weights to stand out of torch's own memory."""
+    """Resident memory of a fresh process that loads the model and decodes (``mixsparse bench``), sparse vs dense, on a
+    model large enough (18M parameters, 70 MiB in float32) for its weights to stand out of torch's own memory."""
     import json
 
     from mixsparse.cli import main
@@ -223,7 +223,9 @@ def test_the_loaded_sparse_model_is_resident_in_less_memory_than_the_dense_one(t
     assert main(["bench", str(d), "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--json", str(js)]) == 0
     b = json.loads(js.read_text())
     sparse, dense = b["sparse"], b["dense-fp32"]
-    assert sparse["weight_bytes"] < 0.4 * dense["weight_bytes"]
-    # weights: 85 MiB in float32 (plus the fp16 copy load_compressed decodes from); sparse ~43 MiB (head and
-    # embeddings stay float32)
-    assert sparse["peak_rss_mb"] < dense["peak_rss_mb"] - 40, (sparse["peak_rss_mb"], dense["peak_rss_mb"])
+    # weights: 70 MiB in float32 (plus the fp16 copy load_compressed decodes from); sparse 39 MiB, of which the
+    # float32 embeddings and head are 32
+    assert sparse["weight_bytes"] < 0.6 * dense["weight_bytes"]
+    # resident memory the loaded model adds to its process (the mapped file's pages it touched included)
+    assert sparse["model_rss_mb"] < 0.75 * dense["model_rss_mb"], (sparse["model_rss_mb"], dense["model_rss_mb"])
+    assert sparse["peak_rss_mb"] < dense["peak_rss_mb"]

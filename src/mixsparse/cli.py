@@ -244,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         r = res[variant]
         print(f"{variant:11s} {r['tokens_per_s']:8.2f} tokens/s  peak RSS {r['peak_rss_mb']:8.1f} MB  "
-              f"weights {r['weight_bytes'] / 2**20:8.1f} MiB")
+              f"model resident {r['model_rss_mb']:7.1f} MB  weights {r['weight_bytes'] / 2**20:8.1f} MiB")
     s, dn = res["sparse"], res["dense-fp32"]
     print(f"sparse / dense: {s['tokens_per_s'] / dn['tokens_per_s']:.2f}x tokens/s, "
           f"{s['weight_bytes'] / dn['weight_bytes']:.2f}x weight bytes")

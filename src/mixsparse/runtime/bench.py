@@ -53,20 +53,37 @@ def load(variant: str, path, *, head_dtype: str = "float32", isa: int = -1):
     return model, {"weight_bytes": total}
 
 
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(key + ":"))
+    return round(int(line.split()[1]) / 1024, 1)
+
+
 def peak_rss_mb() -> float:
     """This process's own peak resident memory (VmHWM: ru_maxrss would report the parent's peak at fork)."""
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith("VmHWM:"))
-    return round(int(line.split()[1]) / 1024, 1)
+    return _status_mb("VmHWM")
 
 
 def measure(variant: str, path, prompt: int = 128, new: int = 128, repeats: int = 5, head_dtype: str = "float32",
             isa: int = -1) -> dict:
     from .decode import greedy
 
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import kernels
+    from .load import compressed_dir
+
+    # the code both variants import (transformers' model classes, the kernels) before the baseline: what loading
+    # adds after it is the model's own memory
+    kernels.get()
+    with init_empty_weights():
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(compressed_dir(path)))
+    before = _status_mb("VmRSS")
     t0 = time.perf_counter()
     model, out = load(variant, path, head_dtype=head_dtype, isa=isa)
     out["load_seconds"] = round(time.perf_counter() - t0, 2)
+    out["model_rss_mb"] = round(_status_mb("VmRSS") - before, 1)  # resident memory the loaded model added
     ids = prompt_ids(path, prompt)
     speeds, tokens = [], None
     for _ in range(repeats):
