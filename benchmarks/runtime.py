@@ -157,6 +157,32 @@ def layer_kernel(bw: dict) -> dict:
     return out
 
 
+def breakdown(path: Path, bw: dict) -> dict:
+    """Where a decode step's time goes on the sparse model (fp16 head): the whole step, the sparse kernels alone
+    (every layer called once, batch 1, straight into the extension) and their bandwidth bound, in ms per token."""
+    from mixsparse.runtime import SparseLinear, load_sparse
+    from mixsparse.runtime.bench import prompt_ids
+    from mixsparse.runtime.decode import greedy
+
+    model, _ = load_sparse(path, head_dtype="float16")
+    ids = prompt_ids(path, 128)
+    greedy(model, ids, 8)
+    steps = [1e3 * statistics.median(greedy(model, ids, 33).step_seconds) for _ in range(3)]
+    lins = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    xs = [torch.randn(1, m.in_features) for m in lins]
+    k = lins[0].kernels
+    kern = []
+    for _ in range(7):
+        t = time.perf_counter()
+        for m, x in zip(lins, xs):
+            k.bitmask_matmul(x, m.mask, m.values, m.row_ptr, m.out_features, m.isa)
+        kern.append(1e3 * (time.perf_counter() - t))
+    nbytes = sum(m.weight_bytes() for m in lins)
+    return {"step_ms": round(statistics.median(steps), 2), "kernels_ms": round(statistics.median(kern), 2),
+            "kernels_bound_ms": round(nbytes / (bw["read_gb_s"] * 1e9) * 1e3, 2), "sparse_layers": len(lins),
+            "kernel_bytes": nbytes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", required=True, help="where the compressed checkpoints are written (kept for reruns)")
@@ -167,6 +193,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--avx2", action="store_true", help="also measure each variant with only AVX2 kernels (forced)")
     ap.add_argument("--render", action="store_true", help="only rewrite runtime.md from runtime.json")
+    ap.add_argument("--breakdown", action="store_true", help="only measure where a decode step's time goes")
     args = ap.parse_args()
     if args.render:
         render(Results(RESULTS / "runtime.json", None))
@@ -174,6 +201,10 @@ def main() -> None:
     res = Results(RESULTS / "runtime.json", {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:]),
                                              "prompt": args.prompt, "new": args.new, "repeats": args.repeats})
     bw = bandwidth()
+    if args.breakdown:
+        res.add("breakdown@0.7", breakdown(checkpoints(Path(args.dir), args.calib_samples)["fp16@0.7"], bw))
+        render(res)
+        return
     res.add("bandwidth", bw)
     res.add("kernel-layer@0.7", layer_kernel(bw))
     ck = checkpoints(Path(args.dir), args.calib_samples)
@@ -226,12 +257,17 @@ def render(res: Results) -> None:
     k = {n: v for n, v in e.get("kernel-layer@0.7", {}).items() if n != "provenance"}
     klines = [f"- {name}: {v['us']} µs per call, read-bandwidth bound {v['bound_us']} µs"
               + (f" ({v['ratio_to_bound']}x the bound)" if "ratio_to_bound" in v else "") for name, v in k.items()]
+    b = e.get("breakdown@0.7")
+    blines = [f"Where a decode step goes (bitmask-fp16+head-fp16@0.7): {b['step_ms']} ms per token, of which the "
+              f"{b['sparse_layers']} sparse kernels called alone take {b['kernels_ms']} ms; reading their "
+              f"{b['kernel_bytes'] / 2**20:,.1f} MiB at the measured read bandwidth would take {b['kernels_bound_ms']} ms.",
+              ""] if b else []
     text = ["# Sparse runtime: decode speed and memory", "", produced_by(meta), "",
             f"Batch 1, {meta.get('new')} new tokens after a {meta.get('prompt')}-token prompt of test text, greedy, median "
             f"of {meta.get('repeats')}; each variant in a fresh process (its own peak RSS). Embedded model "
             "(SmolLM2-135M), Wanda uniform. Measured bandwidth: read "
             f"{bw.get('read_gb_s')} GB/s, copy {bw.get('copy_gb_s')} GB/s (read + write bytes), {bw.get('threads')} threads.",
-            "", *rows, "", "One MLP projection (1536 x 576) at 70%, fp16 values, batch 1:", "", *klines, "",
+            "", *rows, "", *blines, "One MLP projection (1536 x 576) at 70%, fp16 values, batch 1:", "", *klines, "",
             *provenance_lines(e, meta)]
     write_markdown(RESULTS / "runtime.md", "\n".join(text) + "\n")
 
