@@ -113,10 +113,10 @@ def msp_worker(path: str, samples: int, seqlen: int) -> dict:
     """MSP on a streamed model: Fisher seed, Wanda level database (masks on disk), 2 generations of the search with
     block-outer fitness (every candidate of a stage in one read of the checkpoint), stitched final model."""
     from mixsparse.allocation.budget import score_allocation
-    from mixsparse.modeling import param_counts
+    from mixsparse.modeling import measured_sparsity, param_counts
     from mixsparse.search import Fitness, LevelDatabase, LevelSpace, SearchConfig, evolutionary_search
     from mixsparse.sensitivity.fisher import fisher_trace
-    from mixsparse.streaming import load_streamed, measured_sparsity_streamed, stream_of
+    from mixsparse.streaming import load_streamed, stream_of
 
     t0 = time.perf_counter()
     model = load_streamed(path, torch.bfloat16)
@@ -150,7 +150,7 @@ def msp_worker(path: str, samples: int, seqlen: int) -> dict:
         passes = marks["search_block_reads"] / len(stream.blocks)
         db.write(res.offsets)
         t = mark("stitch", t)
-    _, sparsity = measured_sparsity_streamed(model)
+    _, sparsity = measured_sparsity(model)
     blocks = len(stream.blocks)
     disk = sum(p.stat().st_size for p in stream.work_dir.glob("*.safetensors"))
     return {"seconds": round(time.perf_counter() - t0, 1), **marks, "generations": res.generations,
@@ -170,10 +170,10 @@ def worker(path: str, method: str, samples: int, seqlen: int) -> dict:
     if method == "msp":
         return msp_worker(path, samples, seqlen)
     from mixsparse.engine import prune_layerwise
-    from mixsparse.modeling import param_counts
+    from mixsparse.modeling import measured_sparsity, param_counts
     from mixsparse.sensitivity.owl import owl_outlier_ratios
     from mixsparse.sparsity import SparsityMap
-    from mixsparse.streaming import load_streamed, measured_sparsity_streamed, stream_of
+    from mixsparse.streaming import load_streamed, stream_of
 
     t0 = time.perf_counter()
     model = load_streamed(path, torch.bfloat16)
@@ -195,7 +195,7 @@ def worker(path: str, method: str, samples: int, seqlen: int) -> dict:
     prune_layerwise(model, calib, smap, "wanda", device="cpu", progress=False)
     prune_s = time.perf_counter() - t2
     stream = stream_of(model)
-    _, sparsity = measured_sparsity_streamed(model)
+    _, sparsity = measured_sparsity(model)
     disk = sum(p.stat().st_size for p in stream.work_dir.glob("*.safetensors"))
     blocks = len(stream.blocks)
     return {"seconds": round(time.perf_counter() - t0, 1), "load_seconds": round(load_s, 1),

@@ -13,7 +13,7 @@ from mixsparse.evaluation import perplexity
 from mixsparse.modeling import measured_sparsity, param_counts
 from mixsparse.sensitivity.owl import owl_outlier_ratios
 from mixsparse.sparsity import NM, SparsityMap
-from mixsparse.streaming import load_streamed, measured_sparsity_streamed, save_streamed, stream_of
+from mixsparse.streaming import load_streamed, save_streamed, stream_of
 
 from .tiny import tiny_ids, tiny_model
 
@@ -38,7 +38,7 @@ def test_a_streamed_prune_equals_the_in_memory_one_bit_for_bit(saved, tmp_path, 
                     progress=False)
     stream = stream_of(streamed)
     assert stream.peak_live <= 2 and not stream.live  # one block in flight (two while one is read)
-    assert measured_sparsity_streamed(streamed) == measured_sparsity(mem)
+    assert measured_sparsity(streamed) == measured_sparsity(mem)
     back = AutoModelForCausalLM.from_pretrained(save_streamed(streamed, tmp_path / "out"))
     theirs = dict(back.named_parameters())
     assert all(torch.equal(p, theirs[n]) for n, p in mem.named_parameters())
@@ -133,7 +133,7 @@ def test_a_streamed_search_equals_the_in_memory_one_bit_for_bit(saved, pruner, i
     stream = stream_of(streamed)
     assert stream.peak_live <= 2 and not stream.live
     assert model_fingerprint(streamed) != fp  # the stitched blocks were written: the fingerprint follows them
-    assert measured_sparsity_streamed(streamed) == measured_sparsity(mem)
+    assert measured_sparsity(streamed) == measured_sparsity(mem)
 
 
 RECOVER = ["--recover", "blockwise", "--set", "recover.blockwise.epochs=2", "--set", "recover.blockwise.samples=2"]

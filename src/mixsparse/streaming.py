@@ -173,19 +173,35 @@ class BlockStream:
         """Exact zeros of every parameter of the blocks, by qualified name (one block at a time)."""
         return {self._key(i, n): int((t == 0).sum()) for i, tensors in self.blocks_at_rest() for n, t in tensors.items()}
 
+    def by_block(self, names) -> dict[int, list[str]]:
+        """Qualified layer names grouped by the block they belong to, blocks in order."""
+        from .names import block_index
+
+        out: dict[int, list[str]] = {}
+        for name in names:
+            out.setdefault(block_index(name, self.blocks_name), []).append(name)
+        return dict(sorted(out.items()))
+
+    def editing(self, names) -> Iterator[list[str]]:
+        """For each block holding some of the layers ``names``: the block read, its names yielded for the caller to
+        change their weights in place, then the block written back and dropped (also when the caller raises)."""
+        for i, group in self.by_block(names).items():
+            self.materialise(i)
+            try:
+                yield group
+            finally:
+                self.release(i, write=True)
+
     def layer_weights(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, weight)`` of every prunable layer at rest, one block at a time (an expert's as its slice)."""
         from .experts import ExpertMatrix
         from .modeling import prunable_linears
-        from .names import block_index
 
         layers = prunable_linears(model)  # names and kinds only: the blocks' tensors are on the meta device
-        by_block: dict[int, dict] = {}
-        for name, lin in layers.items():
-            by_block.setdefault(block_index(name, self.blocks_name), {})[name] = lin
+        groups = self.by_block(layers)
         for i, tensors in self.blocks_at_rest():
-            for name, lin in by_block.get(i, {}).items():
-                local = name[len(f"{self.blocks_name}.{i}."):]
+            for name in groups.get(i, []):
+                lin, local = layers[name], name[len(f"{self.blocks_name}.{i}."):]
                 yield name, (lin.slot(tensors[local.split("[")[0]]) if isinstance(lin, ExpertMatrix)
                              else tensors[f"{local}.weight"])
 
@@ -203,7 +219,6 @@ class BlockStream:
         """Every block's current tensors, one block at a time (for measurements and the export)."""
         for i in range(len(self.blocks)):
             yield i, self.read(i)
-
 
 
 def should_stream(path: str | os.PathLike, dtype: torch.dtype, share: float = 0.8) -> bool:
@@ -299,11 +314,6 @@ def refuse(model: nn.Module, stage: str, alternative: str) -> None:
     if stream_of(model) is not None:
         raise ConfigError(f"{stage} needs the whole model in memory, but this model is streamed from its checkpoint "
                           f"(larger than RAM); {alternative}")
-
-
-def measured_sparsity_streamed(model: nn.Module) -> tuple[dict[str, float], float]:
-    """:func:`~mixsparse.modeling.measured_sparsity` of a streamed model, one block at a time."""
-    return stream_of(model).measured_sparsity(model)
 
 
 def save_streamed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,

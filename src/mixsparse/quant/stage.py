@@ -18,7 +18,6 @@ from ..engine import block_layers, calibrated_blocks, min_tokens
 from ..runner import LayerwiseRunner
 from ..errors import ConfigError
 from ..modeling import prunable_linears, stream_of
-from ..names import block_index
 from ..placement import Placement
 from .grid import QuantizedWeight, QuantSpec, quantize_rtn
 
@@ -53,23 +52,17 @@ def quantize_model(model: nn.Module, method: str, spec: QuantSpec, calib_ids: to
     check_groups(model, spec)
     t0 = time.perf_counter()
     stream = stream_of(model)
-    if method == "rtn" and stream is not None:  # block by block, each written back to disk; the codes are not kept
-        out = {}
-        by_block: dict[int, list[str]] = {}
-        layers = prunable_linears(model)
-        for name in layers:
-            by_block.setdefault(block_index(name, stream.blocks_name), []).append(name)
-        for i, names in tqdm(sorted(by_block.items()), desc="quantize[rtn]", disable=not progress):
-            stream.materialise(i)
-            try:
+    if method == "rtn":
+        # a streamed model block by block, each written back to disk, its codes not kept
+        out, layers = {}, prunable_linears(model)
+        groups = [list(layers)] if stream is None else stream.editing(layers)
+        with tqdm(total=len(layers), desc="quantize[rtn]", disable=not progress) as bar:
+            for names in groups:
                 for name in names:
-                    _write(layers[name], quantize_rtn(layers[name].weight.data, spec, name), name)
-            finally:
-                stream.release(i, write=True)
-    elif method == "rtn":
-        out = {}
-        for name, lin in tqdm(prunable_linears(model).items(), desc="quantize[rtn]", disable=not progress):  # noqa: B007
-            out[name] = _write(lin, quantize_rtn(lin.weight.data, spec, name), name)
+                    qw = _write(layers[name], quantize_rtn(layers[name].weight.data, spec, name), name)
+                    if stream is None:
+                        out[name] = qw
+                    bar.update(1)
     elif method == "gptq":
         if calib_ids is None:
             raise ConfigError("quantize.method gptq needs calibration data")

@@ -43,7 +43,6 @@ from ..engine import min_tokens, observe_layerwise
 from ..errors import ConfigError, SparsityError
 from ..io import atomic_write_json
 from ..modeling import prunable_linears
-from ..names import block_index
 from ..pruners import get_pruner
 from ..streaming import stream_of
 from .space import LevelSpace, Offsets
@@ -244,23 +243,10 @@ class LevelDatabase:
     def write(self, offsets: Offsets) -> None:
         """Put a candidate's weights into the model itself (the final stitched model); a streamed model's blocks
         are read, written and dropped one at a time."""
-        def put(names) -> None:
+        for names in [list(offsets)] if self.stream is None else self.stream.editing(offsets):
             for name in names:
                 w = self.layers[name].weight
                 w.copy_(self.weight(name, offsets[name], w.device, w.dtype))
-
-        if self.stream is None:
-            put(offsets)
-            return
-        by_block: dict[int, list[str]] = {}
-        for name in offsets:
-            by_block.setdefault(block_index(name, self.stream.blocks_name), []).append(name)
-        for i, names in sorted(by_block.items()):
-            self.stream.materialise(i)
-            try:
-                put(names)
-            finally:
-                self.stream.release(i, write=True)
 
     # --- accounting -----------------------------------------------------------------------
     def ram_bytes_used(self) -> int:
