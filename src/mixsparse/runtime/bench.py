@@ -35,7 +35,7 @@ def prompt_ids(path, tokens: int, seed: int = 0) -> torch.Tensor:
 
 def load(variant: str, path, *, head_dtype: str = "float32", isa: int = -1):
     from ..export import load_compressed
-    from .load import compressed_dir, load_sparse
+    from .load import _weight_bytes, compressed_dir, load_sparse
 
     if variant == "sparse":
         model, info = load_sparse(path, head_dtype=head_dtype, isa=isa)
@@ -45,12 +45,7 @@ def load(variant: str, path, *, head_dtype: str = "float32", isa: int = -1):
     model = load_compressed(compressed_dir(path), dtype=dtype).eval()
     model.config.use_cache = True
     model.generation_config.use_cache = True  # pruning saved the config with the cache off
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return model, {"weight_bytes": total}
+    return model, {"weight_bytes": _weight_bytes(model)}  # counted as the sparse variant's are
 
 
 def _status_mb(key: str) -> float:

@@ -33,29 +33,41 @@ def row_pointers(mask: torch.Tensor, rows: int, cols: int, kernels=None) -> torc
 
 
 class SparseLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` (out x in) held as bitmask + fp16/bf16 values; computes in float32."""
+    """``y = x W^T + b`` with ``W`` (out x in) held as bitmask + fp16/bf16 values; computes in float32.
+
+    The bitmask, its row offsets, the bias and the choice between the sparse kernel (a few tokens) and one dense
+    expansion + GEMM (a prompt) are shared with :class:`Q4SparseLinear`, which stores the kept weights otherwise
+    and overrides :meth:`_kernel`, :meth:`dense`, :meth:`weight_bytes` and :meth:`_stored`."""
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, values: torch.Tensor,
                  bias: torch.Tensor | None = None, kernels=None, isa: int = -1, row_ptr: torch.Tensor | None = None):
         super().__init__()
+        self._init_packed(in_features, out_features, mask, bias, kernels, isa, row_ptr)
+        self.register_buffer("values", values, persistent=False)
+        if self.nnz != values.numel():
+            raise ValueError(f"bitmask has {self.nnz} set bits but {values.numel()} values are stored")
+
+    def _init_packed(self, in_features: int, out_features: int, mask: torch.Tensor, bias: torch.Tensor | None,
+                     kernels, isa: int, row_ptr: torch.Tensor | None = None) -> None:
         if in_features % 8:
-            raise ValueError(f"SparseLinear needs in_features divisible by 8 (byte-aligned rows), got {in_features}")
+            raise ValueError(f"{type(self).__name__} needs in_features divisible by 8 (byte-aligned rows), "
+                             f"got {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("mask", mask, persistent=False)
-        self.register_buffer("values", values, persistent=False)
         self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features, kernels) if row_ptr is None
                              else row_ptr, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
-        if int(self.row_ptr[-1]) != values.numel():
-            raise ValueError(f"bitmask has {int(self.row_ptr[-1])} set bits but {values.numel()} values are stored")
         self.kernels, self.isa = kernels, isa
 
     @property
     def nnz(self) -> int:
-        return self.values.numel()
+        return int(self.row_ptr[-1])
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.mask, self.values, self.row_ptr))
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.bitmask_matmul(x, self.mask, self.values, self.row_ptr, self.out_features, self.isa)
 
     def dense(self) -> torch.Tensor:
         """The weight as a dense float32 matrix (a scratch copy)."""
@@ -65,12 +77,14 @@ class SparseLinear(nn.Module):
 
         return bitmask_decode(self.mask, self.values, (self.out_features, self.in_features)).float()
 
+    def _stored(self) -> str:
+        return f"values={str(self.values.dtype).replace('torch.', '')}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kernels is not None and x2.shape[0] <= SPARSE_MAX_TOKENS:
-            y = self.kernels.bitmask_matmul(x2.float().contiguous(), self.mask, self.values, self.row_ptr,
-                                            self.out_features, self.isa)
+            y = self._kernel(x2.float().contiguous())
             if self.bias is not None:
                 y = y + self.bias
         else:
@@ -80,8 +94,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         density = self.nnz / (self.in_features * self.out_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, "
-                f"values={str(self.values.dtype).replace('torch.', '')}, "
-                f"path={'kernel' if self.kernels is not None else 'torch'}")
+                f"{self._stored()}, path={'kernel' if self.kernels is not None else 'torch'}")
 
 
 class Q4SparseLinear(SparseLinear):
@@ -91,27 +104,23 @@ class Q4SparseLinear(SparseLinear):
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, codes: torch.Tensor,
                  scale: torch.Tensor, zero: torch.Tensor | None, out_dtype: torch.dtype = torch.float32,
                  bias: torch.Tensor | None = None, kernels=None, isa: int = -1):
-        nn.Module.__init__(self)
-        if in_features % 8:
-            raise ValueError(f"Q4SparseLinear needs in_features divisible by 8, got {in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("mask", mask, persistent=False)
+        nn.Module.__init__(self)  # no values: the shared parts only
+        self._init_packed(in_features, out_features, mask, bias, kernels, isa)
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("zero", zero if zero is not None else torch.empty(0, dtype=torch.uint8), persistent=False)
-        self.register_buffer("row_ptr", row_pointers(mask, out_features, in_features, kernels), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
-        self.out_dtype, self.kernels, self.isa = out_dtype, kernels, isa
-        self.kept = int(self.row_ptr[-1])
-        if codes.numel() * 2 < self.kept:
-            raise ValueError(f"bitmask has {self.kept} set bits but only {codes.numel() * 2} codes are stored")
-
-    @property
-    def nnz(self) -> int:
-        return self.kept
+        self.out_dtype = out_dtype
+        if codes.numel() * 2 < self.nnz:
+            raise ValueError(f"bitmask has {self.nnz} set bits but only {codes.numel() * 2} codes are stored")
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.mask, self.codes, self.scale, self.zero, self.row_ptr))
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel keeps (code - zero) * scale in float32: exactly the weight of a float32 model; a bf16/fp16
+        # model held it rounded to its dtype, which the kernel's products differ from at that rounding's level
+        return self.kernels.q4_matmul(x, self.mask, self.codes, self.row_ptr, self.scale, self.zero,
+                                      self.out_features, self.isa)
 
     def dense(self) -> torch.Tensor:
         from ..export import quantized_decode
@@ -123,22 +132,5 @@ class Q4SparseLinear(SparseLinear):
         # the weight the model held: (code - zero) * scale in float32, cast to its dtype
         return quantized_decode(stored, "w", entry, (self.out_features, self.in_features)).to(self.out_dtype).float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        # the kernel keeps (code - zero) * scale in float32: exactly the weight of a float32 model; a bf16/fp16
-        # model held it rounded to its dtype, which the kernel's products differ from at that rounding's level
-        if self.kernels is not None and x2.shape[0] <= SPARSE_MAX_TOKENS:
-            y = self.kernels.q4_matmul(x2.float().contiguous(), self.mask, self.codes, self.row_ptr, self.scale,
-                                       self.zero, self.out_features, self.isa)
-            if self.bias is not None:
-                y = y + self.bias
-        else:
-            y = F.linear(x2.float(), self.dense(), self.bias)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        density = self.nnz / (self.in_features * self.out_features)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, codes=int4, "
-                f"scales={str(self.scale.dtype).replace('torch.', '')}, "
-                f"path={'kernel' if self.kernels is not None else 'torch'}")
+    def _stored(self) -> str:
+        return f"codes=int4, scales={str(self.scale.dtype).replace('torch.', '')}"

@@ -9,7 +9,7 @@ not take, as its dequantized values at the dtype the index records); a 4-bit qua
 group scales (:class:`Q4SparseLinear`, half a byte per kept weight); a layer whose sparsity is below ``min_sparsity`` (where bitmask + values would be
 slower than the dense GEMV) or whose shape the kernel does not take stays a dense float32 linear. Everything
 else (embeddings, norms, head) is float32, or the head in ``head_dtype`` (fp16/bf16 through the same kernel
-with every bit set, half the bytes read per token; a tied embedding then keeps its own float32 copy).
+with every bit set, half the bytes read per token; a tied embedding then looks its rows up in the same values).
 """
 
 from __future__ import annotations
@@ -117,37 +117,30 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
         enc = entry["encoding"]
         counted = attr == "weight" and isinstance(mod, nn.Linear) and owner != head_name
         if attr == "weight" and isinstance(mod, nn.Linear) and enc in ("bitmask", "nm", "quantized"):
-            shape = tuple(entry["shape"])
-            density = int(entry.get("nnz", -1)) / (shape[0] * shape[1]) if enc == "bitmask" else None
-            why = None
-            if shape[1] % 8:
-                why = f"in_features {shape[1]} is not a multiple of 8"
-            elif density is not None and 1 - density < min_sparsity:
-                why = f"sparsity {1 - density:.3f} < min_sparsity {min_sparsity}"
-            if why is None and enc == "quantized" and int(entry["bits"]) == 4 and kern is not None \
-                    and (shape[1] // stored[f"{name}::scale"].shape[1]) % 8 == 0:
-                bias = entries.get(f"{owner}.bias")
-                replaced[owner] = Q4SparseLinear(
-                    shape[1], shape[0], stored[f"{name}::bitmask"], stored[f"{name}::codes"], stored[f"{name}::scale"],
-                    None if entry["symmetric"] else stored[f"{name}::zero"], _parse_dtype(entry["dtype"]),
-                    None if bias is None else _decode(f"{owner}.bias", bias, stored), kernels=kern, isa=isa)
-                info.sparse[owner] = "quantized int4"
-                info.zeros += shape[0] * shape[1] - replaced[owner].nnz
-                info.linear_params += shape[0] * shape[1]
-                continue
-            if why is None:
-                mask, values = _as_bitmask(name, entry, stored)
-                if 1 - values.numel() / (shape[0] * shape[1]) < min_sparsity:
-                    why = f"sparsity {1 - values.numel() / (shape[0] * shape[1]):.3f} < min_sparsity {min_sparsity}"
+            rows, cols = entry["shape"]
+            bias_entry = entries.get(f"{owner}.bias")
+            bias = None if bias_entry is None else _decode(f"{owner}.bias", bias_entry, stored)
+            layer, why = None, None
+            if cols % 8:
+                why = f"in_features {cols} is not a multiple of 8"
+            elif enc == "quantized" and int(entry["bits"]) == 4 and kern is not None \
+                    and (cols // stored[f"{name}::scale"].shape[1]) % 8 == 0:
+                layer = Q4SparseLinear(cols, rows, stored[f"{name}::bitmask"], stored[f"{name}::codes"],
+                                       stored[f"{name}::scale"], None if entry["symmetric"] else stored[f"{name}::zero"],
+                                       _parse_dtype(entry["dtype"]), bias, kernels=kern, isa=isa)
+            else:
+                mask, values = _as_bitmask(name, entry, stored)  # the file's own tensors for a bitmask entry
+                sparsity = 1 - values.numel() / (rows * cols)
+                if sparsity < min_sparsity:
+                    why = f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
                 else:
-                    bias = entries.get(f"{owner}.bias")
-                    replaced[owner] = SparseLinear(shape[1], shape[0], mask, values,
-                                                   None if bias is None else _decode(f"{owner}.bias", bias, stored),
-                                                   kernels=kern, isa=isa)
-                    info.sparse[owner] = enc
-                    info.zeros += shape[0] * shape[1] - values.numel()
-                    info.linear_params += shape[0] * shape[1]
-                    continue
+                    layer = SparseLinear(cols, rows, mask, values, bias, kernels=kern, isa=isa)
+            if layer is not None:
+                replaced[owner] = layer
+                info.sparse[owner] = "quantized int4" if isinstance(layer, Q4SparseLinear) else enc
+                info.zeros += rows * cols - layer.nnz
+                info.linear_params += rows * cols
+                continue
             info.dense[owner] = why
         state[name] = _decode(name, entry, stored)
         if counted:

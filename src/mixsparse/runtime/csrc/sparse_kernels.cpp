@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -194,20 +195,30 @@ void run_rows(Isa isa, const float* x, int64_t K, const uint8_t* mask, const V* 
   rows_scalar<V>(x, BB, K, mask, vals, row_ptr, y, N, r0, r1);
 }
 
-template <typename V>
-void dispatch_b(Isa isa, const float* x, int64_t B, int64_t K, const uint8_t* mask, const V* vals,
-                const int64_t* row_ptr, int64_t nnz, float* y, int64_t N, int64_t r0, int64_t r1) {
-  // up to 4 vectors share one expansion of the weights; more are done 4 at a time
+// Up to 4 input vectors share one expansion of the weights (their accumulators stay in registers); more are done
+// 4 at a time. ``f(bb, x, y)`` runs vectors x..x+BB into y..y+BB, with BB = decltype(bb)::value.
+template <typename F>
+void in_batches(const float* x, int64_t B, int64_t K, float* y, int64_t N, F&& f) {
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const int64_t nb = std::min<int64_t>(4, B - b0);
     const float* xb = x + b0 * K;
     float* yb = y + b0 * N;
-    switch (nb) {
-      case 1: run_rows<V, 1>(isa, xb, K, mask, vals, row_ptr, nnz, yb, N, r0, r1); break;
-      case 2: run_rows<V, 2>(isa, xb, K, mask, vals, row_ptr, nnz, yb, N, r0, r1); break;
-      case 3: run_rows<V, 3>(isa, xb, K, mask, vals, row_ptr, nnz, yb, N, r0, r1); break;
-      default: run_rows<V, 4>(isa, xb, K, mask, vals, row_ptr, nnz, yb, N, r0, r1); break;
+    switch (std::min<int64_t>(4, B - b0)) {
+      case 1: f(std::integral_constant<int, 1>{}, xb, yb); break;
+      case 2: f(std::integral_constant<int, 2>{}, xb, yb); break;
+      case 3: f(std::integral_constant<int, 3>{}, xb, yb); break;
+      default: f(std::integral_constant<int, 4>{}, xb, yb); break;
     }
+  }
+}
+
+// ``f(pointer)`` with ``t``'s data as at::Half, at::BFloat16 or float
+template <typename F>
+void with_floats(const torch::Tensor& t, const char* what, F&& f) {
+  if (t.scalar_type() == torch::kHalf) f(t.data_ptr<at::Half>());
+  else if (t.scalar_type() == torch::kBFloat16) f(t.data_ptr<at::BFloat16>());
+  else {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32, what, ": float16, bfloat16 or float32");
+    f(t.data_ptr<float>());
   }
 }
 
@@ -338,22 +349,6 @@ void run_q4(Isa isa, const float* x, int64_t K, const uint8_t* mask, const uint8
   rows_q4_scalar<S>(x, BB, K, mask, codes, row_ptr, scale, zero, G, y, N, r0, r1);
 }
 
-template <typename S>
-void dispatch_q4(Isa isa, const float* x, int64_t B, int64_t K, const uint8_t* mask, const uint8_t* codes,
-                 int64_t nbytes, const int64_t* row_ptr, const S* scale, const uint8_t* zero, int64_t G, float* y,
-                 int64_t N, int64_t r0, int64_t r1) {
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const int64_t nb = std::min<int64_t>(4, B - b0);
-    const float* xb = x + b0 * K;
-    float* yb = y + b0 * N;
-    switch (nb) {
-      case 1: run_q4<S, 1>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
-      case 2: run_q4<S, 2>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
-      case 3: run_q4<S, 3>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
-      default: run_q4<S, 4>(isa, xb, K, mask, codes, nbytes, row_ptr, scale, zero, G, yb, N, r0, r1); break;
-    }
-  }
-}
 
 }  // namespace
 
@@ -379,15 +374,14 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
   const int64_t nnz = values.numel();
   // a chunk of rows per task: a few thousand weights each, so 2 threads split even small layers
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-  auto run = [&](auto* vp) {
-    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { dispatch_b(level, xp, B, K, mp, vp, rp, nnz, yp, N, r0, r1); });
-  };
-  if (values.scalar_type() == torch::kHalf) run(values.data_ptr<at::Half>());
-  else if (values.scalar_type() == torch::kBFloat16) run(values.data_ptr<at::BFloat16>());
-  else {
-    TORCH_CHECK(values.scalar_type() == torch::kFloat32, "values: float16, bfloat16 or float32");
-    run(values.data_ptr<float>());
-  }
+  with_floats(values, "values", [&](auto* vp) {
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      in_batches(xp, B, K, yp, N, [&](auto bb, const float* xb, float* yb) {
+        run_rows<V, decltype(bb)::value>(level, xb, K, mp, vp, rp, nnz, yb, N, r0, r1);
+      });
+    });
+  });
   return y;
 }
 
@@ -412,17 +406,14 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor codes
   const int64_t nbytes = codes.numel();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-  auto run = [&](auto* sp) {
+  with_floats(scale, "scale", [&](auto* sp) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-      dispatch_q4(level, xp, B, K, mp, cp, nbytes, rp, sp, zp, G, yp, N, r0, r1);
+      in_batches(xp, B, K, yp, N, [&](auto bb, const float* xb, float* yb) {
+        run_q4<S, decltype(bb)::value>(level, xb, K, mp, cp, nbytes, rp, sp, zp, G, yb, N, r0, r1);
+      });
     });
-  };
-  if (scale.scalar_type() == torch::kHalf) run(scale.data_ptr<at::Half>());
-  else if (scale.scalar_type() == torch::kBFloat16) run(scale.data_ptr<at::BFloat16>());
-  else {
-    TORCH_CHECK(scale.scalar_type() == torch::kFloat32, "scale: float16, bfloat16 or float32");
-    run(scale.data_ptr<float>());
-  }
+  });
   return y;
 }
 
@@ -449,7 +440,7 @@ torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Te
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   float* wp = w.data_ptr<float>();
-  auto fill = [&](auto* vp) {
+  with_floats(values, "values", [&](auto* vp) {
     at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         int64_t off = rp[r];
@@ -463,13 +454,7 @@ torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Te
         }
       }
     });
-  };
-  if (values.scalar_type() == torch::kHalf) fill(values.data_ptr<at::Half>());
-  else if (values.scalar_type() == torch::kBFloat16) fill(values.data_ptr<at::BFloat16>());
-  else {
-    TORCH_CHECK(values.scalar_type() == torch::kFloat32, "values: float16, bfloat16 or float32");
-    fill(values.data_ptr<float>());
-  }
+  });
   return w;
 }
 
