@@ -76,20 +76,27 @@ def test_every_instruction_set_and_the_torch_path_agree():
     from mixsparse.export import bitmask_encode
 
     torch.manual_seed(0)
-    w = torch.randn(96, 136)
-    w[torch.rand_like(w) < 0.7] = 0
-    for dt in (torch.float16, torch.bfloat16):
-        mask, values = bitmask_encode(w.to(dt))
-        x = torch.randn(5, 136)
-        ys = [SparseLinear(136, 96, mask, values, kernels=KERNELS, isa=i)(x) for i in ISAS]
-        ys.append(SparseLinear(136, 96, mask, values)(x))
-        ref = x @ w.to(dt).float().t()
-        for y in ys:
-            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # widths that end a row mid-step of every kernel (8..56 columns past a 32/64-column step); rows empty, full
+    # and at 30% density, the last rows within a step's read of the values' end
+    for cols in (136, 72, 256, 520):
+        w = torch.randn(96, cols)
+        w[torch.rand_like(w) < 0.7] = 0
+        w[3] = 0
+        w[5] = torch.randn(cols)
+        w[-1] = torch.randn(cols)
+        for dt in (torch.float16, torch.bfloat16):
+            mask, values = bitmask_encode(w.to(dt))
+            x = torch.randn(5, cols)
+            ys = [SparseLinear(cols, 96, mask, values, kernels=KERNELS, isa=i)(x[:b]) for i in ISAS for b in (1, 2, 5)]
+            ys.append(SparseLinear(cols, 96, mask, values)(x))
+            ref = x @ w.to(dt).float().t()
+            for y in ys:
+                torch.testing.assert_close(y, ref[: len(y)], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("cols, group", [(160, 16), (160, 32), (136, 0)])  # 136 per channel: not a multiple of 16
+# groups of 16 (one chunk at a time), 32 to 128 (32 columns per step; rows ending mid-step), per channel
+@pytest.mark.parametrize("cols, group", [(160, 16), (160, 32), (136, 0), (192, 64), (264, 0), (512, 128)])
 def test_int4_kernel_on_every_instruction_set_equals_the_dequantized_weight(symmetric, cols, group):
     if KERNELS is None:
         pytest.skip(f"kernels not built: {kernels.reason()}")
