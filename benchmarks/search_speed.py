@@ -8,6 +8,12 @@ the commit before the change), "after" with the current one; both land in one re
     PYTHONPATH=/tmp/ms_before/src python benchmarks/search_speed.py --label before
     python benchmarks/search_speed.py --label after
 
+``--avx2`` forces torch's AVX2 kernels (a CPU without native bf16: the fitness then runs in float32) and
+stores the entry under ``"<target>-avx2"``:
+
+    python benchmarks/search_speed.py --avx2 --targets 0.7 --label before
+    python benchmarks/search_speed.py --avx2 --targets 0.7 --label after
+
 Seconds per generation exclude the Fisher trace and the level cache (built once per run): they are
 the search history's time from the scored initial population to the last generation, divided by the
 number of generations. Test perplexity is measured on the final (stitched) model.
@@ -17,13 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, command_line, load_setup, measure, write_markdown
+from common import RESULTS, command_line, load_setup, machine, measure, write_markdown
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 from mixsparse.io import atomic_write_json
 
 
@@ -45,7 +56,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "search_speed"))
     ap.add_argument("--note", default="", help="free text stored with the entry (e.g. measured under contention)")
+    ap.add_argument("--avx2", action="store_true", help="force torch's AVX2 kernels; entries go under '<target>-avx2'")
     args = ap.parse_args()
+    if args.avx2 and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        # the variables must be set before torch loads its kernels: run again with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
 
     import mixsparse
     from mixsparse.config import load_config, parse_override
@@ -74,8 +89,10 @@ def main() -> None:
                  "cache_seconds": alloc.search.get("cache_seconds"), "peak_rss_mb": m["peak_rss_mb"],
                  "evaluations": alloc.search["evaluations"], "mixsparse_commit": git_commit(src),
                  "command": command_line(), "overrides": {k: str(v) for k, v in overrides.items()},
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "note": args.note}
-        data.setdefault(target, {})[args.label] = entry
+                 "torch": torch.__version__, "threads": torch.get_num_threads(), "note": args.note,
+                 "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "fitness_dtype": alloc.search.get("fitness_dtype"), "blocks_run": alloc.search.get("blocks_run")}
+        data.setdefault(target + ("-avx2" if args.avx2 else ""), {})[args.label] = entry
         atomic_write_json(path, data)
         print(target, args.label, entry["seconds_per_generation"], entry["test_ppl"], flush=True)
     render(data, Path(args.out + ".md"))
@@ -88,7 +105,9 @@ def render(data: dict, path: Path) -> None:
              "stages [[1,3],[4,1]], 8x512 calibration, 4 fitness windows of 512 tokens) in every row. `before` is the "
              "old path (full forward from the embeddings, fp32, full-vocabulary KL); `after` the new defaults (layer-wise "
              "candidate forward, bf16 fitness, top-64 KL); the other rows switch one cutter on or off. Best fitness is "
-             "not comparable across KL kinds (top-k KL is a lower bound of the full KL).", "",
+             "not comparable across KL kinds (top-k KL is a lower bound of the full KL). Rows `<target>-avx2` run with "
+             "torch's AVX2 kernels forced (`--avx2`: a CPU without native bf16, where the fitness runs in float32); "
+             "each entry records its machine and date.", "",
              "| target | path | s / generation | speed-up vs before | test ppl | ppl vs before | best fitness | peak RSS (MB) | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for target, rows in sorted(data.items()):
@@ -101,7 +120,10 @@ def render(data: dict, path: Path) -> None:
     lines += ["", "Commands (each entry also records its overrides):", ""]
     for target, rows in sorted(data.items()):
         for label, e in rows.items():
-            lines.append(f"- {target} {label}: `{e['command']}` {e.get('note') or ''}")
+            m = e.get("machine")
+            where = f" ({m['cpu']}, {', '.join(m['isa'])}{', forced ' + str(m['forced']) if m.get('forced') else ''}; " \
+                    f"{e['date']})" if m else ""
+            lines.append(f"- {target} {label}: `{e['command']}` {e.get('note') or ''}{where}")
     write_markdown(path, "\n".join(lines) + "\n")
 
 

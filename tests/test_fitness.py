@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from mixsparse.evaluation import mean_kl
 from mixsparse.modeling import param_counts, prunable_linears
-from mixsparse.placement import Placement
 from mixsparse.search import (
     Fitness,
     LevelDatabase,
@@ -83,6 +82,83 @@ def test_incremental_evaluation_is_exact_and_skips_blocks():
     assert a.offsets == b.offsets and a.fitness == b.fitness  # bit-identical trajectory
     assert [h["best_fitness"] for h in a.history] == [h["best_fitness"] for h in b.history]
     assert blocks_b < blocks_a
+
+
+def test_racing_the_last_stage_keeps_the_search_path_and_scores_fewer_windows(monkeypatch):
+    windows = tiny_ids(4, 16, seed=7)
+    runs = {}
+    for races in (False, True):
+        model, space, db = _db()
+        fit = Fitness(db, windows, "kl", dtype="model", kl_topk=0)
+        fit.races = races
+        init = {n: 0 for n in space.param_counts}
+        cfg = SearchConfig(generations=6, **{**CFG, "stages": [[1, 2], [4, 1]]})
+        runs[races] = (evolutionary_search(fit, space, [init], cfg, progress=False), fit.evaluations)
+    (a, evals_a), (b, evals_b) = runs[False], runs[True]
+    assert a.offsets == b.offsets and a.fitness == b.fitness
+    assert [h["best_fitness"] for h in a.history] == [h["best_fitness"] for h in b.history]
+    assert evals_b <= evals_a
+
+    class Windows:
+        """Non-negative scores whose windows disagree and weigh differently (window 0 counts most), so hopeless
+        candidates show it before their last window and a partial mean overstates the final one; counts the
+        pairs scored."""
+        nonnegative = True
+
+        def __init__(self, space):
+            rng = random.Random(3)
+            self.names = sorted(space.param_counts)
+            self.coef = [[rng.uniform(-1, 1) for _ in self.names] for _ in range(4)]
+            self.scored = set()
+
+        def __call__(self, o, w, tokens=None):
+            vals = []
+            for i in range(w):
+                self.scored.add((tuple(sorted(o.items())), i))
+                lin = sum(c * o[n] for c, n in zip(self.coef[i], self.names))
+                vals.append(abs(lin - 1.5) * (2.0 if i == 0 else 0.3) + 0.05 * i)
+            return sum(vals) / w
+
+    from mixsparse.search import evolution
+
+    def search(races: bool):
+        fit = Windows(space)
+        fit.nonnegative = races
+        cfg = SearchConfig(generations=12, **{**CFG, "stages": [[1, 2], [4, 1]]})
+        res = evolutionary_search(fit, space, [{n: 0 for n in space.param_counts}], cfg, progress=False)
+        return res.offsets, [h["best_fitness"] for h in res.history], len(fit.scored)
+
+    _, space, _ = _db()
+    full, raced = search(False), search(True)
+    assert raced[:2] == full[:2] and raced[2] < full[2]
+
+    def eager(fitness, prefetch, candidates, windows, threshold):  # planted bug: drops on the partial mean
+        alive = list(candidates)
+        for w in range(1, windows + 1):
+            prefetch(alive, w)
+            alive = [c for c in alive if fitness(c, w) < threshold]
+        return alive
+
+    monkeypatch.setattr(evolution, "_race", eager)
+    assert search(True)[1] != full[1]  # this test would see a race that is not exact
+
+
+def test_race_drops_exactly_the_candidates_whose_partial_sum_reaches_the_threshold():
+    from mixsparse.search.evolution import _race
+
+    scores = {"a": [0.1, 0.1, 0.1, 0.1], "b": [0.9, 0.0, 0.0, 0.0], "c": [0.3, 0.3, 0.3, 0.3], "d": [0.2, 0.6, 0.9, 0.0]}
+    asked = {k: 0 for k in scores}
+
+    def fitness(c, w):
+        asked[c] = max(asked[c], w)
+        return sum(scores[c][:w]) / w
+
+    kept = _race(fitness, lambda cands, w: None, list(scores), 4, threshold=0.25)
+    # means: a 0.1 (enters), b 0.225 (enters though its first window alone is 0.9), c 0.3 (dropped once
+    # 0.9/4 + ... reaches 0.25: after 4 windows), d: (0.2 + 0.6 + 0.9)/4 > 0.25 after 3 windows
+    assert kept == ["a", "b"]
+    assert asked == {"a": 4, "b": 4, "c": 4, "d": 3}
+    assert _race(fitness, lambda cands, w: None, ["c", "d"], 4, threshold=0.05) == []
 
 
 def test_state_cache_respects_its_bound():

@@ -33,6 +33,7 @@ struct Tables {
   uint8_t pop[256];                  // set bits
   alignas(16) uint8_t sh16[256][16]; // pshufb: the byte's stored 16-bit values into their lanes, 0 elsewhere
   alignas(32) uint8_t shbf[256][32]; // vpshufb on two copies of 8 stored bf16: float32 lanes (low half 0)
+  alignas(16) uint8_t sh8[256][16];  // pshufb: the byte's stored 8-bit codes into its 8 lanes, 0 elsewhere
   alignas(32) int32_t expand[256][8];   // lane -> index of its value among the stored ones (prefix count)
   alignas(32) int32_t lane_on[256][8];  // -1 where the lane's weight is stored, 0 elsewhere
   Tables() {
@@ -45,6 +46,8 @@ struct Tables {
         const bool on = (m >> (7 - i)) & 1;
         expand[m][i] = on ? k : 0;
         lane_on[m][i] = on ? -1 : 0;
+        sh8[m][i] = on ? static_cast<uint8_t>(k) : 0x80;
+        sh8[m][8 + i] = 0x80;
         sh16[m][2 * i] = on ? static_cast<uint8_t>(2 * k) : 0x80;
         sh16[m][2 * i + 1] = on ? static_cast<uint8_t>(2 * k + 1) : 0x80;
         shbf[m][4 * i] = shbf[m][4 * i + 1] = 0x80;
@@ -388,43 +391,57 @@ void rows_q4_scalar(const float* x, int64_t B, int64_t K, const uint8_t* mask, c
 }
 
 #if MS_X86
-// One row, as row_avx2: 32 columns per step, offsets from popcounts of one word, 4 accumulators, no branch
-// per chunk; the group's zero point and scale are reloaded when a group ends (group_size is a multiple of 32).
-// ``Safe``: the row's codes end within 8 bytes of the buffer's end.
+// One row, as row_avx2: 32 columns per step, offsets from popcounts of one word, 4 accumulators, no branch per
+// chunk. Each step unpacks the (at most 33) 4-bit codes it uses into bytes once, minus the group's zero point,
+// into a small buffer; each mask byte then takes its 8 lanes from there with one byte shuffle. group_size is a
+// multiple of 32, so a step lies in one group: its scale and zero point are reloaded when a group ends.
+// ``Safe``: the row's codes end within 32 bytes of the buffer's end (reads go through a zero-padded copy).
 template <typename S, int BB, bool Safe>
 __attribute__((target(MS_AVX2))) inline void row_q4_avx2(const float* x, int64_t K, const uint8_t* m,
                                                          const uint8_t* codes, int64_t nbytes, int64_t k,
                                                          const S* scale, const uint8_t* zero, int64_t gs, float* y,
                                                          int64_t N, int64_t r) {
   constexpr int NA = BB == 1 ? 4 : (BB == 2 ? 2 : 1);
-  const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
-  const __m256i low4 = _mm256_set1_epi32(15);
+  alignas(32) int8_t buf[64];   // code number (k & 1) + i of the step minus the zero point, at buf[i]
+  alignas(32) uint8_t pad[32];
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[BB][NA];
   for (int b = 0; b < BB; ++b)
     for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
-  __m256 zv = _mm256_setzero_ps(), sv = _mm256_setzero_ps();
+  __m256i zb = _mm256_setzero_si256();
+  __m256 sv = _mm256_setzero_ps();
   int64_t left = 0;  // columns left in the current group
   for (int64_t j = 0; j < K / 8; j += 4) {
     if (left == 0) {
-      zv = _mm256_set1_ps(zero ? static_cast<float>(*zero++) : 8.f);
+      zb = _mm256_set1_epi8(static_cast<char>(zero ? *zero++ : 8));
       sv = _mm256_set1_ps(sc(scale++));
       left = gs;
     }
     left -= 32;
     uint32_t word;
     std::memcpy(&word, m + j, 4);
-    const int64_t o[4] = {k, k + T.pop[m[j]], k + __builtin_popcount(word & 0xFFFF),
-                          k + __builtin_popcount(word & 0xFFFFFF)};
+    const int64_t rel[4] = {0, T.pop[m[j]], __builtin_popcount(word & 0xFFFF), __builtin_popcount(word & 0xFFFFFF)};
+    const int64_t at = k >> 1;
+    const int odd = static_cast<int>(k & 1);
     k += __builtin_popcount(word);
+    const uint8_t* p = codes + at;
+    if (Safe && at + 32 > nbytes) {
+      std::memset(pad, 0, sizeof(pad));
+      if (nbytes > at) std::memcpy(pad, p, static_cast<size_t>(nbytes - at));
+      p = pad;
+    }
+    // bytes at..at+16 -> nibbles, most significant first: (hi, lo) pairs interleaved per 128-bit lane
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4), lo = _mm256_and_si256(c, low4);
+    const __m256i n0 = _mm256_sub_epi8(_mm256_unpacklo_epi8(hi, lo), zb);  // nibbles 0..15 | 32..47
+    const __m256i n1 = _mm256_sub_epi8(_mm256_unpackhi_epi8(hi, lo), zb);  // nibbles 16..31 | 48..63
+    _mm256_store_si256(reinterpret_cast<__m256i*>(buf), _mm256_permute2x128_si256(n0, n1, 0x20));
+    _mm_store_si128(reinterpret_cast<__m128i*>(buf + 32), _mm256_extracti128_si256(n0, 1));
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      const uint8_t byte = m[j + i];
-      const __m256i cv = _mm256_and_si256(
-          _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(nibbles8<Safe>(codes, o[i], nbytes))), shifts), low4);
-      const __m256 wq = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(cv), zv), sv);
-      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(T.expand[byte]));
-      const __m256 on = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(T.lane_on[byte])));
-      const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(wq, idx), on);
+      const __m128i q = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(buf + odd + rel[i])),
+                                         _mm_load_si128(reinterpret_cast<const __m128i*>(T.sh8[m[j + i]])));
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), sv);
       for (int b = 0; b < BB; ++b)
         acc[b][i % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + (j + i) * 8), acc[b][i % NA]);
     }
@@ -477,8 +494,8 @@ __attribute__((target(MS_AVX2))) void rows_q4_avx2(const float* x, int64_t K, co
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* m = mask + r * (K / 8);
     const uint8_t* z = zero ? zero + r * G : nullptr;
-    // the last code read starts at most at the row's end; 8 bytes from there must be inside the buffer
-    if ((row_ptr[r + 1] >> 1) + 8 <= nbytes)
+    // a step reads 32 bytes from its first code's byte, which is at most the row's end
+    if ((row_ptr[r + 1] >> 1) + 32 <= nbytes)
       row_q4_avx2<S, BB, false>(x, K, m, codes, nbytes, row_ptr[r], scale + r * G, z, gs, y, N, r);
     else
       row_q4_avx2<S, BB, true>(x, K, m, codes, nbytes, row_ptr[r], scale + r * G, z, gs, y, N, r);
