@@ -239,6 +239,7 @@ class Fitness:
         # no Placement.stage here or in prefetch: the fitness works on device copies and never moves a module
         self.inputs = [self.forward.embed(windows[i : i + 1]) for i in range(windows.shape[0])]
         self.states: dict[tuple, dict[int, list[torch.Tensor]]] = {}
+        self._protected: set[tuple] = set()  # the population's keys: their states are evicted last
         self.reference: list | None = None
         if kind == "kl":
             self.reference = []
@@ -301,9 +302,24 @@ class Fitness:
         return total
 
     def retain(self, candidates: list[Offsets]) -> None:
-        """Keep block states only for these candidates (the population)."""
+        """Keep block states only for these candidates (the population); they keep them until the next call."""
         keep = {self.key(o) for o in candidates}
         self.states = {k: v for k, v in self.states.items() if k in keep}
+        self._protected = keep
+
+    def _evict_one(self, besides: tuple) -> bool:
+        """Drop the oldest kept window of a candidate outside the population; False when there is none."""
+        for key, per_window in self.states.items():
+            if key == besides or key in self._protected:
+                continue
+            w = next((w for w in per_window if w != "sig"), None)
+            if w is None:
+                continue
+            per_window.pop(w)
+            if len(per_window) == 1:
+                self.states.pop(key)
+            return True
+        return False
 
     # --- scoring ----------------------------------------------------------------------------
     def _final_hidden_many(self, jobs: list[tuple[Offsets | None, list[int]]], tokens: int | None = None,
@@ -351,8 +367,12 @@ class Fitness:
                 entry = self.states.setdefault(key, {"sig": sig})
                 for w in ws:
                     entry[w] = hs[w]
+                    # over the bound: candidates outside the population (the last retain) make room first,
+                    # oldest first, since children continue from the population; else this one is not kept
+                    while self._state_bytes() > self.state_cache_bytes and self._evict_one(besides=key):
+                        pass
                     if self._state_bytes() > self.state_cache_bytes:
-                        entry.pop(w)  # over the bound: this one is not kept
+                        entry.pop(w)
                 if len(entry) == 1:
                     self.states.pop(key)
         return [r[6] for r in runs]
