@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--generations", type=int, default=30, help="every entry of the table runs this many")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "search_speed"))
     ap.add_argument("--note", default="", help="free text stored with the entry (e.g. measured under contention)")
@@ -67,7 +68,8 @@ def main() -> None:
     from mixsparse.evaluation import perplexity
     from mixsparse.pipeline import allocate
 
-    overrides = {"data.calibration_samples": args.calib_samples, "data.seqlen": args.seqlen, "model.device": "cpu"}
+    overrides = {"data.calibration_samples": args.calib_samples, "data.seqlen": args.seqlen, "model.device": "cpu",
+                 "search.generations": args.generations, "search.time_budget": None}
     overrides.update(dict(parse_override(s) for s in args.set))
     model, tok, pristine, _, test = load_setup("embedded", args.calib_samples, args.seqlen, args.eval_tokens)
     path = Path(args.out + ".json")
