@@ -218,13 +218,11 @@ def evolutionary_search(
     try:
         while (stopped_by := stop_reason()) is None:
             survivors = _children(state.population, space, blocks_of, config, state.rng)
-            for i, (windows, keep, *tokens) in enumerate(config.stages):
+            for windows, keep, *tokens in config.stages:
                 if tokens:  # a cheap stage: only the first tokens of each window
                     prefetch(survivors, windows, tokens=tokens[0])
                     survivors = sorted(survivors, key=lambda c, w=windows, t=tokens[0]: fitness(c, w, tokens=t))[:keep]
                     continue
-                if i == len(config.stages) - 1 and len(state.population) >= config.population and _races(fitness):
-                    survivors = _race(fitness, prefetch, survivors, windows, score(state.population[-1]))
                 prefetch(survivors, windows)
                 survivors = sorted(survivors, key=lambda c, w=windows: fitness(c, w))[:keep]
             prefetch(state.population + survivors, final_w)
@@ -257,31 +255,6 @@ def evolutionary_search(
                  state.generation)
     return SearchResult(top, space.to_map(top), best, state.history, getattr(fitness, "evaluations", 0),
                         time.perf_counter() - t_start + elapsed_before, state.generation, stopped_by or "generations")
-
-
-def _races(fitness) -> bool:
-    """Whether the last stage may stop scoring a hopeless candidate early: its per-window scores must be
-    non-negative (KL, NLL), so a partial sum bounds the mean from below; a fitness that gains from scoring many
-    windows in one pass (a streamed model: one read of the checkpoint per pass) says ``races = False``."""
-    return bool(getattr(fitness, "nonnegative", False)) and bool(getattr(fitness, "races", True))
-
-
-def _race(fitness, prefetch, candidates: list[Offsets], windows: int, threshold: float) -> list[Offsets]:
-    """The candidates of the last stage that can still enter the population, scored window by window.
-
-    A candidate enters only if its mean over ``windows`` is below ``threshold`` (the worst member's score; on a
-    tie the member stays, as the stable sort keeps it first). Scores being non-negative, ``sum of the first w
-    windows / windows`` is a lower bound of that mean (a float sum of non-negative terms never decreases), so a
-    candidate whose bound already reaches the threshold is dropped without its remaining windows: the
-    population, and so the search path, are exactly those of scoring every window."""
-    alive = list(candidates)
-    for w in range(1, windows + 1):
-        prefetch(alive, w)
-        # fitness(c, w) is the mean of w windows; the relative margin covers the rounding of mean * w
-        alive = [c for c in alive if not fitness(c, w) * w / windows > threshold * (1 + 1e-9)]
-        if not alive:
-            break
-    return alive
 
 
 def _record(gen: int, fitness, best: float, seconds: float) -> dict:

@@ -218,7 +218,6 @@ class Fitness:
         if kl_topk < 0:
             raise ConfigError(f"search.kl_topk must be >= 0 (0 = exact full-vocabulary KL), got {kl_topk}")
         self.db, self.windows, self.kind, self.group = db, windows, kind, group
-        self.nonnegative = True  # per-window KL and NLL are >= 0: the search may race its last stage
         model = db.model
         pl = Placement.resolve(device, placement, model)
         if pl.mode == "whole":  # the replica lives on the device: block outputs stay there too
@@ -226,8 +225,6 @@ class Fitness:
         model_dtype = next(model.parameters()).dtype
         self.dtype = resolve_dtype(dtype, model_dtype, pl.device)
         self.forward = CandidateForward(db, pl, self.dtype)
-        # window by window would read a streamed checkpoint once per window instead of once per stage
-        self.races = self.forward.runner.stream is None
         self.kl_topk, self.incremental = kl_topk, incremental
         self.state_cache_bytes = int(state_cache_mb * 2**20)
         self.local_evaluations = 0  # windows this process forwarded itself (a share of ``evaluations``)
@@ -395,9 +392,7 @@ class Fitness:
                     s, n = topk_kl(TopK(r.logp[:n_tok], r.idx[:n_tok], r.log_rest[:n_tok]), logits[0])
                 else:
                     s, n = mean_kl(self.reference[w][:, :n_tok], logits)
-                # a KL is >= 0; a negative value is rounding (near-identical distributions). Kept >= 0 so the
-                # last stage's race may bound a mean by a partial sum (see evolution._race)
-                scores.append(max(s / n, 0.0))
+                scores.append(s / n)
             out.append(scores)
         return out
 
