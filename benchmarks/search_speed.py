@@ -75,6 +75,7 @@ def main() -> None:
     path = Path(args.out + ".json")
     data = json.loads(path.read_text()) if path.exists() else {}
     src = Path(mixsparse.__file__).resolve().parent
+    code_commit = git_commit(src)  # the code this process imported (read now, not when an entry is written)
     for target in [t.strip() for t in args.targets.split(",") if t.strip()]:
         model.load_state_dict(pristine)
         cfg = load_config(None, {**overrides, "prune.sparsity": float(target), "prune.allocation": "msp",
@@ -89,7 +90,7 @@ def main() -> None:
         entry = {"seconds_per_generation": round(spg, 3), "test_ppl": round(ppl, 3), "generations": gens,
                  "best_fitness": alloc.search["best_fitness"], "search_seconds": alloc.search["seconds"],
                  "cache_seconds": alloc.search.get("cache_seconds"), "peak_rss_mb": m["peak_rss_mb"],
-                 "evaluations": alloc.search["evaluations"], "mixsparse_commit": git_commit(src),
+                 "evaluations": alloc.search["evaluations"], "mixsparse_commit": code_commit,
                  "command": command_line(), "overrides": {k: str(v) for k, v in overrides.items()},
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "note": args.note,
                  "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
