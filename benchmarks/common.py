@@ -67,6 +67,8 @@ def command_line() -> str:
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "fma", "f16c")
+# torch's kernels capped at AVX2 (a CPU without AVX-512 or native bf16); set before torch loads its kernels
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def machine() -> dict:
@@ -82,8 +84,7 @@ def machine() -> dict:
         info["isa"] = [f for f in ISA_FLAGS if f in flags]
     except (OSError, StopIteration):
         pass
-    forced = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-              if k in os.environ}
+    forced = {k: os.environ[k] for k in AVX2_ENV if k in os.environ}
     if forced:
         info["forced"] = forced
     if torch.cuda.is_available():

@@ -26,9 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, Results, fmt, produced_by, provenance, provenance_lines, write_markdown
+from common import AVX2_ENV, RESULTS, Results, fmt, produced_by, provenance, provenance_lines, write_markdown
 
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 CELLS = {"float32/float32": ("float32", "auto"), "bfloat16/float32": ("bfloat16", "auto"),
          "bfloat16/bfloat16": ("bfloat16", "model")}
 ARGS = ["--sparsity", "0.7", "--calib-samples", "8", "--eval-tokens", "4096", "--recover", "blockwise",
@@ -44,7 +43,7 @@ def run_cell(key: str, env: dict, isa: str, work: Path) -> dict:
     wall = time.perf_counter() - t0
     rec = json.loads((out / "run.json").read_text())
     ppl, pl = rec["perplexity"], rec.get("placement") or {}
-    command = (" ".join(f"{k}={v}" for k, v in AVX2.items()) + " " if isa == "avx2" else "") + \
+    command = (" ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + " " if isa == "avx2" else "") + \
         "mixsparse " + " ".join(argv).replace(str(out), "RUN")
     return {"seconds": round(wall, 1), "timings": rec.get("timings"), "ppl_dense": ppl["dense"],
             "ppl_pruned": ppl["pruned"], "ppl_recovered": ppl["recovered"],
@@ -87,13 +86,13 @@ def main() -> None:
         ap.error(f"unknown cell(s) {unknown}; known: {', '.join(CELLS)}")
     res = Results(RESULTS / "compute_dtype.json", {"command": "python benchmarks/compute_dtype.py " +
                                                   " ".join(sys.argv[1:])})
-    env = {**os.environ, **(AVX2 if args.isa == "avx2" else {})}
+    env = {**os.environ, **(AVX2_ENV if args.isa == "avx2" else {})}
     with tempfile.TemporaryDirectory() as work:
         for key in cells:
             entry = run_cell(key, env, args.isa, Path(work))
             prov = provenance()
             if args.isa == "avx2":
-                prov["machine"]["forced"] = AVX2
+                prov["machine"]["forced"] = AVX2_ENV
             entry["provenance"] = {**prov, "command": entry.pop("command"),
                                    "settings": {"isa": args.isa, "cell": key}}
             if args.note:

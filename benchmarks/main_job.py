@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, Results, fmt, produced_by, provenance, provenance_lines, write_markdown
+from common import AVX2_ENV, RESULTS, Results, fmt, produced_by, provenance, provenance_lines, write_markdown
 
 REPO = Path(__file__).resolve().parent.parent
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def entry_of(run_dir: Path, wall: float | None) -> dict:
@@ -101,7 +100,7 @@ def main() -> None:
     ap.add_argument("--note", help="free text stored with the entry (e.g. what else ran)")
     args = ap.parse_args()
     res = Results(RESULTS / "main_job_time.json", {"command": "python benchmarks/main_job.py ..."})
-    env = {**os.environ, **(AVX2 if args.isa == "avx2" else {})}
+    env = {**os.environ, **(AVX2_ENV if args.isa == "avx2" else {})}
     with tempfile.TemporaryDirectory() as work:
         if args.record:
             run_dir, wall, command = Path(args.record), args.wall, args.command
@@ -109,7 +108,7 @@ def main() -> None:
             run_dir = Path(work) / "msp70"
             cmd = [sys.executable, "-m", "mixsparse", "prune", "--config", str(REPO / "configs/msp70.yaml"),
                    "--out", str(run_dir), "--quiet"]
-            command = (" ".join(f"{k}={v}" for k, v in AVX2.items()) + " " if args.isa == "avx2" else "") + \
+            command = (" ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + " " if args.isa == "avx2" else "") + \
                 "mixsparse prune --config configs/msp70.yaml --out RUN --quiet"
             t0 = time.perf_counter()
             subprocess.run(cmd, env=env, check=True)
@@ -121,7 +120,7 @@ def main() -> None:
         if args.record:
             prov.update({k: v for k, v in (("commit", args.commit), ("date", args.date)) if v})
         if args.isa == "avx2":
-            prov["machine"]["forced"] = AVX2
+            prov["machine"]["forced"] = AVX2_ENV
         entry["provenance"] = {**prov, "command": command, "settings": {"config": "configs/msp70.yaml"}}
         res.add(args.label, entry)
         if args.keep:

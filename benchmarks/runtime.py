@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, fmt, produced_by, provenance_lines, write_markdown
+from common import AVX2_ENV, RESULTS, Results, fmt, produced_by, provenance_lines, write_markdown
 
 FORMATS = ("dense-fp32@0", "dense-bf16@0", "hf-dense-fp32@0", "bitmask-fp16@0.7", "bitmask-fp16+head-fp16@0.7",
            "bitmask-bf16@0.7", "bitmask-int4@0.7", "bitmask-int4+head-fp16@0.7", "nm-fp16@0.5")
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def bandwidth() -> dict:
@@ -164,13 +163,7 @@ def layer_kernel(bw: dict) -> dict:
                                   "kernel_ratio_to_bound": round(raw / bound, 2), "bytes": lin.weight_bytes()}
     dense = torch.randn(1536, 576)
     x = torch.randn(1, 576)
-    times = []
-    for _ in range(7):
-        t = time.perf_counter()
-        for _ in range(200):
-            torch.nn.functional.linear(x, dense)
-        times.append((time.perf_counter() - t) / 200)
-    out["dense-fp32"] = {"us": round(statistics.median(times) * 1e6, 2),
+    out["dense-fp32"] = {"us": round(timed(lambda: torch.nn.functional.linear(x, dense)) * 1e6, 2),
                          "bound_us": round(dense.numel() * 4 / (bw["read_gb_s"] * 1e9) * 1e6, 2)}
     return out
 

@@ -32,9 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, command_line, load_setup, machine, measure, write_markdown
-
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+from common import AVX2_ENV, RESULTS, command_line, load_setup, machine, measure, write_markdown
 from mixsparse.io import atomic_write_json
 
 

@@ -214,8 +214,7 @@ def _fastest_isa(layers: list[SparseLinear], kern) -> str:
     levels = sorted({int(kern.isa_level(i)) for i in (1, 2)})
     groups: dict[tuple, list[SparseLinear]] = {}
     for m in layers:
-        stored = m.values.dtype if hasattr(m, "values") else "int4"
-        groups.setdefault((type(m), m.in_features, m.out_features, stored), []).append(m)
+        groups.setdefault((m.in_features, m.out_features, m._stored()), []).append(m)
     count: dict[str, int] = {}
     for group in groups.values():
         rep = max(group, key=lambda m: m.nnz)

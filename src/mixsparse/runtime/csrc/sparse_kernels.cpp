@@ -91,20 +91,32 @@ void rows_scalar(const float* x, int64_t B, int64_t K, const uint8_t* mask, cons
 }
 
 #if MS_X86
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_avx2(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_avx2(const at::BFloat16* p) {
-  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2,fma,f16c"))) inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
+// the sum of a row's accumulators
+template <int NA>
+__attribute__((target("avx2,fma,f16c"))) inline float hsum_avx2(const __m256 (&acc)[NA]) {
+  __m256 s = acc[0];
+  for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[a]);
+  return hsum_avx2(s);
+}
+#endif
+
+// ``R`` elements readable from p + o: p + o itself, or (``Safe``, within R of the buffer's n elements) a
+// zero-padded copy in tmp. The kernels read a whole step's values at once; only a layer's last rows need this.
+template <int R, bool Safe, typename V>
+inline const V* readable(const V* p, int64_t o, int64_t n, V* tmp) {
+  if (!Safe || o + R <= n) return p + o;
+  std::memset(tmp, 0, R * sizeof(V));
+  if (n > o) std::memcpy(tmp, p + o, sizeof(V) * (n - o));
+  return tmp;
+}
+
+#if MS_X86
 
 #define MS_AVX2 "avx2,fma,f16c,popcnt"
 // one mask byte's 8 columns: its stored values (from p on, 8 readable) in their lanes as float32, 0 elsewhere.
@@ -139,12 +151,6 @@ __attribute__((target(MS_AVX2))) inline void row_avx2(const float* x, int64_t K,
                                                       int64_t off, int64_t nnz, float* y, int64_t N, int64_t r) {
   constexpr int NA = BB == 1 ? 4 : (BB == 2 ? 2 : 1);
   alignas(32) V tmp[8];
-  auto src = [&](int64_t o) -> const V* {
-    if (!Safe || o + 8 <= nnz) return vals + o;
-    std::memset(tmp, 0, sizeof(tmp));
-    if (nnz > o) std::memcpy(tmp, vals + o, sizeof(V) * (nnz - o));
-    return tmp;
-  };
   __m256 acc[BB][NA];
   for (int b = 0; b < BB; ++b)
     for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
@@ -158,21 +164,18 @@ __attribute__((target(MS_AVX2))) inline void row_avx2(const float* x, int64_t K,
     off += __builtin_popcount(word);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      const __m256 w = expand8(src(o[i]), m[j + i]);  // a byte load: cheaper than shifting it out of the word
+      // the mask byte loaded again: cheaper than shifting it out of the word
+      const __m256 w = expand8(readable<8, Safe>(vals, o[i], nnz, tmp), m[j + i]);
       for (int b = 0; b < BB; ++b)
         acc[b][i % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + (j + i) * 8), acc[b][i % NA]);
     }
   }
   for (; j < nb; ++j) {
-    const __m256 w = expand8(src(off), m[j]);
+    const __m256 w = expand8(readable<8, Safe>(vals, off, nnz, tmp), m[j]);
     off += T.pop[m[j]];
     for (int b = 0; b < BB; ++b) acc[b][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + j * 8), acc[b][0]);
   }
-  for (int b = 0; b < BB; ++b) {
-    __m256 s = acc[b][0];
-    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[b][a]);
-    y[b * N + r] = hsum_avx2(s);
-  }
+  for (int b = 0; b < BB; ++b) y[b * N + r] = hsum_avx2(acc[b]);
 }
 
 template <typename V, int BB>
@@ -187,12 +190,11 @@ __attribute__((target(MS_AVX2))) void rows_avx2(const float* x, int64_t K, const
 }
 
 #define MS_AVX512 "avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vpopcntdq,gfni,avx2,fma,f16c,popcnt"
-// 32 columns per step, from one 32-bit word of the mask read as it is in memory: bit l of the word is the
-// weight of column 8*(l/8) + 7 - l%8 (the file's bytes are most significant bit first). The kernel works in
-// that bit order (lane l = bit l) and the caller passes x with each group of 8 columns reversed to match, so no
-// bit reversal is needed. A lane's value index is the popcount of the word's lower bits (one vpopcntd for 16
-// lanes); vpermt2ps picks the values from the 32 loaded and converted ones, zero-masked by the word. This does
-// about a third of the AVX2 path's instructions per column, and avoids vpexpand, which is slow on AMD Zen 4.
+// 32 columns per step, from one 32-bit word of the mask read as it is in memory (the file's bytes are most
+// significant bit first; one GF(2) affine map reverses each byte's bits, so bit l is column l). A lane's value
+// index is the popcount of the bits below it (one vpopcntd for 16 lanes); vpermt2ps picks the values from the 32
+// loaded and converted ones, zero-masked by the word. Fewer instructions per column than the AVX2 path, and no
+// vpexpand, which is slow on AMD Zen 4.
 template <typename V>
 inline void load32(const V* p, __m512& lo, __m512& hi);
 template <>
@@ -211,15 +213,6 @@ __attribute__((target(MS_AVX512))) inline void load32(const float* p, __m512& lo
   hi = _mm512_loadu_ps(p + 16);
 }
 
-// values from o on with 32 readable (near the buffer's end: a zero-padded copy in tmp)
-template <typename V, bool Safe>
-inline const V* readable32(const V* vals, int64_t o, int64_t nnz, V* tmp) {
-  if (!Safe || o + 32 <= nnz) return vals + o;
-  std::memset(tmp, 0, 32 * sizeof(V));
-  if (nnz > o) std::memcpy(tmp, vals + o, sizeof(V) * (nnz - o));
-  return tmp;
-}
-
 // 32 columns (mask bytes j..j+3 as one little-endian word) into accumulators A and A + 1
 template <typename V, int BB, bool Safe, int A>
 __attribute__((target(MS_AVX512))) inline void step512(const float* x, int64_t K, int64_t j, uint32_t word,
@@ -235,7 +228,7 @@ __attribute__((target(MS_AVX512))) inline void step512(const float* x, int64_t K
   const __m512i idx_lo = _mm512_popcnt_epi32(_mm512_and_si512(wv, below));
   const __m512i idx_hi = _mm512_popcnt_epi32(_mm512_and_si512(wv, below_hi));
   __m512 v0, v1;
-  load32(readable32<V, Safe>(vals, off, nnz, tmp), v0, v1);
+  load32(readable<32, Safe>(vals, off, nnz, tmp), v0, v1);
   off += __builtin_popcount(word);
   const __m512 w_lo = _mm512_maskz_permutex2var_ps(_mm512_test_epi32_mask(wv, bit), v0, idx_lo, v1);
   const __m512 w_hi = _mm512_maskz_permutex2var_ps(_mm512_test_epi32_mask(wv, _mm512_slli_epi32(bit, 16)), v0, idx_hi, v1);
@@ -349,17 +342,11 @@ void with_floats(const torch::Tensor& t, const char* what, F&& f) {
 // (symmetric grids: 8); the weight is (code - zero) * scale, in float32. Each 8 or 16 columns share one group
 // (group_size is a multiple of the step), so a chunk's codes are dequantized with one scale, then expanded.
 
-// 8 codes starting at code k, as the top 32 bits (MSB first); reads 8 bytes. ``Safe``: near the end of the
-// buffer, through a zero-padded copy.
-template <bool Safe = true>
+// 8 codes starting at code k, as the top 32 bits (MSB first); reads 8 bytes (near the end of the buffer, from a
+// zero-padded copy)
 inline uint32_t nibbles8(const uint8_t* codes, int64_t k, int64_t nbytes) {
-  uint8_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t at = k >> 1;
-  const uint8_t* p = codes + at;
-  if (Safe && at + 8 > nbytes) {
-    if (nbytes > at) std::memcpy(buf, p, static_cast<size_t>(nbytes - at));
-    p = buf;
-  }
+  uint8_t buf[8];
+  const uint8_t* p = readable<8, true>(codes, k >> 1, nbytes, buf);
   uint64_t u;
   std::memcpy(&u, p, 8);
   u = __builtin_bswap64(u) << (4 * (k & 1));
@@ -424,12 +411,7 @@ __attribute__((target(MS_AVX2))) inline void row_q4_avx2(const float* x, int64_t
     const int64_t at = k >> 1;
     const int odd = static_cast<int>(k & 1);
     k += __builtin_popcount(word);
-    const uint8_t* p = codes + at;
-    if (Safe && at + 32 > nbytes) {
-      std::memset(pad, 0, sizeof(pad));
-      if (nbytes > at) std::memcpy(pad, p, static_cast<size_t>(nbytes - at));
-      p = pad;
-    }
+    const uint8_t* p = readable<32, Safe>(codes, at, nbytes, pad);
     // bytes at..at+16 -> nibbles, most significant first: (hi, lo) pairs interleaved per 128-bit lane
     const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4), lo = _mm256_and_si256(c, low4);
@@ -446,11 +428,7 @@ __attribute__((target(MS_AVX2))) inline void row_q4_avx2(const float* x, int64_t
         acc[b][i % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + (j + i) * 8), acc[b][i % NA]);
     }
   }
-  for (int b = 0; b < BB; ++b) {
-    __m256 s = acc[b][0];
-    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[b][a]);
-    y[b * N + r] = hsum_avx2(s);
-  }
+  for (int b = 0; b < BB; ++b) y[b * N + r] = hsum_avx2(acc[b]);
 }
 
 // group_size a multiple of 8 but not of 32: one chunk (and one group look-up) at a time
