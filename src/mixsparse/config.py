@@ -184,9 +184,16 @@ class RunConfig:
                 raise ConfigError("quantize.method joint needs the engine to prune the final model, but MSP stitches it "
                                   "from the search's levels (search.final: stitched); use quantize.method gptq, or "
                                   "search.final: sequential")
+            if self.prune.allocation == "joint" and self.search.bits_per_weight is None:
+                raise ConfigError("allocation joint needs search.bits_per_weight, the budget of the prunable layers "
+                                  "(e.g. 3.25: the bytes of 50% sparse + 4-bit, or of dense 3-bit, with group-64 scales)")
             if self.recover.mode != "none":
                 raise ConfigError("quantize.method joint quantizes while pruning, and recovery would then train the "
                                   "weights off the grid; use quantize.method gptq (it runs after recovery)")
+        elif self.prune.allocation == "joint":
+            raise ConfigError("allocation joint searches each layer's sparsity and bit width together; set "
+                              "quantize.method: joint (with --pruner sparsegpt; search.bits lists the bit widths, "
+                              "quantize.group_size and quantize.symmetric set the grid)")
         taken = {"bits", "group_size", "symmetric"} & set(self.prune.options)
         if taken:
             raise ConfigError(f"prune.options {', '.join(sorted(taken))}: quantization is set under quantize "

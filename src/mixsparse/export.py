@@ -32,6 +32,9 @@
       points (asymmetric only; symmetric grids have ``2**(bits-1)``). The weight is
       ``(code - zero) * scale``, computed in float32 (exact there: a float16 scale times a small integer),
       then cast to the entry's dtype: bit-exactly the dequantized weight mixsparse held in memory.
+  ``quantized_dense``
+      As ``quantized`` without the bitmask: ``NAME::codes`` holds the code of every weight, row-major. Used
+      when that is smaller, i.e. when fewer than one weight in ``bits`` is zero (a layer quantized, not pruned).
 
   Zeros are restored as ``+0.0`` (a pruner that multiplied by the mask may have left ``-0.0``; the
   two compare equal and give identical results in a linear layer); every other value is bit-exact
@@ -119,20 +122,28 @@ def codes_decode(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     return (b << torch.arange(bits - 1, -1, -1, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
 
 
-def quantized_encode(qw) -> dict[str, torch.Tensor]:
-    """The parts of a ``quantized`` entry (see the module docstring) for a QuantizedWeight."""
+def quantized_encode(qw) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(encoding, parts)`` of a QuantizedWeight: ``quantized`` (bitmask + the non-zero codes) or, when smaller,
+    ``quantized_dense`` (every code); see the module docstring."""
     keep = qw.codes.float() != qw.zero.repeat_interleave(qw.codes.shape[1] // qw.zero.shape[1], dim=1)
-    parts = {"bitmask": pack_bits(keep), "codes": codes_encode(qw.codes[keep], qw.spec.bits),
-             "scale": qw.scale.to(qw.scale_dtype).contiguous()}
+    nnz, numel = int(keep.sum()), keep.numel()
+    if numel + nnz * qw.spec.bits < numel * qw.spec.bits:
+        enc, parts = "quantized", {"bitmask": pack_bits(keep), "codes": codes_encode(qw.codes[keep], qw.spec.bits)}
+    else:
+        enc, parts = "quantized_dense", {"codes": codes_encode(qw.codes.reshape(-1), qw.spec.bits)}
+    parts["scale"] = qw.scale.to(qw.scale_dtype).contiguous()
     if not qw.spec.symmetric:
         parts["zero"] = qw.zero.to(torch.uint8).contiguous()
-    return parts
+    return enc, parts
 
 
 def quantized_decode(stored: Mapping[str, torch.Tensor], name: str, entry: dict, shape: tuple[int, ...]) -> torch.Tensor:
     rows, cols = shape
     bits, sym = int(entry["bits"]), bool(entry["symmetric"])
-    keep = unpack_bits(stored[f"{name}::bitmask"], rows * cols).reshape(rows, cols)
+    if entry.get("encoding") == "quantized_dense":
+        keep = torch.ones(rows, cols, dtype=torch.bool)
+    else:
+        keep = unpack_bits(stored[f"{name}::bitmask"], rows * cols).reshape(rows, cols)
     scale = stored[f"{name}::scale"].float()
     groups = scale.shape[1]
     zero = torch.full_like(scale, 2.0 ** (bits - 1)) if sym else stored[f"{name}::zero"].float()
@@ -386,8 +397,9 @@ def save_compressed(
                 if not torch.equal(deq, weight):
                     raise NumericalError(f"layer {layer!r} no longer equals its quantized codes (changed after "
                                          "quantization?); quantize again before saving")
-                parts = {f"{name}::{k}": v for k, v in quantized_encode(qw).items()}
-                entry.update(encoding="quantized", bits=qw.spec.bits, group_size=qw.spec.group_size,
+                enc, encoded = quantized_encode(qw)
+                parts = {f"{name}::{k}": v for k, v in encoded.items()}
+                entry.update(encoding=enc, bits=qw.spec.bits, group_size=qw.spec.group_size,
                              symmetric=qw.spec.symmetric, dtype=_dtype_name(weight.dtype))
             elif name in prunable and isinstance(target, NM) and fits_nm(t, target):
                 values, idx = nm_encode(t, target)
@@ -499,7 +511,7 @@ def _decode(name: str, entry: dict, stored: Mapping[str, torch.Tensor]) -> torch
     elif enc == "nm":
         pattern = NM(int(entry["n"]), int(entry["m"]))
         t = nm_decode(stored[f"{name}::values"], stored[f"{name}::nm_indices"], shape, pattern)
-    elif enc == "quantized":
+    elif enc in ("quantized", "quantized_dense"):
         t = quantized_decode(stored, name, entry, shape).to(dtype)
     else:
         raise ModelLoadError(f"tensor {name!r} has an unknown encoding {enc!r}")

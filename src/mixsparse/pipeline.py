@@ -173,6 +173,7 @@ def prune(model: nn.Module, tokenizer, config: RunConfig | None = None, *, run_d
     with timer("prune"):
         if alloc.stitched:  # the searched candidate is already in the model
             seconds, fallbacks = 0.0, ((alloc.search or {}).get("level_db") or {}).get("fallbacks", {})
+            quantized = alloc.quantized or {}
         else:
             ids = calib.ids(cfg.data.calibration_samples, cfg.data.seqlen)
             rep = prune_layerwise(model, ids, alloc.sparsity_map, cfg.prune.pruner, cfg.pruner_options(), device=device,
@@ -301,6 +302,23 @@ class _Writer:
         record.artifacts = artifacts
 
 
+def _joint_scheme(cfg: RunConfig, alloc: Allocation) -> str:
+    """One grid for SparseGPT's joint mode; the bit widths and their parameter shares for allocation joint."""
+    from .quant.stage import spec_of
+
+    joint = (alloc.search or {}).get("joint")
+    if not joint:
+        return spec_of(cfg.quantize).label()
+    counts = alloc.sparsity_map.param_counts or {}
+    total = sum(counts.get(n, 0) for n in joint["per_layer"]) or 1
+    share: dict[int, int] = {}
+    for n, v in joint["per_layer"].items():
+        share[v["bits"]] = share.get(v["bits"], 0) + counts.get(n, 0)
+    mix = ", ".join(f"int{b} {100 * c / total:.0f}%" for b, c in sorted(share.items()))
+    grid = f"g{cfg.quantize.group_size}" if cfg.quantize.group_size else "channel"
+    return f"mixed ({mix}; {'sym' if cfg.quantize.symmetric else 'asym'}-{grid}), {joint['bits_per_weight']:.3f} bits/weight"
+
+
 def _new_record(cfg: RunConfig, command: str | None) -> RunRecord:
     return RunRecord(config=cfg.to_dict(), command=command or " ".join(shlex.quote(a) for a in sys.argv),
                      version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -397,7 +415,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, command: str | None = None, prog
         elif cfg.quantize.method == "joint":
             from .quant.stage import spec_of
 
-            record.quantization = {"method": "joint", "scheme": spec_of(cfg.quantize).label(),
+            record.quantization = {"method": "joint", "scheme": _joint_scheme(cfg, alloc),
                                    "seconds": record.pruning.seconds,
                                    "note": "pruned and quantized in one sweep: the pruned perplexity is the quantized one"}
             if record.perplexity is not None and record.perplexity.pruned is not None:

@@ -33,6 +33,7 @@ class Allocation:
     sensitivity_kind: str | None = None  # "fisher", "hessian", "owl", ...
     search: dict | None = None  # the search's summary (history, fitness, timings) when one ran
     stitched: bool = False  # the searched candidate is already written into the model (search.final == "stitched")
+    quantized: dict | None = None  # layer -> QuantizedWeight when the method also quantized (allocation joint)
 
 
 @dataclass

@@ -60,16 +60,16 @@ def save_compressed_tensors(model: nn.Module, quantized: Mapping[str, QuantizedW
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    specs = {qw.spec for qw in quantized.values()}
-    if len(specs) != 1:
-        raise ConfigError(f"compressed-tensors export needs one scheme for every layer, got {len(specs)}")
-    spec = specs.pop()
+    by_spec: dict = {}  # a joint search's layers have several bit widths: one config group per grid
+    for name, qw in quantized.items():
+        by_spec.setdefault(qw.spec, []).append(name)
     dtype = next(model.parameters()).dtype
     reason = unsupported(model)
     if reason:
         raise ConfigError(reason)
     state = dict(model.state_dict())
     for name, qw in quantized.items():
+        spec = qw.spec
         weight = state.pop(f"{name}.weight")
         if not torch.equal(qw.dequantize().to(weight.dtype), weight.detach().cpu()):
             raise ConfigError(f"layer {name!r} no longer equals its quantized codes; quantize again before exporting")
@@ -80,17 +80,24 @@ def save_compressed_tensors(model: nn.Module, quantized: Mapping[str, QuantizedW
         if not spec.symmetric:
             zp = (qw.zero - offset).to(torch.int8)
             state[f"{name}.weight_zero_point"] = pack_to_int32(zp, spec.bits, packed_dim=0)
-    strategy = {"strategy": "group", "group_size": spec.group_size} if spec.group_size else {"strategy": "channel"}
-    weights = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, **strategy)
+
+    def args(spec) -> QuantizationArgs:
+        strategy = {"strategy": "group", "group_size": spec.group_size} if spec.group_size else {"strategy": "channel"}
+        return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, **strategy)
+
+    groups = {f"group_{i}": QuantizationScheme(targets=names if len(by_spec) > 1 else ["Linear"], weights=args(spec))
+              for i, (spec, names) in enumerate(sorted(by_spec.items(), key=lambda kv: kv[0].label()))}
     others = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
-    qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                              ignore=others, format="pack-quantized", quantization_status="compressed")
+    qcfg = QuantizationConfig(config_groups=groups, ignore=others, format="pack-quantized",
+                              quantization_status="compressed")
     with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         ModelCompressor(quantization_config=qcfg).update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     size = sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
-    return {"format": "compressed-tensors pack-quantized", "scheme": spec.label(), "bytes": size,
-            "load": "AutoModelForCausalLM.from_pretrained(path)" if spec.symmetric else
+    symmetric = all(spec.symmetric for spec in by_spec)
+    return {"format": "compressed-tensors pack-quantized", "scheme": ", ".join(sorted(s.label() for s in by_spec)),
+            "bytes": size,
+            "load": "AutoModelForCausalLM.from_pretrained(path)" if symmetric else
             "AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))"}

@@ -116,13 +116,15 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
         mod = modules.get(owner)
         enc = entry["encoding"]
         counted = attr == "weight" and isinstance(mod, nn.Linear) and owner != head_name
-        if attr == "weight" and isinstance(mod, nn.Linear) and enc in ("bitmask", "nm", "quantized"):
+        if attr == "weight" and isinstance(mod, nn.Linear) and enc in ("bitmask", "nm", "quantized", "quantized_dense"):
             rows, cols = entry["shape"]
             bias_entry = entries.get(f"{owner}.bias")
             bias = None if bias_entry is None else _decode(f"{owner}.bias", bias_entry, stored)
             layer, why = None, None
             if cols % 8:
                 why = f"in_features {cols} is not a multiple of 8"
+            elif enc == "quantized_dense":
+                why = f"quantized int{entry['bits']} without pruning: held dequantized, dense"
             elif enc == "quantized" and int(entry["bits"]) == 4 and kern is not None \
                     and (cols // stored[f"{name}::scale"].shape[1]) % 8 == 0:
                 layer = Q4SparseLinear(cols, rows, stored[f"{name}::bitmask"], stored[f"{name}::codes"],

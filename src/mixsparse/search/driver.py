@@ -74,36 +74,97 @@ def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, flo
         if shared_store and workers.is_main:
             share_flag(workers, ok)
     with cache:  # freed when the search is done (evaluation and export need none of it), also after an error
-        windows = eval_windows(ctx.tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
-                               s.fitness_windows * s.fitness_seqlen, prefix=ctx.calib.prefix)
-        fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
-                          dtype=s.fitness_dtype, kl_topk=s.kl_topk,
-                          incremental=s.incremental, state_cache_mb=s.state_cache_mb)
-        uniform_offsets = {n: 0 for n in counts}
-        result = evolutionary_search(
-            fitness, space, [init, uniform_offsets], s.core(),
-            blocks_of=block_index_map(model, list(counts)),
-            checkpoint=(ctx.run_dir / "search_state.json") if ctx.run_dir is not None else None,
-            write_checkpoint=workers is None or workers.is_main,
-            fingerprint_extra={"model": model_fingerprint(model), "pruner": cfg.prune.pruner, "options": cfg.prune.options,
-                               "calibration": calib_fp,
-                               "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
-                               "fitness": [s.fitness, str(fitness.dtype), s.kl_topk]},
-            progress=ctx.progress,
-        )
-        init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
-        search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
-                  "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
-                  "generations": result.generations, "stopped_by": result.stopped_by,
-                  "time_budget": s.time_budget, "best_fitness": result.fitness,
-                  "init_fitness": init_fit, "uniform_fitness": uni_fit,
-                  "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
-                  "incremental": s.incremental, "blocks_run": fitness.blocks_run,
-                  "placement": fitness.forward.placement.mode,
-                  "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
-                               "reused": cache.reused, "fallbacks": cache.fallbacks},
-                  "reference_bytes_per_token": fitness.reference_bytes_per_token()}
-        del fitness  # device replica, block states and dense reference go before the model is touched
+        result, search = _run_search(ctx, cache, space, init, {"pruner": cfg.prune.pruner, "options": cfg.prune.options,
+                                                               "calibration": calib_fp})
         if s.final == "stitched":
             cache.write(result.offsets)
         return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
+
+
+def _run_search(ctx: AllocationContext, cache: LevelDatabase, space: LevelSpace, init: dict, extra: dict):
+    """Fitness on the validation windows and the evolutionary loop from ``init`` (and uniform): ``(result,
+    the search's summary for the run record)``. ``extra``: what else the checkpoint's fingerprint covers."""
+    cfg, model, workers, s = ctx.cfg, ctx.model, ctx.workers, ctx.cfg.search
+    placement = Placement.resolve(ctx.device, cfg.model.placement, model)
+    windows = eval_windows(ctx.tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
+                           s.fitness_windows * s.fitness_seqlen, prefix=ctx.calib.prefix)
+    fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
+                      dtype=s.fitness_dtype, kl_topk=s.kl_topk,
+                      incremental=s.incremental, state_cache_mb=s.state_cache_mb)
+    uniform_offsets = {n: 0 for n in space.param_counts}
+    result = evolutionary_search(
+        fitness, space, [init, uniform_offsets], s.core(),
+        blocks_of=block_index_map(model, list(space.param_counts)),
+        checkpoint=(ctx.run_dir / "search_state.json") if ctx.run_dir is not None else None,
+        write_checkpoint=workers is None or workers.is_main,
+        fingerprint_extra={"model": model_fingerprint(model), **extra,
+                           "validation": [cfg.data.validation, s.fitness_windows, s.fitness_seqlen],
+                           "fitness": [s.fitness, str(fitness.dtype), s.kl_topk]},
+        progress=ctx.progress,
+    )
+    init_fit, uni_fit = fitness(init, s.final_windows), fitness(uniform_offsets, s.final_windows)
+    search = {"history": result.history, "fitness": s.fitness, "seconds": round(result.seconds + cache.seconds, 3),
+              "cache_seconds": round(cache.seconds, 3), "evaluations": result.evaluations,
+              "generations": result.generations, "stopped_by": result.stopped_by,
+              "time_budget": s.time_budget, "best_fitness": result.fitness,
+              "init_fitness": init_fit, "uniform_fitness": uni_fit,
+              "fitness_dtype": str(fitness.dtype).replace("torch.", ""), "kl_topk": s.kl_topk,
+              "incremental": s.incremental, "blocks_run": fitness.blocks_run,
+              "placement": fitness.forward.placement.mode,
+              "level_db": {"ram_bytes": cache.ram_bytes_used(), "disk_bytes": cache.disk_bytes(),
+                           "reused": cache.reused, "fallbacks": cache.fallbacks},
+              "reference_bytes_per_token": fitness.reference_bytes_per_token()}
+    del fitness  # device replica, block states and dense reference go before the model is touched
+    return result, search
+
+
+def joint_space(cfg, model) -> "JointSpace":
+    """The joint search's cost levels (checked before any work: every layer needs a variant at every level)."""
+    from ..modeling import prunable_linears
+    from .joint import JointSpace
+
+    s, q = cfg.search, cfg.quantize
+    if s.bits_per_weight is None:
+        raise ConfigError("allocation joint needs search.bits_per_weight, the budget of the prunable layers "
+                          "(e.g. 3.25: as many bytes as 50% sparse + 4-bit, or dense 3-bit, with group-64 scales)")
+    shapes = {n: (lin.out_features, lin.in_features) for n, lin in prunable_linears(model).items()}
+    return JointSpace.build(s.bits_per_weight, shapes, step=s.bits_step, max_shift=s.bits_shift, bits=s.bits,
+                            group_size=q.group_size, symmetric=q.symmetric, max_sparsity=s.max_joint_sparsity)
+
+
+def joint_search(ctx: AllocationContext, continuous: dict[str, float], scores: dict[str, float]) -> Allocation:
+    """Per-layer (sparsity, bits) under ``search.bits_per_weight``: the joint level database, then MSP's search
+    from the Fisher seed; the final model is the searched candidate (stitched) and its codes are returned."""
+    from .joint import JointDatabase
+
+    cfg, model = ctx.cfg, ctx.model
+    s, q = cfg.search, cfg.quantize
+    if ctx.workers is not None:
+        raise ConfigError("allocation joint runs in one process for now; run it without --nproc")
+    space = joint_space(cfg, model)
+    init = space.seed(continuous)
+    n_cal = s.calibration_samples or cfg.data.calibration_samples
+    ids = ctx.calib.ids(n_cal, cfg.data.seqlen)
+    calib_fp = [cfg.data.calibration, n_cal, cfg.data.seqlen, cfg.data.seed, ctx.calib.prefix]
+    placement = Placement.resolve(ctx.device, cfg.model.placement, model)
+    grid = [space.target, space.step, space.min_offset, space.max_offset, list(space.bits), space.group_size,
+            space.symmetric, space.max_sparsity]
+    db_fp = fingerprint({"model": model_fingerprint(model), "joint": grid, "options": cfg.prune.options,
+                         "calibration": calib_fp, "min_token_share": cfg.prune.min_token_share})
+    store = ctx.run_dir / "cache" / f"joint-{db_fp}" if ctx.run_dir is not None else None
+    cache = JointDatabase.build_joint(model, space, ids, cfg.prune.options, device=placement, store_dir=store,
+                                      fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20), progress=ctx.progress,
+                                      min_token_share=cfg.prune.min_token_share)
+    with cache:
+        result, search = _run_search(ctx, cache, space, init, {"joint": grid, "options": cfg.prune.options,
+                                                               "calibration": calib_fp})
+        plan = space.plan(result.offsets)
+        search["joint"] = {
+            "bits_per_weight_budget": space.target, "bits_per_weight": space.bits_per_weight(result.offsets),
+            "per_layer": {n: {"sparsity": v.sparsity, "bits": v.bits, "level_bits_per_weight": space.level(result.offsets[n])}
+                          for n, v in plan.items()},
+            "group_size": q.group_size, "symmetric": q.symmetric,
+            "variant_errors": getattr(cache, "errors", {})}
+        quantized = cache.quantized(result.offsets)
+        cache.write(result.offsets)
+    return Allocation("joint", result.sparsity_map, scores, "fisher", search, stitched=True, quantized=quantized)

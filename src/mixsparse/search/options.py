@@ -76,6 +76,12 @@ class SearchSection(SearchConfig):
     incremental: bool = False
     state_cache_mb: float = 256.0  # bound on the block inputs kept for incremental evaluation (population's kept last)
     db_ram_mb: float = 0.0  # RAM for recently read SparseGPT level weights (the rest stays on disk, memory-mapped)
+    # allocation joint: per-layer (sparsity, bits) under a budget of bits per prunable weight (mask, codes, scales)
+    bits_per_weight: float | None = None
+    bits: list = field(default_factory=lambda: [2, 3, 4, 8])  # bit widths a layer may take
+    bits_step: float = 0.25  # cost levels: bits_per_weight + k * bits_step, |k * bits_step| <= bits_shift
+    bits_shift: float = 1.0
+    max_joint_sparsity: float = 0.9  # no variant prunes a layer further
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +97,14 @@ class SearchSection(SearchConfig):
             raise ConfigError(
                 f"search.fitness_windows ({self.fitness_windows}) must cover the last stage's windows ({self.final_windows})"
             )
+        if self.bits_per_weight is not None and not self.bits_per_weight > 0:
+            raise ConfigError(f"search.bits_per_weight must be > 0, got {self.bits_per_weight}")
+        if not self.bits or any(b not in (2, 3, 4, 8) for b in self.bits):
+            raise ConfigError(f"search.bits must be a non-empty list of 2, 3, 4 or 8, got {self.bits!r}")
+        if not 0 < self.bits_step <= self.bits_shift:
+            raise ConfigError(f"need 0 < search.bits_step <= search.bits_shift, got {self.bits_step} and {self.bits_shift}")
+        if not 0 < self.max_joint_sparsity < 1:
+            raise ConfigError(f"search.max_joint_sparsity must be in (0, 1), got {self.max_joint_sparsity}")
         if self.final not in ("sequential", "stitched"):
             raise ConfigError(f"search.final must be 'sequential' or 'stitched', got {self.final!r}")
 
