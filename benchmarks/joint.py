@@ -9,7 +9,9 @@ Rows (keys ``<method>@<bits per weight>``, the budget; each entry holds the meas
 * ``msp50-gptq4@3.25``: MSP's search at 50% (Wanda levels, the same generations and fitness as the joint search),
   its map pruned by SparseGPT sequentially, then GPTQ 4-bit with the mask fixed;
 * ``joint@B``: allocation joint (per-layer (sparsity, bits) under B bits per weight, bits 2/3/4/8, from the Fisher
-  seed at 50%), the searched candidate itself (one-shot: each layer's variant was computed on dense activations).
+  seed at 50%), the searched candidate itself (one-shot: each layer's variant was computed on dense activations);
+* ``joint-seq@B``: the same search (its level database and state are reused), each layer then pruned and quantized
+  again at its (sparsity, bits), sequentially like the other rows (``search.final: sequential``).
 
 One calibration set (wiki calibration split) for every pruner, GPTQ and level database; the searches score KL to
 the dense model on the wiki validation split; perplexity on the wiki test split. Run it alone (2 cores).
@@ -40,7 +42,7 @@ from mixsparse.quant.grid import QuantSpec
 from mixsparse.quant.stage import quantize_model
 from mixsparse.sparsity import SparsityMap
 
-ROWS = ["gptq4@4.25", "gptq3@3.25", "uniform50-gptq4@3.25", "msp50-gptq4@3.25", "joint@3.25"]
+ROWS = ["gptq4@4.25", "gptq3@3.25", "uniform50-gptq4@3.25", "msp50-gptq4@3.25", "joint@3.25", "joint-seq@3.25"]
 
 
 def main() -> None:
@@ -81,7 +83,8 @@ def main() -> None:
         return codes
 
     def search(key: str, overrides: dict):
-        d = work / key.replace("@", "_")
+        # joint and joint-seq of one budget share a directory: the same level database and search, final modes apart
+        d = work / key.replace("@", "_").replace("joint-seq", "joint")
         if key in redo:
             shutil.rmtree(d, ignore_errors=True)  # a fresh search: no resumable state picked up
         d.mkdir(parents=True, exist_ok=True)
@@ -111,9 +114,10 @@ def main() -> None:
             model.load_state_dict(pristine)
             prune_layerwise(model, calib, smap, "sparsegpt", device=place, sequential=True, progress=False)
             codes = gptq(4)
-        elif method == "joint":
+        elif method in ("joint", "joint-seq"):
             alloc = search(key, {"prune.sparsity": 0.5, "prune.allocation": "joint", "prune.pruner": "sparsegpt",
-                                 "quantize.method": "joint", "search.bits_per_weight": float(budget)})
+                                 "quantize.method": "joint", "search.bits_per_weight": float(budget),
+                                 "search.final": "sequential" if method == "joint-seq" else "stitched"})
             j = alloc.search["joint"]
             entry["search"] = {k: alloc.search[k] for k in ("generations", "seconds", "cache_seconds", "best_fitness",
                                                            "init_fitness", "uniform_fitness", "evaluations")}
@@ -147,12 +151,16 @@ def render(res: Results, out: str) -> None:
              f"{meta['generations']} generations each, KL to dense on the wiki validation split.", "",
              "Bytes: mixsparse's compressed checkpoint, prunable decoder linears only (packed codes, bitmask where "
              "pruned, float16 scales). Sequential rows prune/quantize block after block on the outputs of the blocks "
-             "before; joint is the searched candidate itself (each layer's variant computed on dense activations).", "",
-             "| row | ppl | bits/weight | prunable MiB | sparsity | bit widths (share of weights) | seconds |",
-             "|---|---:|---:|---:|---:|---|---:|"]
+             "before, joint-seq too; joint is the searched candidate itself (each layer's variant computed on dense "
+             "activations).", "",
+             "| row | ppl | x uniform 50% + GPTQ 4-bit | bits/weight | prunable MiB | sparsity | bit widths (share of "
+             "weights) | seconds |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    ref = (e.get("uniform50-gptq4@3.25") or {}).get("ppl")
     for key, v in sorted(e.items(), key=lambda kv: (-kv[1]["budget_bits_per_weight"], kv[1]["ppl"])):
         shares = ", ".join(f"{k} {100 * s:.0f}%" for k, s in (v.get("param_shares") or {}).items())
-        lines.append(f"| {key} | {fmt(v['ppl'])} | {fmt(v['bits_per_weight'], 3)} | {fmt(v['prunable_bytes'] / 2**20, 1)} "
+        lines.append(f"| {key} | {fmt(v['ppl'])} | {fmt(v['ppl'] / ref if ref else None, 3)}x | "
+                     f"{fmt(v['bits_per_weight'], 3)} | {fmt(v['prunable_bytes'] / 2**20, 1)} "
                      f"| {fmt(v['sparsity'], 3)} | {shares or '-'} | {fmt(v['seconds'], 0)} |")
     lines += ["", *provenance_lines(e, meta)]
     write_markdown(Path(out + ".md"), "\n".join(lines) + "\n")

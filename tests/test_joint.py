@@ -106,7 +106,8 @@ def test_the_database_keeps_each_levels_least_output_error_variant():
             assert torch.equal(lin.weight, dense[name])
 
 
-def test_joint_run_end_to_end_keeps_the_budget_and_reloads_bit_exact(quick_cli, tmp_path):
+@pytest.mark.parametrize("final", ["stitched", "sequential"])
+def test_joint_run_end_to_end_keeps_the_budget_and_reloads_bit_exact(quick_cli, tmp_path, final):
     from transformers import AutoModelForCausalLM
 
     from mixsparse.cli import main
@@ -114,13 +115,15 @@ def test_joint_run_end_to_end_keeps_the_budget_and_reloads_bit_exact(quick_cli, 
     from mixsparse.modeling import prunable_linears
 
     out = tmp_path / "run"
-    args = ["prune", *quick_cli(report=False), "--allocation", "joint", "--pruner", "sparsegpt", "--quantize", "joint",
+    args = ["prune", *quick_cli(), "--allocation", "joint", "--pruner", "sparsegpt", "--quantize", "joint",
             "--group-size", "16", "--set", "search.bits_per_weight=4.0", "--set", "search.bits_step=0.5",
-            "--set", "search.generations=3", "--set", "search.fitness_seqlen=32", "--out", str(out)]
+            "--set", "search.generations=3", "--set", "search.fitness_seqlen=32", "--set", f"search.final={final}",
+            "--out", str(out)]
     assert main(args) == 0
     run = json.loads((out / "run.json").read_text())
     joint = run["search"]["joint"]
     assert joint["bits_per_weight"] <= 4.0 and run["quantization"]["scheme"].startswith("mixed (")
+    assert "## Bits per layer (joint search)" in (out / "report.md").read_text()
     # the packed checkpoint holds what the plan says: its bits per prunable weight are at most the budget
     assert run["sizes"]["bits_per_weight"] <= 4.0 + 1e-9
     hf = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
@@ -143,6 +146,8 @@ def test_joint_run_end_to_end_keeps_the_budget_and_reloads_bit_exact(quick_cli, 
 @pytest.mark.parametrize("args,needle", [
     (["--allocation", "joint", "--pruner", "sparsegpt"], "set quantize.method: joint"),
     (["--allocation", "joint", "--pruner", "sparsegpt", "--quantize", "joint"], "needs search.bits_per_weight"),
+    (["--allocation", "joint", "--pruner", "sparsegpt", "--quantize", "joint", "--set", "search.bits_per_weight=1.5"],
+     "costs"),
 ])
 def test_bad_joint_settings_are_one_line_errors(quick_cli, tmp_path, capsys, args, needle):
     from mixsparse.cli import main
@@ -150,3 +155,13 @@ def test_bad_joint_settings_are_one_line_errors(quick_cli, tmp_path, capsys, arg
     assert main(["prune", *quick_cli(), *args, "--out", str(tmp_path / "run")]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mixsparse:")]
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_search_alone_refuses_the_joint_allocation(quick_cli, tmp_path, capsys):
+    from mixsparse.cli import main
+
+    args = ["search", *quick_cli(), "--allocation", "joint", "--pruner", "sparsegpt", "--quantize", "joint",
+            "--set", "search.bits_per_weight=4", "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    assert "run it with mixsparse prune --allocation joint" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # refused before any work

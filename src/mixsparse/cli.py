@@ -104,6 +104,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .distributed import from_env, guarded, shutdown
+    from .errors import ConfigError
     from .io import atomic_write_json
     from .loading import load_model
     from .modeling import param_counts
@@ -114,6 +115,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     cfg = _load(args, {"prune.allocation": args.allocation or "msp"})
     check_config(cfg)
+    if cfg.prune.allocation == "joint":  # a sparsity map alone would lose each layer's bit width
+        raise ConfigError("mixsparse search saves a sparsity map, and allocation joint also chooses each layer's bit "
+                          "width; run it with mixsparse prune --allocation joint (its run.json lists both)")
     out = check_run_dir(args.out)  # a search directory resumes (its state is reused); a finished prune run is refused
     workers = from_env()  # under torchrun: the ranks share the search's fitness evaluations
     try:

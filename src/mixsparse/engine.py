@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -152,6 +152,7 @@ def prune_layerwise(
     sequential: bool = True,
     progress: bool = True,
     min_token_share: float = 0.005,
+    layer_options: Mapping[str, dict] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block.
 
@@ -160,12 +161,13 @@ def prune_layerwise(
     before it; otherwise on dense activations. A layer whose inputs held fewer than ``min_token_share``
     of the calibration tokens (an expert the router rarely picks; at least one token is always needed)
     is pruned by its pruner's data-free :meth:`~mixsparse.pruners.LayerPruner.fallback`, recorded in
-    :attr:`PruneReport.fallbacks`.
+    :attr:`PruneReport.fallbacks`. ``layer_options``: per-layer options over ``pruner_options`` (a joint search's
+    bit width per layer).
     """
     with Placement.stage(model):
         return _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, device=device, batch_size=batch_size,
                                 offload=offload, sequential=sequential, progress=progress,
-                                min_token_share=min_token_share)
+                                min_token_share=min_token_share, layer_options=layer_options)
 
 
 def min_tokens(calib_ids: torch.Tensor | None, share: float) -> int:
@@ -176,9 +178,14 @@ def min_tokens(calib_ids: torch.Tensor | None, share: float) -> int:
 
 
 def _prune_layerwise(model, calib_ids, targets, pruner, pruner_options, *, device, batch_size, offload, sequential,
-                     progress, min_token_share) -> PruneReport:
+                     progress, min_token_share, layer_options=None) -> PruneReport:
     cls = get_pruner(pruner)
-    make = cls.factory(pruner_options, min_tokens(calib_ids, min_token_share))
+    least = min_tokens(calib_ids, min_token_share)
+    default = cls.factory(pruner_options, least)
+    makers = {n: cls.factory({**(pruner_options or {}), **o}, least) for n, o in (layer_options or {}).items()}
+
+    def make(name: str, layer: nn.Module):
+        return makers.get(name, default)(name, layer)
     runner = LayerwiseRunner(model, device=device, offload=offload)
     runner.writes = True  # a streamed model's pruned blocks go back to disk
     per_block = block_layers(model, runner, targets)

@@ -440,6 +440,25 @@ def _per_block(layers: list[str], per_layer: dict, achieved: dict) -> list[str]:
             *_table(["block", "layers", "requested (mean)", "achieved (min – max)", "achieved (mean)"], rows)]
 
 
+def _joint(layers: list[str], joint: dict) -> list[str]:
+    """Each block's layers as the joint search stored them: bit width, and sparsity where pruned."""
+    per = joint.get("per_layer") or {}
+    blocks: dict[int | None, list[str]] = {}
+    for l in layers:
+        if l in per:
+            blocks.setdefault(split_layer(l)[0], []).append(l)
+    rows = []
+    for b, names in sorted(blocks.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        kinds = [f"{split_layer(l)[1]} int{per[l]['bits']}" + (f" at {_pct(per[l]['sparsity'])}" if per[l]["sparsity"] else "")
+                 for l in names]
+        budget = sum(per[l]["level_bits_per_weight"] for l in names) / len(names)
+        rows.append(["other" if b is None else b, _num(budget), ", ".join(kinds)])
+    return ["## Bits per layer (joint search)", "",
+            f"Budget {_num(joint.get('bits_per_weight_budget'))} bits per prunable weight, stored "
+            f"{_num(joint.get('bits_per_weight'), 4)} (codes, masks where pruned, scales).", "",
+            *_table(["block", "level, bits/weight (mean)", "layers"], rows)]
+
+
 def _timings(timings: dict) -> list[str]:
     rows = [[stage, _secs(s)] for stage, s in timings.items()]
     if "total" not in timings:
@@ -485,6 +504,8 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         md += _lm_eval(run.lm_eval)
     if layers:
         md += _per_block(layers, per_layer, achieved)
+    if layers and search.get("joint"):
+        md += _joint(layers, search["joint"])
     if run.timings:
         md += _timings(run.timings)
     if run.artifacts:

@@ -165,6 +165,21 @@ def joint_search(ctx: AllocationContext, continuous: dict[str, float], scores: d
                           for n, v in plan.items()},
             "group_size": q.group_size, "symmetric": q.symmetric,
             "variant_errors": getattr(cache, "errors", {})}
-        quantized = cache.quantized(result.offsets)
-        cache.write(result.offsets)
-    return Allocation("joint", result.sparsity_map, scores, "fisher", search, stitched=True, quantized=quantized)
+        if s.final == "stitched":
+            quantized = cache.quantized(result.offsets)
+            cache.write(result.offsets)
+    if s.final == "stitched":
+        return Allocation("joint", result.sparsity_map, scores, "fisher", search, stitched=True, quantized=quantized)
+    # sequential: each layer pruned and quantized again at its (sparsity, bits), block after block, on the outputs
+    # of the blocks already compressed (as GPTQ and SparseGPT run); same variants, so the same bytes
+    from ..engine import prune_layerwise
+
+    grid = {"group_size": q.group_size, "symmetric": q.symmetric}
+    with ctx.stage("joint_final"):
+        rep = prune_layerwise(model, ctx.calib.ids(cfg.data.calibration_samples, cfg.data.seqlen), result.sparsity_map,
+                              "sparsegpt", cfg.prune.options, device=placement, batch_size=cfg.data.batch_size,
+                              offload=cfg.prune.offload, sequential=True, progress=ctx.progress,
+                              min_token_share=cfg.prune.min_token_share,
+                              layer_options={n: {"bits": v.bits, **grid} for n, v in plan.items()})
+    search["level_db"]["fallbacks"] = rep.fallbacks
+    return Allocation("joint", result.sparsity_map, scores, "fisher", search, stitched=True, quantized=rep.quantized)

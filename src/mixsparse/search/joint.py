@@ -213,8 +213,7 @@ class JointDatabase(LevelDatabase):
         t0 = time.perf_counter()
         self.errors: dict[str, dict[int, dict[str, float]]] = {}
         bar = tqdm(total=len(self.layers), desc="joint level database", disable=not progress)
-        base = SparseGPTPruner.make_options({k: v for k, v in (pruner_options or {}).items()
-                                             if k not in ("bits", "group_size", "symmetric")})
+        base = SparseGPTPruner.make_options(pruner_options)  # the run config keeps the grid out of prune.options
 
         def on_layer(name: str, p) -> None:
             tensors, chosen, errs = {}, {}, {}
@@ -247,9 +246,7 @@ class JointDatabase(LevelDatabase):
             p.free()
             bar.update(1)
 
-        make = SparseGPTPruner.factory(pruner_options and {k: v for k, v in pruner_options.items()
-                                                           if k not in ("bits", "group_size", "symmetric")},
-                                       min_tokens(calib_ids, min_token_share))
+        make = SparseGPTPruner.factory(pruner_options, min_tokens(calib_ids, min_token_share))
         observe_layerwise(self.model, calib_ids, make, on_layer, layers=self.layers, device=device)
         bar.close()
         self.seconds = time.perf_counter() - t0

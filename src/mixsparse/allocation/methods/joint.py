@@ -23,7 +23,7 @@ class Joint(AllocationMethod):
 
         s, q = cfg.search, cfg.quantize
         cols = q.group_size * 8 or 512  # a layer shape the grid divides: the levels' variants are checked here
-        JointSpace.build(s.bits_per_weight, {"check": (64, cols)}, step=s.bits_step, max_shift=s.bits_shift,
+        JointSpace.build(s.bits_per_weight, {"a layer": (64, cols)}, step=s.bits_step, max_shift=s.bits_shift,
                          bits=s.bits, group_size=q.group_size, symmetric=q.symmetric, max_sparsity=s.max_joint_sparsity)
 
     def allocate(self, ctx: AllocationContext) -> Allocation:
