@@ -135,6 +135,8 @@ def target_of(cfg: RunConfig, alloc: Allocation, counts: dict[str, int]) -> str:
     """The run's target sparsity: the given one, or an allocation file's average when the file decided."""
     if alloc.method == "file" and not cfg.prune.sparsity_given:
         return f"{alloc.sparsity_map.average(counts):.6g}"
+    if alloc.method == "joint":  # a budget of bytes; prune.sparsity only centred the seed
+        return f"{cfg.search.bits_per_weight:g} bits per weight"
     return str(cfg.prune.sparsity)
 
 

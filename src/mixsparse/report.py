@@ -293,7 +293,8 @@ def _summary(run: RunRecord) -> list[str]:
     rows += [
         ("Pruner", prun.pruner or "n/a"),
         ("Allocation", alloc.method or "n/a"),
-        ("Target sparsity", _requested_str(alloc.target, "target") if alloc.target is not None else "n/a"),
+        ("Target sparsity", _requested_str(alloc.target, "target") if alloc.target is not None else "n/a")
+        if "bits" not in str(alloc.target) else ("Budget", str(alloc.target)),  # allocation joint: bytes, not zeros
         ("Achieved overall sparsity", _pct(prun.overall_sparsity)),
     ]
     if ppl is not None:

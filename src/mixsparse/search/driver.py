@@ -14,6 +14,7 @@ from ..sparsity import NM
 from .database import LevelDatabase
 from .evolution import evolutionary_search
 from .fitness import Fitness, resolve_dtype
+from .joint import JointDatabase, JointSpace
 from .space import LevelSpace, block_index_map
 
 
@@ -75,17 +76,17 @@ def msp_search(ctx: AllocationContext, bounds: Bounds, continuous: dict[str, flo
             share_flag(workers, ok)
     with cache:  # freed when the search is done (evaluation and export need none of it), also after an error
         result, search = _run_search(ctx, cache, space, init, {"pruner": cfg.prune.pruner, "options": cfg.prune.options,
-                                                               "calibration": calib_fp})
+                                                               "calibration": calib_fp}, placement)
         if s.final == "stitched":
             cache.write(result.offsets)
         return Allocation("msp", result.sparsity_map, scores, "fisher", search, stitched=s.final == "stitched")
 
 
-def _run_search(ctx: AllocationContext, cache: LevelDatabase, space: LevelSpace, init: dict, extra: dict):
+def _run_search(ctx: AllocationContext, cache: LevelDatabase, space: LevelSpace, init: dict, extra: dict,
+                placement: Placement):
     """Fitness on the validation windows and the evolutionary loop from ``init`` (and uniform): ``(result,
     the search's summary for the run record)``. ``extra``: what else the checkpoint's fingerprint covers."""
     cfg, model, workers, s = ctx.cfg, ctx.model, ctx.workers, ctx.cfg.search
-    placement = Placement.resolve(ctx.device, cfg.model.placement, model)
     windows = eval_windows(ctx.tokenizer, load_corpus(cfg.data.validation, "validation"), s.fitness_seqlen,
                            s.fitness_windows * s.fitness_seqlen, prefix=ctx.calib.prefix)
     fitness = Fitness(cache, windows, s.fitness, device=placement, group=workers.group if workers else None,
@@ -118,16 +119,22 @@ def _run_search(ctx: AllocationContext, cache: LevelDatabase, space: LevelSpace,
     return result, search
 
 
-def joint_space(cfg, model) -> "JointSpace":
+def joint_space(cfg, model) -> JointSpace:
     """The joint search's cost levels (checked before any work: every layer needs a variant at every level)."""
     from ..modeling import prunable_linears
-    from .joint import JointSpace
 
     s, q = cfg.search, cfg.quantize
     if s.bits_per_weight is None:
         raise ConfigError("allocation joint needs search.bits_per_weight, the budget of the prunable layers "
                           "(e.g. 3.25: as many bytes as 50% sparse + 4-bit, or dense 3-bit, with group-64 scales)")
-    shapes = {n: (lin.out_features, lin.in_features) for n, lin in prunable_linears(model).items()}
+    from ..experts import ExpertMatrix
+
+    layers = prunable_linears(model)
+    fused = [n for n, lin in layers.items() if isinstance(lin, ExpertMatrix)]
+    if fused:  # their codes cannot be packed (export stores fused experts as values): the budget would not hold
+        raise ConfigError(f"allocation joint does not cover fused MoE experts yet ({len(fused)}, e.g. {fused[0]}): the "
+                          "checkpoint could not store them at their bit width; use allocation msp with quantize gptq")
+    shapes = {n: (lin.out_features, lin.in_features) for n, lin in layers.items()}
     return JointSpace.build(s.bits_per_weight, shapes, step=s.bits_step, max_shift=s.bits_shift, bits=s.bits,
                             group_size=q.group_size, symmetric=q.symmetric, max_sparsity=s.max_joint_sparsity)
 
@@ -135,8 +142,6 @@ def joint_space(cfg, model) -> "JointSpace":
 def joint_search(ctx: AllocationContext, continuous: dict[str, float], scores: dict[str, float]) -> Allocation:
     """Per-layer (sparsity, bits) under ``search.bits_per_weight``: the joint level database, then MSP's search
     from the Fisher seed; the final model is the searched candidate (stitched) and its codes are returned."""
-    from .joint import JointDatabase
-
     cfg, model = ctx.cfg, ctx.model
     s, q = cfg.search, cfg.quantize
     if ctx.workers is not None:
@@ -149,15 +154,15 @@ def joint_search(ctx: AllocationContext, continuous: dict[str, float], scores: d
     placement = Placement.resolve(ctx.device, cfg.model.placement, model)
     grid = [space.target, space.step, space.min_offset, space.max_offset, list(space.bits), space.group_size,
             space.symmetric, space.max_sparsity]
-    db_fp = fingerprint({"model": model_fingerprint(model), "joint": grid, "options": cfg.prune.options,
+    db_fp = fingerprint({"model": model_fingerprint(model), "joint": grid, "variants": 2, "options": cfg.prune.options,
                          "calibration": calib_fp, "min_token_share": cfg.prune.min_token_share})
     store = ctx.run_dir / "cache" / f"joint-{db_fp}" if ctx.run_dir is not None else None
     cache = JointDatabase.build_joint(model, space, ids, cfg.prune.options, device=placement, store_dir=store,
                                       fingerprint=db_fp, ram_bytes=int(s.db_ram_mb * 2**20), progress=ctx.progress,
                                       min_token_share=cfg.prune.min_token_share)
     with cache:
-        result, search = _run_search(ctx, cache, space, init, {"joint": grid, "options": cfg.prune.options,
-                                                               "calibration": calib_fp})
+        # the database's fingerprint: scores memoised on one database must not resume on another
+        result, search = _run_search(ctx, cache, space, init, {"joint": grid, "database": db_fp}, placement)
         plan = space.plan(result.offsets)
         search["joint"] = {
             "bits_per_weight_budget": space.target, "bits_per_weight": space.bits_per_weight(result.offsets),

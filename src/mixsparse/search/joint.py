@@ -63,11 +63,13 @@ class Variant:
 
 
 def layer_bits(v: Variant, numel: int, groups: int, symmetric: bool) -> int:
-    """Exact stored bits of a layer of ``numel`` weights in ``groups`` scale groups (packed codes, bitmask when
-    pruned, scales and zero points), as ``export.save_compressed`` writes it (before byte rounding)."""
-    kept = numel - math.ceil(numel * v.sparsity - 1e-9)
-    overhead = groups * (SCALE_BITS + (0 if symmetric else ZERO_BITS))
-    return (numel if v.sparsity > 0 else 0) + kept * v.bits + overhead
+    """Stored bits of a layer of ``numel`` weights in ``groups`` scale groups, each part in whole bytes as
+    ``export.save_compressed`` writes it: packed codes, the bitmask when pruned, scales and zero points. At most
+    this: a kept weight whose code is zero is dropped from the bitmask encoding."""
+    kept = numel - round(numel * v.sparsity)
+    mask = math.ceil(numel / 8) if v.sparsity > 0 else 0
+    scales = groups * (SCALE_BITS + (0 if symmetric else ZERO_BITS)) // 8
+    return 8 * (mask + math.ceil(kept * v.bits / 8) + scales)
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,11 @@ class JointSpace(LevelSpace):
         for name in shapes:  # every layer needs a variant at every level, else the search has holes
             for k in space.offsets:
                 if not space.variants(name, k):
+                    fix = ("raise search.bits_per_weight" if k < 0 else
+                           "lower search.bits_per_weight, allow wider widths in search.bits")
                     raise ConfigError(
                         f"no (sparsity, bits) of {name} costs {space.level(k)} bits per weight (bits {list(bits)}, "
-                        f"sparsity <= {max_sparsity}); raise search.bits_per_weight or narrow search.bits_shift")
+                        f"sparsity <= {max_sparsity}); {fix} or narrow search.bits_shift")
         return space
 
     def overhead(self, name: str) -> float:
@@ -115,20 +119,29 @@ class JointSpace(LevelSpace):
         return rows * (cols // (self.group_size or cols))
 
     def variants(self, name: str, k: int) -> list[Variant]:
-        """Every variant of ``name`` whose stored size is at most level ``k``'s cost and within one sparsity
-        step (one weight per row's worth) of it: dense at a bit width, or pruned so the mask pays for itself."""
+        """The ways ``name`` can be stored within level ``k``'s bytes: dense at a bit width whose cost falls in
+        ``(level - step, level]``, or pruned (whole weights per row, so that the row-wise fallback of a starved layer
+        prunes the same count) just enough that mask + codes + scales fit."""
         cost, o = self.level(k), self.overhead(name)
         rows, cols = self.shapes[name]
-        numel = rows * cols
+        numel, groups = rows * cols, self.groups(name)
+        budget = cost * numel + 1e-6
+
+        def fits(v: Variant) -> bool:
+            return layer_bits(v, numel, groups, self.symmetric) <= budget
+
         out = []
         for b in self.bits:
-            if abs(b + o - cost) < 1e-9:
+            if cost - self.step + 1e-9 < b + o <= cost + 1e-9 and fits(Variant(0.0, b)):
                 out.append(Variant(0.0, b))
-            kept_share = (cost - 1 - o) / b
-            s = 1 - kept_share
-            if 1e-9 < s <= self.max_sparsity + 1e-9:
-                pruned = math.ceil(numel * s - 1e-9)  # rounded up: the layer never exceeds its level's bytes
-                out.append(Variant(pruned / numel, b))
+            s = 1 - (cost - 1 - o) / b
+            if s <= 1e-9:
+                continue
+            per_row = math.ceil(cols * s - 1e-9)
+            while per_row < cols and not fits(Variant(per_row / cols, b)):  # byte rounding of the parts
+                per_row += 1
+            if per_row / cols <= self.max_sparsity + 1e-9:
+                out.append(Variant(per_row / cols, b))
         return out
 
     def level_bits(self, name: str, k: int) -> int:
@@ -179,12 +192,14 @@ class JointDatabase(LevelDatabase):
         import shutil
         import tempfile
 
+        from ..streaming import stream_of
+
+        if stream_of(model) is not None:
+            raise ConfigError("the joint (sparsity, bits) search does not stream a model from disk yet; load it in "
+                              "memory (model.stream: never) or use allocation msp")
         owns = store_dir is None
         store = Path(tempfile.mkdtemp(prefix="mixsparse-joint-")) if owns else Path(store_dir)
         db = cls(model, space, False, store, ram_bytes, owns)
-        if db.stream is not None:
-            raise ConfigError("the joint (sparsity, bits) search does not stream a model from disk yet; load it in "
-                              "memory (model.streaming: false) or use allocation msp")
         if fingerprint and db._complete(fingerprint):
             done = json.loads((store / "complete.json").read_text())
             db._restore(done)
