@@ -30,7 +30,7 @@ def test_a_dense_variant_costs_its_bits_plus_scales_and_a_pruned_one_adds_the_ma
     got = {(v.bits, v.sparsity) for v in space.variants("a", 0)}
     assert got == {(3, 0.0), (3, 43 / 128), (4, 0.5), (8, 0.75)}
     # a width whose dense cost is between two levels is offered at the level above (group 128: 3.125 -> 3.25)
-    space = JointSpace.build(3.25, SHAPES, bits=(3, 4), group_size=128)
+    space = JointSpace.build(3.25, {"a": SHAPES["a"], "b": SHAPES["b"]}, bits=(3, 4), group_size=128)
     assert Variant(0.0, 3) in space.variants("a", 0) and Variant(0.0, 3) not in space.variants("a", -1)
 
 
@@ -167,7 +167,7 @@ def test_bad_joint_settings_are_one_line_errors(quick_cli, tmp_path, capsys, arg
 def test_search_alone_refuses_the_joint_allocation(quick_cli, tmp_path, capsys):
     from mixsparse.cli import main
 
-    args = ["search", *quick_cli(), "--allocation", "joint", "--pruner", "sparsegpt", "--quantize", "joint",
+    args = ["search", *quick_cli(), "--allocation", "joint", "--pruner", "sparsegpt", "--set", "quantize.method=joint",
             "--set", "search.bits_per_weight=4", "--out", str(tmp_path / "s")]
     assert main(args) == 2
     assert "run it with mixsparse prune --allocation joint" in capsys.readouterr().err

@@ -114,10 +114,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .preflight import check_config, check_run_dir
 
     cfg = _load(args, {"prune.allocation": args.allocation or "msp"})
-    check_config(cfg)
     if cfg.prune.allocation == "joint":  # a sparsity map alone would lose each layer's bit width
         raise ConfigError("mixsparse search saves a sparsity map, and allocation joint also chooses each layer's bit "
                           "width; run it with mixsparse prune --allocation joint (its run.json lists both)")
+    check_config(cfg)
     out = check_run_dir(args.out)  # a search directory resumes (its state is reused); a finished prune run is refused
     workers = from_env()  # under torchrun: the ranks share the search's fitness evaluations
     try:
