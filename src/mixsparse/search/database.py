@@ -225,11 +225,7 @@ class LevelDatabase:
         if key in self._lru:
             self._lru.move_to_end(key)
             return self._lru[key]
-        from safetensors import safe_open
-
-        # opened per read: a mapping kept open would keep every page read so far in this process's RSS
-        with safe_open(str(self._path(name)), framework="pt", device="cpu") as f:
-            t = f.get_tensor(f"level_{j}")
+        t = self._read(name, j)
         size = t.numel() * t.element_size()
         if self.ram_bytes and size <= self.ram_bytes:
             self._lru[key] = t
@@ -238,6 +234,14 @@ class LevelDatabase:
                 _, old = self._lru.popitem(last=False)
                 self._lru_bytes -= old.numel() * old.element_size()
         return t
+
+    def _read(self, name: str, j: int) -> torch.Tensor:
+        """Level ``j`` of ``name`` from its file (what :meth:`_stored` caches)."""
+        from safetensors import safe_open
+
+        # opened per read: a mapping kept open would keep every page read so far in this process's RSS
+        with safe_open(str(self._path(name)), framework="pt", device="cpu") as f:
+            return f.get_tensor(f"level_{j}")
 
     @torch.no_grad()
     def write(self, offsets: Offsets) -> None:

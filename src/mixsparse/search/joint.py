@@ -296,21 +296,9 @@ class JointDatabase(LevelDatabase):
             codes, scale, zero = (f.get_tensor(f"level_{j}.{p}") for p in ("codes", "scale", "zero"))
         return QuantizedWeight(codes, scale, zero.float(), spec, scale_dtype)
 
-    def _stored(self, name: str, j: int) -> torch.Tensor:
-        key = (name, j)
-        if key in self._lru:
-            self._lru.move_to_end(key)
-            return self._lru[key]
+    def _read(self, name: str, j: int) -> torch.Tensor:
         # exact: a small integer times a float16/bfloat16 scale is exact in float32, as in quant.grid
-        t = self._codes(name, j).dequantize().to(self.layers[name].weight.dtype)
-        size = t.numel() * t.element_size()
-        if self.ram_bytes and size <= self.ram_bytes:
-            self._lru[key] = t
-            self._lru_bytes += size
-            while self._lru_bytes > self.ram_bytes:
-                _, old = self._lru.popitem(last=False)
-                self._lru_bytes -= old.numel() * old.element_size()
-        return t
+        return self._codes(name, j).dequantize().to(self.layers[name].weight.dtype)
 
     def quantized(self, offsets: Offsets) -> dict[str, QuantizedWeight]:
         """Codes of a candidate's layers (what the packed checkpoint stores)."""
