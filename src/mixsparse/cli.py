@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import MixsparseError
+from .recovery import MODES as RECOVER_MODES
 
 EPILOG = "Examples:\n  mixsparse prune --sparsity 0.7 --allocation msp --out runs/msp70\n  mixsparse search --sparsity 0.7 --out runs/search70\n  mixsparse eval --model runs/msp70/model\n  mixsparse report runs/msp70"
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-zeroshot", action="store_true")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--recover", choices=["none", "blockwise", "finetune", "lora"],
+    p.add_argument("--recover", choices=list(RECOVER_MODES),
                    help="recovery after pruning, mask fixed (recover.mode; settings under recover.blockwise/finetune)")
     p.add_argument("--quantize", choices=["none", "rtn", "gptq", "joint"],
                    help="quantize the kept weights after pruning/recovery (joint: inside SparseGPT's sweep)")
@@ -350,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("recover", help="recover an existing run's pruned model (mask fixed) into a new run directory")
     p.add_argument("run_dir", help="a finished `mixsparse prune` run directory")
-    p.add_argument("--mode", choices=["blockwise", "finetune", "lora"], default="blockwise")
+    p.add_argument("--mode", choices=[m for m in RECOVER_MODES if m != "none"], default="blockwise")
     p.add_argument("--out", help="new run directory (default: RUN_DIR-MODE)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

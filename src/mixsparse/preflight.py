@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import ConfigError, MixsparseError
+from .recovery import trains_whole
 
 STATUS_FINISHED = "finished"
 
@@ -45,7 +46,7 @@ def check_config(cfg: RunConfig, tokenizer=None) -> None:
         if not available():
             raise ConfigError("a quantized run also writes the compressed-tensors checkpoint, which needs "
                               "compressed-tensors: pip install 'mixsparse[quant]' (or --set export.quantized_hf=false)")
-    if cfg.recover.mode in ("finetune", "lora"):
+    if trains_whole(cfg.recover.mode):
         from .data import check_corpus
 
         check_corpus(cfg.recover.finetune.corpus, "calibration")

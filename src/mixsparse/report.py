@@ -360,14 +360,18 @@ def _recovery(rec: dict, ppl: Perplexity | None) -> list[str]:
           f"are {'exactly the same' if rec.get('zeros_unchanged') else 'NOT checked'} after recovery.", ""]
     if ppl is not None and ppl.pruned is not None and ppl.recovered is not None:
         md += [f"Test perplexity {_num(ppl.pruned)} after pruning, {_num(ppl.recovered)} after recovery.", ""]
-    blocks = rec.get("blocks") or []
-    if blocks:
-        rows = [[b.get("block"), _num(b.get("mse_before"), 4), _num(b.get("mse_after"), 4),
-                 _pct(1 - float(b["mse_after"]) / float(b["mse_before"])) if b.get("mse_before") else "n/a",
-                 "yes" if b.get("kept") else "no (worse; restored)"] for b in blocks]
-        md += _table(["block", "output MSE before", "after", "reduction", "kept"], rows)
-    if rec.get("val_ppl"):
-        md += ["Validation perplexity by step: " + ", ".join(f"{int(s)}: {_num(v)}" for s, v in rec["val_ppl"]), ""]
+    stages = rec.get("stages") or [rec]
+    for stage in stages:
+        if len(stages) > 1:
+            md += [f"### {stage.get('mode')}, {_secs(stage.get('seconds'))}", ""]
+        blocks = stage.get("blocks") or []
+        if blocks:
+            rows = [[b.get("block"), _num(b.get("mse_before"), 4), _num(b.get("mse_after"), 4),
+                     _pct(1 - float(b["mse_after"]) / float(b["mse_before"])) if b.get("mse_before") else "n/a",
+                     "yes" if b.get("kept") else "no (worse; restored)"] for b in blocks]
+            md += _table(["block", "output MSE before", "after", "reduction", "kept"], rows)
+        if stage.get("val_ppl"):
+            md += ["Validation perplexity by step: " + ", ".join(f"{int(s)}: {_num(v)}" for s, v in stage["val_ppl"]), ""]
     return md
 
 
@@ -485,8 +489,11 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     if search.get("history"):
         images.append(("Search curve", _plot_search(search["history"], search.get("fitness"), plots / "search.png")))
     rec = run.recovery or {}
-    if rec.get("blocks") or rec.get("loss"):
-        images.append(("Recovery", _plot_recovery(rec, plots / "recovery.png")))
+    stages = rec.get("stages") or [rec]  # a chained mode ("blockwise+lora") records each method
+    for stage in stages:
+        if stage.get("blocks") or stage.get("loss"):
+            name = "recovery.png" if len(stages) == 1 else f"recovery-{stage.get('mode')}.png"
+            images.append((f"Recovery ({stage.get('mode')})", _plot_recovery(stage, plots / name)))
     if run.sizes and run.sizes.get("dense_bytes") is not None:
         images.append(("Checkpoint sizes", _plot_sizes(run.sizes, plots / "sizes.png")))
 

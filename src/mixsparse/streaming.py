@@ -36,6 +36,7 @@ from torch import nn
 from .errors import ConfigError, ModelLoadError
 from .io import atomic_dir, atomic_write_text
 from .modeling import stream_of  # noqa: F401 - part of this module's API
+from .recovery import trains_whole
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -302,7 +303,7 @@ def check_streamed(cfg, model: nn.Module) -> None:
     if cfg.prune.allocation == "hessian":
         raise ConfigError(f"allocation hessian needs the whole model on the device, but {why}; use msp, fisher, owl or "
                           "uniform (they stream)")
-    if cfg.recover.mode in ("finetune", "lora"):
+    if trains_whole(cfg.recover.mode):
         raise ConfigError(f"recovery {cfg.recover.mode} trains the whole model at once, but {why}; use --recover "
                           "blockwise (it streams), or a machine whose RAM holds the model")
     if cfg.eval.lm_eval_tasks:

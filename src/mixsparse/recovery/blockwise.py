@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -145,9 +146,13 @@ def _tune_block(runner, index, block, linears, params, inputs, state, targets, o
     gen = torch.Generator().manual_seed(seed)
     dev = runner.device
     losses = []
+    total = opts.epochs * len(inputs)
     try:
         for _ in range(opts.epochs):
             for j in torch.randperm(len(inputs), generator=gen).tolist():
+                if opts.schedule == "cosine":
+                    for group in opt.param_groups:
+                        group["lr"] = opts.lr * 0.5 * (1 + math.cos(math.pi * len(losses) / total))
                 with autocast(dev, amp):
                     out = runner.call(index, inputs[j], kwargs[j])
                 loss = F.mse_loss(out.float(), targets[j].to(dev).float())

@@ -207,12 +207,14 @@ def finetune(model: nn.Module, train: torch.Tensor, val: torch.Tensor, options: 
             if opts.kl_weight > 0:
                 dense_params = _dense_names(model, dense, blocks_name, dev)
 
-                def teacher(ids: torch.Tensor) -> torch.Tensor:
+                def dense_logits(ids: torch.Tensor) -> torch.Tensor:
                     # the dense model = this one with the dense block tensors swapped in (adapters off)
                     off = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
                     with off:
                         return torch.func.functional_call(model, dense_params, (), {"input_ids": ids, "use_cache": False},
                                                           strict=False).logits
+
+                teacher = dense_logits
             result = _train(net, tuned, mask, train, val, opts, opts.lora_lr if lora else opts.lr, dev, teacher, seed,
                             _Checkpoint(Path(state_dir) if state_dir is not None else None, fingerprint), progress, on_step)
         finally:

@@ -6,7 +6,18 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-MODES = ("none", "blockwise", "finetune", "lora")
+MODES = ("none", "blockwise", "finetune", "lora", "blockwise+finetune", "blockwise+lora")
+
+
+def stages_of(mode: str) -> tuple[str, ...]:
+    """The recovery methods ``mode`` runs, in order ("blockwise+lora": block-wise reconstruction, then a LoRA pass
+    over the whole model, which can fix what no single block's target shows: the error at the logits)."""
+    return () if mode == "none" else tuple(mode.split("+"))
+
+
+def trains_whole(mode: str) -> bool:
+    """Whether ``mode`` trains the whole model at once (it must then fit on the device, and cannot stream)."""
+    return any(s in ("finetune", "lora") for s in stages_of(mode))
 
 
 def _positive(section: str, **values) -> None:
@@ -31,9 +42,14 @@ class BlockwiseOptions:
     inputs: str = "recovered"
     params: str = "linears"  # "linears" (the kept weights and biases) or "linears+norms"
     dtype: str = "auto"  # autocast dtype: "auto" = bfloat16 where native (AMX CPUs, GPUs), else float32
+    # "constant" lr, or "cosine": decays to 0 over each block's steps, so the last epochs refine instead of
+    # jumping around the minimum (Adam at a constant lr keeps a noise floor)
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _positive("blockwise", epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, samples=self.samples)
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"recover.blockwise.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.inputs not in ("recovered", "dense"):
             raise ConfigError(f"recover.blockwise.inputs must be 'recovered' or 'dense', got {self.inputs!r}")
         _check_params("blockwise", self.params)
