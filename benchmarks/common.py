@@ -37,12 +37,13 @@ def load_setup(model_name: str, calib_samples: int, seqlen: int, eval_tokens: in
     return model, tok, pristine, calib, test
 
 
-def prune_cell(model, calib, cell: str, place, msp_sequential: bool) -> tuple[object, float]:
+def prune_cell(model, calib, cell: str, place, msp_mode: str) -> tuple[object, float]:
     """Prune ``model`` in place for a cell ``ALLOCATION/PRUNER@TARGET`` of the recovery and quantization
     benchmarks: ``uniform`` at the target, sequentially; ``msp`` with the searched map of
-    results/allocation.json, sequentially or one-shot (``msp_sequential``: each script keeps the mode its
-    stored results were measured with: recovery.py sequential, quantization.py one-shot); ``dense`` leaves
-    it. Returns (map, seconds)."""
+    results/allocation.json, by ``msp_mode``: "one-shot" (quantization.py), or "as-searched" (recovery.py, as
+    allocation.py prunes: one-shot on dense activations when the map was searched with this pruner, i.e. the
+    model the search scored; sequentially when it was searched with another); ``dense`` leaves it. Returns
+    (map, seconds)."""
     from mixsparse.engine import prune_layerwise
     from mixsparse.modeling import param_counts
     from mixsparse.sparsity import SparsityMap
@@ -56,7 +57,10 @@ def prune_cell(model, calib, cell: str, place, msp_sequential: bool) -> tuple[ob
         smap, sequential = SparsityMap.uniform(float(target), counts), True
     else:
         entry = json.loads((RESULTS / "allocation.json").read_text())["entries"][f"msp/{pruner}@{target}"]
-        smap, sequential = SparsityMap(entry["per_layer"], counts), msp_sequential
+        if msp_mode not in ("one-shot", "as-searched"):
+            raise ValueError(f"msp_mode must be 'one-shot' or 'as-searched', got {msp_mode!r}")
+        sequential = msp_mode == "as-searched" and entry.get("searched_with") not in (None, pruner)
+        smap = SparsityMap(entry["per_layer"], counts)
     t0 = time.perf_counter()
     prune_layerwise(model, calib, smap, pruner, device=place, sequential=sequential, progress=False)
     return smap, time.perf_counter() - t0

@@ -69,7 +69,7 @@ def main() -> None:
         if not todo:
             continue
         model.load_state_dict(pristine)
-        smap, _ = prune_cell(model, calib, cell, place, msp_sequential=False)
+        smap, _ = prune_cell(model, calib, cell, place, msp_mode="one-shot")
         pruned = {k: v.clone() for k, v in model.state_dict().items()}
         for scheme in todo:
             model.load_state_dict(pruned)

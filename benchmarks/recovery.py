@@ -97,7 +97,7 @@ def main() -> None:
         if not todo:
             continue
         model.load_state_dict(pristine)
-        _, prune_seconds = prune_cell(model, calib, cell, place, msp_sequential=True)
+        _, prune_seconds = prune_cell(model, calib, cell, place, msp_mode="as-searched")
         pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
         for mode in todo:
             model.load_state_dict(pruned_state)

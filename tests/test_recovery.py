@@ -255,15 +255,28 @@ def quick(quick_cli):
     return quick_cli(sparsity=0.6)
 
 
-@pytest.mark.parametrize("mode", ["blockwise", "lora"])
+@pytest.mark.parametrize("mode", ["blockwise", "lora", "blockwise+lora"])
 def test_prune_with_recovery_records_it_and_saves_the_same_zeros(quick, tmp_path, word_corpus, mode):
     out = tmp_path / "run"
-    extra = ["--set", "recover.blockwise.dtype=float32"] if mode == "blockwise" else [
-        "--set", f"recover.finetune.corpus={word_corpus}", "--set", "recover.finetune.steps=4",
-        "--set", "recover.finetune.seqlen=32", "--set", "recover.finetune.batch_size=2", "--set", "recover.finetune.val_windows=2"]
+    extra = []
+    if "blockwise" in mode:
+        extra += ["--set", "recover.blockwise.dtype=float32", "--set", "recover.blockwise.schedule=cosine"]
+    if "lora" in mode:
+        extra += ["--set", f"recover.finetune.corpus={word_corpus}", "--set", "recover.finetune.steps=4",
+                  "--set", "recover.finetune.seqlen=32", "--set", "recover.finetune.batch_size=2",
+                  "--set", "recover.finetune.val_windows=2", "--set", "recover.finetune.kl_weight=1.0"]
     assert main(["prune", *quick, "--recover", mode, *extra, "--out", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["recovery"]["mode"] == mode and run["recovery"]["zeros_unchanged"]
+    if "+" in mode:  # each stage recorded in order, and its own section and plot in the report
+        stages = run["recovery"]["stages"]
+        assert [s["mode"] for s in stages] == mode.split("+") and stages[0]["blocks"] and stages[1]["loss"]
+        assert run["recovery"]["seconds"] == pytest.approx(sum(s["seconds"] for s in stages), abs=0.01)
+        report = (out / "report.md").read_text()
+        assert "### blockwise" in report and "### lora" in report and "recovery-lora.png" in report
+        from mixsparse.report import PLOTS_DIR
+
+        assert all((out / PLOTS_DIR / f"recovery-{m}.png").is_file() for m in ("blockwise", "lora"))
     assert run["perplexity"]["recovered"] > 0 and "recover" in run["timings"]
     from mixsparse.export import load_compressed
     from transformers import AutoModelForCausalLM
@@ -319,16 +332,52 @@ def test_recover_never_writes_into_the_source_run(quick, tmp_path, capsys):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_finetune_needs_the_model_whole_on_the_device(quick, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["finetune", "blockwise+finetune", "blockwise+lora"])
+def test_finetune_needs_the_model_whole_on_the_device(mode):
     from mixsparse.errors import ConfigError
     from mixsparse.placement import Placement
-    from mixsparse.recovery.stage import check_placement
+    from mixsparse.recovery.stage import check_placement, needs_dense
     from mixsparse.config import load_config
 
-    cfg = load_config(None, {"recover.mode": "finetune"})
+    cfg = load_config(None, {"recover.mode": mode})
     with pytest.raises(ConfigError, match="recover.mode=blockwise"):
         check_placement(cfg.recover, Placement(torch.device("cpu"), "blockwise"))
     check_placement(cfg.recover, Placement(torch.device("cpu"), "whole"))
+    assert needs_dense(cfg.recover) == mode.startswith("blockwise")  # finetune alone: only with a KL weight
+    check_placement(load_config(None, {"recover.mode": "blockwise"}).recover, Placement(torch.device("cpu"), "blockwise"))
+
+
+def test_unknown_recovery_modes_and_schedules_are_one_line_errors():
+    from mixsparse.config import load_config
+    from mixsparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recover.mode must be one of"):
+        load_config(None, {"recover.mode": "lora+blockwise"})
+    with pytest.raises(ConfigError, match="schedule must be 'constant' or 'cosine'"):
+        load_config(None, {"recover.blockwise.schedule": "linear"})
+
+
+def test_blockwise_cosine_schedule_decays_to_zero_over_each_block(pruned, monkeypatch):
+    from mixsparse.recovery import common
+
+    model, dense, ids = pruned
+    seen = []
+    step = common.MasterWeights.step
+
+    def record(self, opt):
+        seen.append(opt.param_groups[0]["lr"])
+        return step(self, opt)
+
+    monkeypatch.setattr(common.MasterWeights, "step", record)
+    opts = BlockwiseOptions(epochs=3, lr=1e-3, batch_size=2, dtype="float32", schedule="cosine")
+    zeros = zero_masks(model)
+    rec = reconstruct_blockwise(model, ids, dense, opts, device="cpu", progress=False)
+    per_block = 3 * 4  # epochs x batches (8 windows in batches of 2)
+    assert len(seen) == 3 * per_block and same_zeros(zeros, zero_masks(model))
+    for b in range(3):
+        lrs = seen[b * per_block:(b + 1) * per_block]
+        assert lrs[0] == pytest.approx(1e-3) and all(x > y for x, y in zip(lrs, lrs[1:])) and lrs[-1] < 0.05e-3
+    assert all(b["mse_after"] < b["mse_before"] for b in rec["blocks"])
 
 
 def test_blockwise_leaves_skipped_linears_untouched(pruned, monkeypatch):
