@@ -75,7 +75,12 @@ def main() -> None:
             "zeroshot": f"sentiment + cloze, n={args.zeroshot_n or 'task default'}",
             "recover": json.loads(json.dumps(cfg0.to_dict()["recover"])), "overrides": overrides,
             "msp_maps": "benchmarks/results/allocation.json (msp/<pruner>@<target>)", "contention": "none (run alone)"}
-    res = Results(Path(args.out + ".json"), meta, fresh=args.fresh)
+    path = Path(args.out + ".json")
+    if args.label and path.exists() and not args.fresh:
+        # the meta's settings describe the unlabelled rows; a labelled row keeps its own in its entry
+        old = json.loads(path.read_text())["meta"]
+        meta.update({k: old[k] for k in ("recover", "overrides") if k in old})
+    res = Results(path, meta, fresh=args.fresh)
     redo = {k for k in args.redo.split(",") if k}
     model, tok, pristine, calib, test = load_setup("embedded", args.calib_samples, args.seqlen, args.eval_tokens)
     val = eval_windows(tok, load_corpus("wiki", "validation"), args.seqlen, args.val_tokens, prefix=window_prefix(tok))
@@ -114,11 +119,13 @@ def main() -> None:
                      "validation_ppl": perplexity(model, val, device=place, progress=False)}
             if args.label:  # this row's own settings (the meta's are the defaults of unlabelled rows)
                 entry["label"], entry["settings"] = args.label, {"overrides": overrides, "recover": cfg.to_dict()["recover"]}
-            if rec.get("blocks"):
-                entry["block_mse"] = [[b["mse_before"], b["mse_after"]] for b in rec["blocks"]]
-            if rec.get("val_ppl"):
-                entry["val_ppl"] = rec["val_ppl"]
-                entry["final_loss"] = rec["loss"][-1][1]
+            for stage in rec.get("stages") or [rec]:  # a chained mode: the block errors and the training curve
+                if stage.get("blocks"):
+                    entry["block_mse"] = [[b["mse_before"], b["mse_after"]] for b in stage["blocks"]]
+                if stage.get("val_ppl"):
+                    entry["val_ppl"] = stage["val_ppl"]
+                    entry["final_loss"] = stage["loss"][-1][1]
+                entry.setdefault("stage_seconds", {})[stage.get("mode", mode)] = stage.get("seconds")
             res.add(f"{cell}/{mode}{suffix}", entry)
             print(f"{cell}/{mode}{suffix}: val {entry['validation_ppl']:.1f}, ppl {ppl:.1f} ({ppl / dense_ppl:.2f}x dense) in {entry['seconds']} s, "
                   f"zero-shot {entry['zeroshot']}", flush=True)

@@ -1,5 +1,7 @@
 """The typed run record: exact round trip, shape errors naming the field, schema versions."""
 
+import re
+
 import pytest
 
 from mixsparse.errors import ConfigError
@@ -25,9 +27,12 @@ def test_round_trip_is_exact(tmp_path):
     ({"config": {}, "sizes": {"ratio": "big"}}, "sizes.ratio must be a number"),
     ({"config": {}, "schema": SCHEMA + 1}, "upgrade mixsparse"),
     ({"perplexity": {}}, "no 'config' section"),
+    ({"config": {}, "recovery": {"mode": "blockwise+lora", "stages": {"mode": "lora"}}}, "recovery.stages must be a list"),
+    ({"config": {}, "recovery": {"mode": "blockwise+lora", "stages": ["lora"]}}, "recovery.stages[0] must be an object"),
+    ({"config": {}, "recovery": {"stages": [{"mode": "lora", "seconds": "1 s"}]}}, "recovery.stages[0]: recovery.seconds"),
 ])
 def test_malformed_records_name_the_field(data, needle):
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         RunRecord.from_dict(data)
 
 

@@ -112,7 +112,8 @@ class PruneSection:
 @dataclass
 class RecoverSection:
     """Recovery after pruning, mask fixed: "blockwise" reconstruction (one block on the device at a time),
-    "finetune" (end-to-end, the whole model on the device), "lora" (peft adapters, masked merge), "none"."""
+    "finetune" (end-to-end, the whole model on the device), "lora" (peft adapters, masked merge), "none", or
+    block-wise followed by a whole-model pass ("blockwise+finetune", "blockwise+lora")."""
 
     mode: str = "none"
     blockwise: BlockwiseOptions = field(default_factory=BlockwiseOptions)

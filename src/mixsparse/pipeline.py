@@ -32,6 +32,7 @@ from .evaluation import perplexity
 from .io import atomic_write_yaml
 from .modeling import coverage, coverage_warning, find_decoder_blocks, measured_sparsity, param_counts, prunable_params
 from .placement import Placement, check_device
+from .recovery import MODES as RECOVER_MODES
 from .record import (RUN_FILE, AllocationInfo, ModelInfo, PeakMemory, Perplexity, PlacementInfo, PruningInfo,
                      RunRecord, WindowsInfo)
 from .sparsity import SparsityMap
@@ -471,7 +472,7 @@ def recover_run(run_dir: str | Path, out_dir: str | Path | None = None, override
                           "the grid. Prune again with --recover MODE --quantize METHOD (recovery runs before quantizing)")
     cfg = from_dict(RunConfig, data)
     if cfg.recover.mode == "none":
-        raise ConfigError("mixsparse recover needs --mode blockwise, finetune or lora")
+        raise ConfigError(f"mixsparse recover needs --mode, one of {', '.join(m for m in RECOVER_MODES if m != 'none')}")
     achieved = source.pruning.achieved if source.pruning is not None else None
     if not achieved:
         raise ConfigError(f"{src}/run.json records no pruned layers (pruning.achieved); is it a `mixsparse prune` run?")

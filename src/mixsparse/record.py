@@ -170,7 +170,7 @@ _PAYLOAD_NUMBERS: dict[str, tuple[str, ...]] = {
     "search": ("seconds",), "recovery": ("seconds",), "timings": ("*",),
     "sizes": ("dense_bytes", "compressed_bytes", "ratio", "prunable_ratio", "bits_per_weight"),
 }
-_PAYLOAD_LISTS: dict[str, tuple[str, ...]] = {"search": ("history",), "recovery": ("blocks", "loss", "val_ppl")}
+_PAYLOAD_LISTS: dict[str, tuple[str, ...]] = {"search": ("history",), "recovery": ("blocks", "loss", "val_ppl", "stages")}
 _PAYLOAD_DICTS = ("zeroshot", "lm_eval")  # every value is a per-task dict
 
 
@@ -242,6 +242,11 @@ def _check_payload(section: str, value: dict, where: str) -> None:
         for key, v in value.items():
             if v is not None and not isinstance(v, dict):
                 raise ConfigError(f"{where}: {section}.{key} must be a dict, got {v!r}")
+    if section == "recovery":  # a chained mode: each stage is a recovery record of its own
+        for i, stage in enumerate(value.get("stages") or []):
+            if not isinstance(stage, dict):
+                raise ConfigError(f"{where}: recovery.stages[{i}] must be an object, got {stage!r}")
+            _check_payload("recovery", stage, f"{where}: recovery.stages[{i}]")
     if section == "search":
         for i, h in enumerate(value.get("history") or []):
             if not isinstance(h, dict) or not isinstance(h.get("best_fitness"), _NUM + (str, type(None))):
