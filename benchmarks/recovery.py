@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, Results, command_line, fmt, load_setup, produced_by, prune_cell, write_markdown
+from common import (RESULTS, Results, command_line, fmt, load_setup, produced_by, provenance, provenance_lines, prune_cell,
+                    write_markdown)
 from mixsparse.config import load_config, parse_override
 from mixsparse.data import eval_windows, load_corpus, window_prefix
 from mixsparse.evaluation import perplexity
@@ -117,8 +118,11 @@ def main() -> None:
                      "sparsity": overall, "ratio_to_dense": ppl / dense_ppl, "zeroshot": zeroshot(),
                      "what_seconds_counts": "pruning" if mode == "none" else f"{mode} recovery",
                      "validation_ppl": perplexity(model, val, device=place, progress=False)}
-            if args.label:  # this row's own settings (the meta's are the defaults of unlabelled rows)
+            if args.label:  # this row's own settings (the meta's are those of the unlabelled rows), in its provenance too
                 entry["label"], entry["settings"] = args.label, {"overrides": overrides, "recover": cfg.to_dict()["recover"]}
+                own = {k: v for k, v in meta.items() if k not in ("command", "commands")}
+                entry["provenance"] = {**provenance(), "command": meta["command"],
+                                       "settings": json.loads(json.dumps({**own, **entry["settings"]}))}
             for stage in rec.get("stages") or [rec]:  # a chained mode: the block errors and the training curve
                 if stage.get("blocks"):
                     entry["block_mse"] = [[b["mse_before"], b["mse_after"]] for b in stage["blocks"]]
@@ -152,30 +156,38 @@ def render(res: Results, out: str) -> None:
                      f"| {fmt(zs.get('cloze'), 3)} | {fmt(v['seconds'], 1)} | {v['sparsity']:.4f} |")
     lines += ["", "Recovery settings of the rows above:", "", "```json", json.dumps(meta.get("recover"), indent=1), "```", ""]
     if tuned:
-        lines += _tuned(tuned, dense.get("ppl"))
+        lines += _tuned(tuned)
+    lines += provenance_lines(e, meta)
     write_markdown(Path(out + ".md"), "\n".join(lines))
 
 
-def _tuned(tuned: dict, dense_ppl: float | None) -> list[str]:
+def _tuned(tuned: dict) -> list[str]:
     """The labelled rows: the choice per cell is the least validation perplexity within the budget; only its
     test perplexity is the reported result (the others are shown for the record, not chosen on them)."""
     chosen = {}
     for key, v in tuned.items():
-        cell = key.split("/")[0] + "/" + key.split("/")[1]
-        if v["seconds"] <= BUDGET_S and (cell not in chosen or v["validation_ppl"] < tuned[chosen[cell]]["validation_ppl"]):
+        cell, mode = key.rsplit("/", 1)
+        if not mode.startswith("none") and v["seconds"] <= BUDGET_S and (
+                cell not in chosen or v["validation_ppl"] < tuned[chosen[cell]]["validation_ppl"]):
             chosen[cell] = key
     lines = ["## Tuned recovery within 20 minutes (chosen on the validation split)", "",
              f"Targets: <= {TARGETS['0.7']:g}x dense at 70%, <= {TARGETS['0.8']:g}x at 80%, within {BUDGET_S // 60} minutes of "
-             "recovery on 2 CPU cores. Each row's settings are the defaults above with its overrides.", "",
+             "recovery on 2 CPU cores. Each row runs mixsparse's default recovery settings with its overrides (its JSON "
+             "entry holds them all); `none` is the pruned model before recovery (seconds: pruning). Validation: wiki "
+             "validation split (8,192 tokens); the choice per cell is the least validation perplexity, its test "
+             "perplexity the result.", "",
              "| cell | mode:label | overrides | seconds | validation ppl (choice) | test ppl | x dense | target | sentiment | cloze |",
              "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
-    for key, v in tuned.items():
+    for key in sorted(tuned, key=lambda k: (k.rsplit("/", 1)[0], tuned[k]["seconds"])):
+        v = tuned[key]
         cell, mode = key.rsplit("/", 1)
         target = TARGETS.get(cell.rsplit("@", 1)[1])
         ratio = v.get("ratio_to_dense")
-        met = "n/a" if target is None else ("met" if ratio <= target and v["seconds"] <= BUDGET_S else "not met")
+        met = "—" if target is None or mode.startswith("none") else (
+            "met" if ratio <= target and v["seconds"] <= BUDGET_S else "not met")
         mark = " **(chosen)**" if chosen.get(cell) == key else ""
-        over = ", ".join(f"{k.removeprefix('recover.')}={val}" for k, val in v["settings"]["overrides"].items()) or "defaults"
+        over = "—" if mode.startswith("none") else (
+            ", ".join(f"{k.removeprefix('recover.')}={val}" for k, val in v["settings"]["overrides"].items()) or "defaults")
         zs = v.get("zeroshot") or {}
         lines.append(f"| {cell} | {mode} | {over} | {fmt(v['seconds'], 1)} | {fmt(v['validation_ppl'])}{mark} | {fmt(v['ppl'])} "
                      f"| {fmt(ratio)} | {met} | {fmt(zs.get('sentiment'), 3)} | {fmt(zs.get('cloze'), 3)} |")

@@ -85,7 +85,8 @@ def test_every_shipped_config_loads():
     assert len(configs) >= 4
     for path in configs:
         load_config(path)
-    assert load_config(configs[0].parent / "msp70-recover.yaml").recover.mode == "blockwise"
+    recover = load_config(configs[0].parent / "msp70-recover.yaml").recover
+    assert recover.mode == "blockwise+lora" and recover.finetune.kl_weight == 1.0
 
 
 def test_config_and_record_import_no_torch():
