@@ -174,11 +174,12 @@ class Results:
     def has(self, key: str) -> bool:
         return key in self.data["entries"]
 
-    def add(self, key: str, entry: dict) -> None:
+    def add(self, key: str, entry: dict, settings: dict | None = None) -> None:
         """Store an entry with its own provenance: the command and settings of this invocation, commit, date and
-        machine (a later run with other settings rewrites the file's meta, never an entry's)."""
+        machine (a later run with other settings rewrites the file's meta, never an entry's). ``settings``: this
+        entry's own, over the meta's."""
         meta = self.data.get("meta") or {}
-        settings = {k: v for k, v in meta.items() if k not in ("command", "commands")}
+        settings = {**{k: v for k, v in meta.items() if k not in ("command", "commands")}, **(settings or {})}
         entry = {**entry, "provenance": entry.get("provenance") or {**provenance(), "command": meta.get("command")
                                                                     or command_line(), "settings": settings}}
         self.data["entries"][key] = entry

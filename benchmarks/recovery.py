@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-from common import (RESULTS, Results, command_line, fmt, load_setup, produced_by, provenance, provenance_lines, prune_cell,
+from common import (RESULTS, Results, command_line, fmt, load_setup, produced_by, provenance_lines, prune_cell,
                     write_markdown)
 from mixsparse.config import load_config, parse_override
 from mixsparse.data import eval_windows, load_corpus, window_prefix
 from mixsparse.evaluation import perplexity
 from mixsparse.modeling import measured_sparsity
 from mixsparse.placement import Placement
+from mixsparse.recovery import stage_records
 from mixsparse.recovery.stage import dense_snapshot, recover
 from mixsparse.zeroshot import evaluate_zeroshot
 
@@ -73,6 +74,7 @@ def main() -> None:
     meta = {"command": command_line(), "model": "embedded", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "calibration": f"wiki calibration split, {args.calib_samples}x{args.seqlen} for pruning",
             "evaluation": f"wiki test split, {args.eval_tokens} tokens in windows of {args.seqlen}",
+            "validation": f"wiki validation split, {args.val_tokens} tokens (the choice of labelled rows)",
             "zeroshot": f"sentiment + cloze, n={args.zeroshot_n or 'task default'}",
             "recover": json.loads(json.dumps(cfg0.to_dict()["recover"])), "overrides": overrides,
             "msp_maps": "benchmarks/results/allocation.json (msp/<pruner>@<target>)", "contention": "none (run alone)"}
@@ -120,17 +122,14 @@ def main() -> None:
                      "validation_ppl": perplexity(model, val, device=place, progress=False)}
             if args.label:  # this row's own settings (the meta's are those of the unlabelled rows), in its provenance too
                 entry["label"], entry["settings"] = args.label, {"overrides": overrides, "recover": cfg.to_dict()["recover"]}
-                own = {k: v for k, v in meta.items() if k not in ("command", "commands")}
-                entry["provenance"] = {**provenance(), "command": meta["command"],
-                                       "settings": json.loads(json.dumps({**own, **entry["settings"]}))}
-            for stage in rec.get("stages") or [rec]:  # a chained mode: the block errors and the training curve
+            for stage in stage_records(rec):  # a chained mode: the block errors and the training curve
                 if stage.get("blocks"):
                     entry["block_mse"] = [[b["mse_before"], b["mse_after"]] for b in stage["blocks"]]
                 if stage.get("val_ppl"):
                     entry["val_ppl"] = stage["val_ppl"]
                     entry["final_loss"] = stage["loss"][-1][1]
                 entry.setdefault("stage_seconds", {})[stage.get("mode", mode)] = stage.get("seconds")
-            res.add(f"{cell}/{mode}{suffix}", entry)
+            res.add(f"{cell}/{mode}{suffix}", entry, settings=entry.get("settings"))
             print(f"{cell}/{mode}{suffix}: val {entry['validation_ppl']:.1f}, ppl {ppl:.1f} ({ppl / dense_ppl:.2f}x dense) in {entry['seconds']} s, "
                   f"zero-shot {entry['zeroshot']}", flush=True)
     render(res, args.out)
@@ -156,12 +155,12 @@ def render(res: Results, out: str) -> None:
                      f"| {fmt(zs.get('cloze'), 3)} | {fmt(v['seconds'], 1)} | {v['sparsity']:.4f} |")
     lines += ["", "Recovery settings of the rows above:", "", "```json", json.dumps(meta.get("recover"), indent=1), "```", ""]
     if tuned:
-        lines += _tuned(tuned)
+        lines += _tuned(tuned, meta.get("validation", "wiki validation split"))
     lines += provenance_lines(e, meta)
     write_markdown(Path(out + ".md"), "\n".join(lines))
 
 
-def _tuned(tuned: dict) -> list[str]:
+def _tuned(tuned: dict, validation: str) -> list[str]:
     """The labelled rows: the choice per cell is the least validation perplexity within the budget; only its
     test perplexity is the reported result (the others are shown for the record, not chosen on them)."""
     chosen = {}
@@ -173,9 +172,8 @@ def _tuned(tuned: dict) -> list[str]:
     lines = ["## Tuned recovery within 20 minutes (chosen on the validation split)", "",
              f"Targets: <= {TARGETS['0.7']:g}x dense at 70%, <= {TARGETS['0.8']:g}x at 80%, within {BUDGET_S // 60} minutes of "
              "recovery on 2 CPU cores. Each row runs mixsparse's default recovery settings with its overrides (its JSON "
-             "entry holds them all); `none` is the pruned model before recovery (seconds: pruning). Validation: wiki "
-             "validation split (8,192 tokens); the choice per cell is the least validation perplexity, its test "
-             "perplexity the result.", "",
+             f"entry holds them all); `none` is the pruned model before recovery (seconds: pruning). Validation: "
+             f"{validation}; the choice per cell is the least validation perplexity, its test perplexity the result.", "",
              "| cell | mode:label | overrides | seconds | validation ppl (choice) | test ppl | x dense | target | sentiment | cloze |",
              "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for key in sorted(tuned, key=lambda k: (k.rsplit("/", 1)[0], tuned[k]["seconds"])):

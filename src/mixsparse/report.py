@@ -21,6 +21,7 @@ from .errors import ConfigError, MixsparseError
 from .io import atomic_write, atomic_write_text
 from .names import kind_group, split_layer
 from .record import AllocationInfo, ModelInfo, Perplexity, PruningInfo, RunRecord
+from .recovery import stage_records
 from .sparsity import parse_layer_sparsity, sparsity_of
 
 PLOTS_DIR = "plots"
@@ -293,8 +294,8 @@ def _summary(run: RunRecord) -> list[str]:
     rows += [
         ("Pruner", prun.pruner or "n/a"),
         ("Allocation", alloc.method or "n/a"),
-        ("Target sparsity", _requested_str(alloc.target, "target") if alloc.target is not None else "n/a")
-        if "bits" not in str(alloc.target) else ("Budget", str(alloc.target)),  # allocation joint: bytes, not zeros
+        ("Budget", str(alloc.target)) if alloc.method == "joint" else  # allocation joint: bytes, not zeros
+        ("Target sparsity", _requested_str(alloc.target, "target") if alloc.target is not None else "n/a"),
         ("Achieved overall sparsity", _pct(prun.overall_sparsity)),
     ]
     if ppl is not None:
@@ -360,7 +361,7 @@ def _recovery(rec: dict, ppl: Perplexity | None) -> list[str]:
           f"are {'exactly the same' if rec.get('zeros_unchanged') else 'NOT checked'} after recovery.", ""]
     if ppl is not None and ppl.pruned is not None and ppl.recovered is not None:
         md += [f"Test perplexity {_num(ppl.pruned)} after pruning, {_num(ppl.recovered)} after recovery.", ""]
-    stages = rec.get("stages") or [rec]
+    stages = stage_records(rec)
     for stage in stages:
         if len(stages) > 1:
             md += [f"### {stage.get('mode')}, {_secs(stage.get('seconds'))}", ""]
@@ -489,7 +490,7 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     if search.get("history"):
         images.append(("Search curve", _plot_search(search["history"], search.get("fitness"), plots / "search.png")))
     rec = run.recovery or {}
-    stages = rec.get("stages") or [rec]  # a chained mode ("blockwise+lora") records each method
+    stages = stage_records(rec)  # a chained mode ("blockwise+lora") records each method
     for stage in stages:
         if stage.get("blocks") or stage.get("loss"):
             name = "recovery.png" if len(stages) == 1 else f"recovery-{stage.get('mode')}.png"

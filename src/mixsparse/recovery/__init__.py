@@ -4,6 +4,6 @@ block outputs (:mod:`.blockwise`), and end-to-end masked fine-tuning, full or Lo
 This package's ``__init__`` imports no torch: the typed config reads :mod:`.options` from it.
 """
 
-from .options import MODES, BlockwiseOptions, FinetuneOptions, stages_of, trains_whole
+from .options import MODES, BlockwiseOptions, FinetuneOptions, stage_records, stages_of, trains_whole
 
-__all__ = ["MODES", "BlockwiseOptions", "FinetuneOptions", "stages_of", "trains_whole"]
+__all__ = ["MODES", "BlockwiseOptions", "FinetuneOptions", "stage_records", "stages_of", "trains_whole"]

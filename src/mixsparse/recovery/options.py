@@ -15,6 +15,11 @@ def stages_of(mode: str) -> tuple[str, ...]:
     return () if mode == "none" else tuple(mode.split("+"))
 
 
+def stage_records(record: dict) -> list[dict]:
+    """The per-method records of a recovery record: its ``stages`` for a chained mode, else the record itself."""
+    return record.get("stages") or [record]
+
+
 def trains_whole(mode: str) -> bool:
     """Whether ``mode`` trains the whole model at once (it must then fit on the device, and cannot stream)."""
     return any(s in ("finetune", "lora") for s in stages_of(mode))
