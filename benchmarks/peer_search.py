@@ -1,0 +1,313 @@
+"""MSP's search against an independent evolutionary search, EvoPress (IST-DASLab/EvoPress), run with its own
+code, on the embedded model, SparseGPT, one unstructured target.
+
+Steps, each kept in the work directory so that a rerun resumes where the last one stopped (listed in the
+order of the table; run EvoPress's first):
+
+1. ``msp``: ``mixsparse``'s search as ``configs/msp70.yaml`` runs it, with SparseGPT's own level database and
+   ``search.time_budget = --msp-seconds`` (the Fisher seed and the level database are timed apart).
+2. ``evopress-db``: EvoPress's ``prune.py`` (its SparseGPT level database: ``--num-levels`` levels each way of a
+   fixed number of weights, its own default step).
+3. ``evopress-search``: EvoPress's ``evo_prune_search.py`` ((1+lambda) search, full-vocabulary KL, its fresh
+   minibatch per selection stage, elitist last stage) for ``--evo-seconds``.
+4. ``score``: uniform, the MSP map and the EvoPress map, each pruned sequentially by mixsparse's SparseGPT on the
+   same calibration windows and scored on the same wiki test tokens.
+
+EvoPress's code is taken as it is at the commit named by ``--evopress`` (``git archive`` of a local clone: no
+network is used). Only what cannot run on a CPU-only machine is changed, each edit checked to apply exactly once:
+its hard-coded CUDA devices become the CPU, its NCCL process group (one process) becomes gloo. One line is added
+to its generation loop: stop when the next generation would pass the time budget (the rule mixsparse's own
+``search.time_budget`` uses). Its data loader is replaced by mixsparse's windows (``load_corpus`` /
+``calibration_ids``: the wiki calibration split the MSP search sees; its in-search evaluation gets validation
+windows, never test). Both searches run in float32 with torch's AVX2 kernels with ``--avx2`` (a CPU without
+native bf16).
+
+    python benchmarks/peer_search.py --evopress /path/to/EvoPress --avx2                 # 70%, MSP 10 min, EvoPress 60 min
+    python benchmarks/peer_search.py --evopress /path/to/EvoPress --avx2 --target 0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import AVX2_ENV, RESULTS, Results, command_line, fmt, load_setup, measure, produced_by, \
+    provenance_lines, write_markdown
+
+HERE = Path(__file__).resolve().parent
+# (file, text in EvoPress's code, replacement): the only edits made to it
+PATCHES = [
+    ("prune.py", 'dist.init_process_group(backend="nccl", init_method="env://")',
+     'dist.init_process_group(backend="gloo", init_method="env://")'),
+    ("prune.py", 'device = f"cuda:{rank}"', 'device = "cpu"'),
+    ("evo_prune_search.py", 'device = f"cuda"', 'device = "cpu"'),
+    ("evo_prune_search.py", "    for generation in range(args.generations):\n",
+     "    for generation in range(args.generations):\n        if _ms_stop(generation): break\n"),
+]
+
+
+def prepare_evopress(src: Path, rev: str, dest: Path) -> str:
+    """A patched copy of EvoPress at ``rev`` in ``dest``; returns the full commit."""
+    full = subprocess.run(["git", "--git-dir", str(src), "rev-parse", rev], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if (dest / ".commit").exists() and (dest / ".commit").read_text() == full:
+        return full
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "--git-dir", str(src), "archive", full], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    for name, old, new in PATCHES:
+        path = dest / name
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"EvoPress {full[:10]}: {name} has {text.count(old)} copies of {old!r}, expected 1; "
+                             "the patch list fits commit 50888a0")
+        path.write_text(text.replace(old, new))
+    (dest / ".commit").write_text(full)
+    return full
+
+
+# ---- inside EvoPress's process ------------------------------------------------------------------------------
+
+def _mixsparse_get_data(name, num_tokens, sequence_length, tokenizer, train=True):
+    """EvoPress's ``get_data`` with mixsparse's windows: calibration (train) or validation text, (1, L) rows."""
+    from mixsparse.data import calibration_ids, eval_windows, load_corpus, window_prefix
+
+    prefix = window_prefix(tokenizer)
+    if train:
+        ids = calibration_ids(tokenizer, load_corpus("wiki", "calibration"), num_tokens // sequence_length,
+                              sequence_length, int(os.environ["MS_SEED"]), prefix=prefix)
+    else:
+        ids = eval_windows(tokenizer, load_corpus("wiki", "validation"), sequence_length, num_tokens, prefix=prefix)
+    return [row[None] for row in ids]
+
+
+def run_evopress(entry: str, argv: list[str]) -> None:
+    sys.path.insert(0, os.getcwd())
+    import src.data_utils as du  # EvoPress's package, from its patched copy (the working directory)
+
+    du.get_data = _mixsparse_get_data
+    module = __import__(entry)
+    budget = float(os.environ.get("MS_BUDGET", "inf"))
+    t0, marks = [], []
+
+    def stop(generation: int) -> bool:
+        now = time.perf_counter()
+        if not t0:
+            t0.append(now)
+        marks.append(now)
+        per_gen = (marks[-1] - marks[0]) / generation if generation else 0.0
+        spent = now - t0[0]
+        print(f"[mixsparse] generation {generation} at {spent:.1f} s", flush=True)
+        if spent + per_gen > budget:
+            print(f"[mixsparse] time budget: stopped after {generation} generations, {spent:.1f} s", flush=True)
+            return True
+        return False
+
+    module._ms_stop = stop
+    sys.argv = [entry + ".py", *argv]
+    module.main()
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------
+
+def evopress_env(args, budget: float | None = None) -> dict:
+    env = {**os.environ, "MS_SEED": str(args.seed), "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    if budget is not None:
+        env["MS_BUDGET"] = str(budget)
+    return env
+
+
+def call_evopress(args, code: Path, entry: str, argv: list[str], log: Path, budget: float | None = None) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--evopress-entry", entry, "--", *argv],
+                            cwd=code, env=evopress_env(args, budget), stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise SystemExit(f"EvoPress {entry} failed (exit {rc}); see {log}")
+    return time.perf_counter() - t0
+
+
+def evopress_map(db: Path, config_file: Path, counts: dict[str, int]) -> tuple[dict[str, float], int]:
+    """EvoPress's final levels as sparsities (level l: the target plus l times its step in weights)."""
+    import torch
+
+    meta = torch.load(db / "metadata.pth")
+    levels = {}
+    for line in config_file.read_text().splitlines():
+        name, level = line.rsplit(":", 1)
+        levels[name.strip()] = int(level)
+    if set(levels) != set(counts):
+        raise SystemExit(f"EvoPress's configuration names {len(levels)} layers, the model {len(counts)}")
+    return ({n: meta["sparsity"] + lv * meta["weights_diff"] / counts[n] for n, lv in levels.items()},
+            sum(lv != 0 for lv in levels.values()))
+
+
+def history_of(log: Path) -> list[dict]:
+    """EvoPress's log: the fitness after each generation and when it started."""
+    starts = [float(m.group(1)) for m in re.finditer(r"\[mixsparse\] generation \d+ at ([0-9.]+) s", log.read_text())]
+    fits = [float(m.group(1)) for m in re.finditer(r"Train fitnesses: ([0-9.e+-]+)", log.read_text())]
+    return [{"generation": i + 1, "fitness": f, "ended_at_s": starts[i + 1] if i + 1 < len(starts) else None}
+            for i, f in enumerate(fits)]
+
+
+def main() -> None:
+    if "--evopress-entry" in sys.argv:  # the child process: EvoPress's own main() with mixsparse's data
+        i = sys.argv.index("--evopress-entry")
+        return run_evopress(sys.argv[i + 1], sys.argv[sys.argv.index("--") + 1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--evopress", required=True, help="a local git clone (or bare repository) of IST-DASLab/EvoPress")
+    ap.add_argument("--evopress-rev", default="50888a0")
+    ap.add_argument("--target", type=float, default=0.7)
+    ap.add_argument("--msp-seconds", type=float, default=540,
+                    help="MSP's search.time_budget (its Fisher seed, ~1 min, comes on top: ~10 min in all)")
+    ap.add_argument("--evo-seconds", type=float, default=3600)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=20480)
+    ap.add_argument("--num-levels", type=int, default=8, help="EvoPress's levels each way")
+    ap.add_argument("--offspring", type=int, default=16)
+    ap.add_argument("--survivors", default="4,1")
+    ap.add_argument("--tokens", default="512,2048", help="EvoPress's tokens per selection stage")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=str(RESULTS / "peer_search_work"))
+    ap.add_argument("--out", default=str(RESULTS / "peer_search"))
+    ap.add_argument("--avx2", action="store_true", help="force torch's AVX2 kernels (both searches and scoring)")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    if args.render_only:
+        return render(Results(Path(args.out + ".json"), None), Path(args.out + ".md"))
+    if args.avx2 and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+
+    import torch
+
+    from mixsparse.assets import embedded_model_dir
+    from mixsparse.config import load_config
+    from mixsparse.engine import prune_layerwise
+    from mixsparse.evaluation import perplexity
+    from mixsparse.modeling import param_counts
+    from mixsparse.pipeline import allocate
+    from mixsparse.sparsity import SparsityMap
+
+    t = args.target
+    work = Path(args.work) / f"{t}"
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "out", "render_only", "evopress")}
+    res = Results(Path(args.out + ".json"), {"command": command_line(), **settings})
+    model, tok, pristine, calib, test = load_setup("embedded", args.calib_samples, args.seqlen, args.eval_tokens,
+                                                   seed=args.seed)
+    counts = param_counts(model)
+    maps: dict[str, dict] = {}
+
+    # 1-2. EvoPress (first: its database is the step most likely to fail)
+    code = work / "evopress"
+    evo_commit = prepare_evopress(Path(args.evopress) / ".git" if (Path(args.evopress) / ".git").exists()
+                                  else Path(args.evopress), args.evopress_rev, code)
+    db = work / "evopress_db"
+    model_dir = str(embedded_model_dir())
+    common = ["--model_name_or_path", model_dir, "--calibration_data", "wiki", "--dtype", "float32",
+              "--attn_implementation", "sdpa", "--calibration_tokens", str(args.calib_samples * args.seqlen),
+              "--calibration_sequence_length", str(args.seqlen), "--seed", str(args.seed)]
+    db_file = work / "evopress_db.json"
+    if not db_file.exists():
+        shutil.rmtree(db, ignore_errors=True)
+        secs = call_evopress(args, code, "prune", common + [
+            "--prunable_modules", r".*layers.*((q|k|v|o|gate|up|down)_proj)$",
+            "--pre_block_modules", "model.embed_tokens", "model.rotary_emb", "--block_modules", "model.layers",
+            "--sparsity", str(t), "--num_levels", str(args.num_levels), "--save_dir", str(db)], work / "evopress_db.log")
+        db_file.write_text(json.dumps({"seconds": round(secs, 1)}))
+    evo_file = work / "evopress.json"
+    if not evo_file.exists():
+        secs = call_evopress(args, code, "evo_prune_search", common + [
+            "--sparse_weights_path", str(db), "--generations", "100000", "--offspring", str(args.offspring),
+            "--survivors_per_selection", *args.survivors.split(","), "--tokens_per_selection", *args.tokens.split(","),
+            "--fitness_fn", "kl", "--eval_datasets", "wiki", "--eval_every", "100000", "--eval_tokens",
+            str(2 * args.seqlen), "--eval_sequence_length", str(args.seqlen), "--memory_efficient",
+            "--use_fast_tokenizer"], work / "evopress_search.log", budget=args.evo_seconds)
+        log = (work / "evopress_search.log").read_text()
+        stopped = re.search(r"stopped after (\d+) generations, ([0-9.]+) s", log)
+        per_layer, moved = evopress_map(db, db / "final_configuration.txt", counts)
+        evo_file.write_text(json.dumps({
+            "per_layer": per_layer, "layers_moved": moved, "wall_seconds": round(secs, 1),
+            "search_seconds": float(stopped.group(2)) if stopped else None,
+            "generations": int(stopped.group(1)) if stopped else len(history_of(work / "evopress_search.log")),
+            "history": history_of(work / "evopress_search.log")}))
+    maps["evopress"] = json.loads(evo_file.read_text())
+    db_seconds = json.loads(db_file.read_text())["seconds"]
+
+    # 3. MSP
+    msp_file = work / "msp.json"
+    if not msp_file.exists():
+        cfg = load_config(HERE.parent / "configs" / "msp70.yaml", {
+            "prune.sparsity": t, "prune.pruner": "sparsegpt", "model.device": "cpu", "data.seed": args.seed,
+            "data.calibration_samples": args.calib_samples, "data.seqlen": args.seqlen,
+            "search.time_budget": args.msp_seconds, "search.generations": 100000})
+        with measure() as m:
+            alloc = allocate(model, tok, cfg, device=torch.device("cpu"), run_dir=work / "msp",
+                             cache_dir=work / "msp" / "cache", progress=False)
+        s = alloc.search
+        msp_file.write_text(json.dumps({
+            "per_layer": alloc.sparsity_map.sparsities(), "wall_seconds": m["seconds"],
+            # the Fisher seed and the evolution: everything but the level database
+            "search_seconds": round(m["seconds"] - s["cache_seconds"], 1), "evolution_seconds": round(s["seconds"] - s["cache_seconds"], 1),
+            "db_seconds": s["cache_seconds"], "generations": s["generations"], "stopped_by": s.get("stopped_by"),
+            "evaluations": s["evaluations"], "fitness_dtype": s.get("fitness_dtype"), "peak_rss_mb": m["peak_rss_mb"]}))
+        model.load_state_dict(pristine)
+    maps["msp"] = json.loads(msp_file.read_text())
+
+    # 4. score every map the same way
+    tag = f"@{t}"
+    rows = {"uniform" + tag: (SparsityMap.uniform(t, counts), {}),
+            f"evopress-{args.evo_seconds:.0f}s" + tag: (SparsityMap(maps["evopress"]["per_layer"], counts), {
+                **{k: v for k, v in maps["evopress"].items() if k != "per_layer"}, "db_seconds": db_seconds,
+                "evopress_commit": evo_commit}),
+            f"msp-{args.msp_seconds:.0f}s" + tag: (SparsityMap(maps["msp"]["per_layer"], counts),
+                                                    {k: v for k, v in maps["msp"].items() if k != "per_layer"})}
+    for key, (smap, extra) in rows.items():
+        if res.has(key):
+            continue
+        model.load_state_dict(pristine)
+        with measure() as m:
+            prune_layerwise(model, calib, smap, "sparsegpt", device=torch.device("cpu"), sequential=True,
+                            progress=False)
+        ppl = perplexity(model, test, progress=False)
+        res.add(key, {"test_ppl": round(ppl, 3), "prune_seconds": m["seconds"],
+                      "mean_sparsity": round(smap.average(counts), 6),
+                      "per_layer": {n: round(v, 5) for n, v in smap.sparsities().items()}, **extra})
+        print(key, round(ppl, 2), flush=True)
+    render(res, Path(args.out + ".md"))
+
+
+def render(res: Results, path: Path) -> None:
+    entries = res.data["entries"]
+    lines = ["# MSP against EvoPress's own search (embedded model, SparseGPT)", "", produced_by(res.data["meta"]), "",
+             "Each map pruned sequentially by mixsparse's SparseGPT on the same calibration windows, test perplexity on "
+             "the same wiki test tokens. Search seconds exclude each method's level database (timed apart); MSP's "
+             "include its Fisher seed.", "",
+             "| map | test ppl | vs uniform | search s | generations | level database s | layers moved |",
+             "|---|---|---|---|---|---|---|"]
+    for key, e in entries.items():
+        target = key.split("@")[1]
+        uni = (entries.get(f"uniform@{target}") or {}).get("test_ppl")
+        lines.append(f"| {key} | {fmt(e['test_ppl'])} | {fmt(e['test_ppl'] / uni if uni else None)}x | "
+                     f"{fmt(e.get('search_seconds'), 0)} | {fmt(e.get('generations'))} | {fmt(e.get('db_seconds'), 0)} | "
+                     f"{fmt(e.get('layers_moved'))} |")
+    lines += [""] + provenance_lines(entries, res.data["meta"] or {})
+    write_markdown(path, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
