@@ -7,12 +7,13 @@ in each format, then measures each variant in a fresh process (``python -m mixsp
 * ``dense-fp32@0``, ``dense-bf16@0``: the unpruned model densified, in mixsparse's greedy loop;
 * ``hf-dense-fp32@0``: the same model through ``model.generate()`` (what users run today);
 * ``bitmask-fp16@0.7``, ``bitmask-bf16@0.7``, ``bitmask-int4@0.7`` (RTN 4-bit, group 64: codes and scales as
-  stored), ``nm-fp16@0.5`` (2:4, as bitmask + values), and ``bitmask-fp16+head-fp16@0.7`` (the tied head read in
-  fp16 through the same kernel).
+  stored), ``nm-fp16@0.5`` (2:4, as bitmask + values), and ``+head-fp16`` / ``+head-int8`` variants (the tied
+  head and embedding held in fp16, or int8 with one scale per row, through the dense-row kernel).
 
 Each entry has ``tokens_per_s``, ``peak_rss_mb``, ``weight_bytes`` and ``bytes_per_token_read`` (the weights a
 decode step multiplies: every linear and the head), with the machine's measured read and copy bandwidth and the
-tokens/s bound the read bandwidth implies. Also a per-layer kernel entry (one MLP projection at 70%): its time
+tokens/s bound the read bandwidth implies, and the test perplexity of the model as the runtime computes it (8,192
+wiki test tokens: what a lossy part, such as the int8 head, costs). Also a per-layer kernel entry (one MLP projection at 70%): its time
 against its bandwidth bound. Run it alone (a second torch process on 2 cores slows both).
 
     python benchmarks/runtime.py --dir /tmp/msrt
@@ -33,7 +34,9 @@ import torch
 from common import AVX2_ENV, RESULTS, Results, fmt, produced_by, provenance_lines, write_markdown
 
 FORMATS = ("dense-fp32@0", "dense-bf16@0", "hf-dense-fp32@0", "bitmask-fp16@0.7", "bitmask-fp16+head-fp16@0.7",
-           "bitmask-bf16@0.7", "bitmask-int4@0.7", "bitmask-int4+head-fp16@0.7", "nm-fp16@0.5")
+           "bitmask-bf16@0.7", "bitmask-int4@0.7", "bitmask-int4+head-fp16@0.7", "bitmask-int4+head-int8@0.7",
+           "nm-fp16@0.5")
+HEADS = {"head-fp16": "float16", "head-int8": "int8"}  # a format's "+head-..." part: the head's dtype
 
 
 def bandwidth() -> dict:
@@ -115,6 +118,20 @@ def bytes_per_token(variant: str, path: Path, head: str) -> int:
     return total
 
 
+def test_ppl(variant: str, path: Path, head: str, tokens: int = 8192) -> float:
+    """Perplexity on the first ``tokens`` wiki test tokens (512-token windows) of the model as loaded for decoding."""
+    from mixsparse.data import eval_windows, load_corpus
+    from mixsparse.evaluation import perplexity
+    from mixsparse.runtime.bench import load
+    from transformers import AutoTokenizer
+
+    from mixsparse.runtime.load import compressed_dir
+
+    model, _ = load(variant, path, head_dtype=head)
+    tok = AutoTokenizer.from_pretrained(compressed_dir(path))
+    return round(perplexity(model, eval_windows(tok, load_corpus("wiki", "test"), 512, tokens), progress=False), 3)
+
+
 def layer_kernel(bw: dict) -> dict:
     """One 70% MLP projection of the embedded model's shape (1536 x 576, fp16 values), batch 1: the kernel's time
     against the time to read its bytes at the measured read bandwidth."""
@@ -181,12 +198,11 @@ def breakdown(path: Path, bw: dict) -> dict:
     steps = [1e3 * statistics.median(greedy(model, ids, 33).step_seconds) for _ in range(3)]
     lins = [m for m in model.modules() if isinstance(m, SparseLinear)]
     xs = [torch.randn(1, m.in_features) for m in lins]
-    k = lins[0].kernels
     kern = []
     for _ in range(7):
         t = time.perf_counter()
         for m, x in zip(lins, xs):
-            k.bitmask_matmul(x, m.mask, m.values, m.row_ptr, m.out_features, m.isa)
+            m._kernel(x)  # straight into the extension: no reshape, bias or dtype work
         kern.append(1e3 * (time.perf_counter() - t))
     nbytes = sum(m.weight_bytes() for m in lins)
     return {"step_ms": round(statistics.median(steps), 2), "kernels_ms": round(statistics.median(kern), 2),
@@ -226,7 +242,7 @@ def main() -> None:
             variant, path, head = fmt_, ck["dense@0"], "float32"
         else:
             variant, path = "sparse", ck[where[fmt_.split("+")[0]]]
-            head = "float16" if "head-fp16" in fmt_ else "float32"
+            head = next((dt for part, dt in HEADS.items() if part in fmt_), "float32")
         entry = run_variant(variant, path, args, head)
         if args.avx2:  # the same variant with AVX2 kernels only (torch's and mixsparse's)
             forced = run_variant(variant, path, args, head, avx2=True)
@@ -234,6 +250,8 @@ def main() -> None:
                                     if k in forced}
         entry["bytes_per_token_read"] = bytes_per_token(variant, path, head)
         entry["bound_tokens_per_s"] = round(bw["read_gb_s"] * 1e9 / entry["bytes_per_token_read"], 1)
+        if variant in ("sparse", "dense-fp32"):
+            entry["test_ppl"] = test_ppl(variant, path, head)
         res.add(key, entry)
         print(key, {k: entry[k] for k in ("tokens_per_s", "peak_rss_mb", "weight_bytes", "bytes_per_token_read")},
               flush=True)
@@ -256,7 +274,7 @@ def render(res: Results) -> None:
 
     rows = ["| format @ sparsity | tokens/s | vs dense fp32 (same loop) | vs hf generate fp32 | AVX2 forced: tokens/s, "
             "vs dense fp32, vs hf | weight bytes | vs dense fp32 | bytes read / token | read-bandwidth bound, tokens/s | "
-            "peak RSS MB | kernels |", "|---|" + "---|" * 10]
+            "peak RSS MB | test ppl | kernels |", "|---|" + "---|" * 11]
     for key, v in e.items():
         if "tokens_per_s" not in v:
             continue
@@ -264,7 +282,7 @@ def render(res: Results) -> None:
                     f"{fmt(v['tokens_per_s'] / hf, 2) if hf else '—'}x | {avx2(v)} | {v['weight_bytes'] / 2**20:,.1f} MiB | "
                     f"{fmt(v['weight_bytes'] / base_bytes, 2) if base_bytes else '—'}x | "
                     f"{v['bytes_per_token_read'] / 2**20:,.1f} MiB | {fmt(v['bound_tokens_per_s'], 1)} | "
-                    f"{fmt(v['peak_rss_mb'], 0)} | {v.get('kernels', 'dense (torch)')} |")
+                    f"{fmt(v['peak_rss_mb'], 0)} | {fmt(v.get('test_ppl'))} | {v.get('kernels', 'dense (torch)')} |")
     k = {n: v for n, v in e.get("kernel-layer@0.7", {}).items() if n != "provenance"}
     def kline(name: str, v: dict) -> str:
         if name.startswith("large-"):

@@ -181,6 +181,13 @@ def test_cli_generate_eval_and_bench_on_a_run(tmp_path, capsys):
     assert main(["eval", "--model", str(d), "--compressed", "--set", f"data.evaluation={corpus}", "--seqlen", "16",
                  "--set", "data.eval_tokens=64", "--quiet", "--json", str(ref)]) == 0
     assert res["perplexity"] == pytest.approx(json.loads(ref.read_text())["perplexity"], rel=1e-3)  # fp16 -> fp32 build
+    q8 = tmp_path / "q8.json"
+    assert main(["eval", "--model", str(d), "--runtime", "sparse", "--head-dtype", "int8", "--set",
+                 f"data.evaluation={corpus}", "--seqlen", "16", "--set", "data.eval_tokens=64", "--quiet", "--json",
+                 str(q8)]) == 0
+    r8 = json.loads(q8.read_text())
+    assert r8["runtime"]["sparse_layers"] == 15 and r8["runtime"]["weight_bytes"] < res["runtime"]["weight_bytes"]
+    assert r8["perplexity"] == pytest.approx(res["perplexity"], rel=0.02)  # the head rounded to 8 bits per row
     js = tmp_path / "b.json"
     assert main(["bench", str(d), "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--json", str(js)]) == 0
     b = json.loads(js.read_text())
@@ -188,22 +195,85 @@ def test_cli_generate_eval_and_bench_on_a_run(tmp_path, capsys):
     assert b["sparse"]["weight_bytes"] < b["dense-fp32"]["weight_bytes"]
 
 
-def test_a_16_bit_head_shares_its_values_with_the_tied_embedding(tmp_path):
-    if KERNELS is None:
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_a_16_bit_head_shares_its_values_with_the_tied_embedding(tmp_path, path):
+    if path == "kernel" and KERNELS is None:
         pytest.skip(f"kernels not built: {kernels.reason()}")
+    from mixsparse.runtime.linear import DenseLowpLinear
     from mixsparse.runtime.load import PackedEmbedding
 
     d = _saved(tmp_path, 0.7, tied=True)  # stored in fp16: the 16-bit head holds exactly the stored values
-    model, info = load_sparse(d, head_dtype="float16")
+    model, info = load_sparse(d, head_dtype="float16", use_kernels=path == "kernel")
     emb = model.get_input_embeddings()
-    assert isinstance(emb, PackedEmbedding) and emb.weight16.data_ptr() == model.lm_head.values.data_ptr()
+    assert isinstance(model.lm_head, DenseLowpLinear) and info.sparse["lm_head"] == "dense float16"
+    assert isinstance(emb, PackedEmbedding) and emb.weight_lowp.data_ptr() == model.lm_head.weight.data_ptr()
     ids = tiny_ids(1, 10, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, _reference_logits(d, ids), rtol=1e-4, atol=1e-4)
+        decode = torch.cat([model(ids[:, : t + 1]).logits[:, -1:] for t in range(3)], 1)  # the head's kernel
+    torch.testing.assert_close(decode, _reference_logits(d, ids)[:, :3], rtol=1e-4, atol=1e-4)
     f32, _ = load_sparse(d)
     rows, cols = f32.get_input_embeddings().weight.shape
-    # one 16-bit matrix (with its all-ones bitmask and row offsets) instead of the float32 one: no copy left
-    assert info.weight_bytes == _weight_bytes(f32) - rows * cols * 4 + rows * cols * 2 + rows * cols // 8 + (rows + 1) * 8
+    # one 16-bit matrix instead of the float32 one: no copy left
+    assert info.weight_bytes == _weight_bytes(f32) - rows * cols * 4 + rows * cols * 2
+
+
+def test_an_int8_head_is_the_row_quantized_head_in_a_quarter_of_the_bytes(tmp_path):
+    from mixsparse.runtime.linear import DenseLowpLinear, quantize_rows_int8
+    from mixsparse.runtime.load import PackedEmbedding
+
+    d = _saved(tmp_path, 0.7, tied=True)
+    model, info = load_sparse(d, head_dtype="int8")
+    assert isinstance(model.lm_head, DenseLowpLinear) and model.lm_head.weight.dtype == torch.int8
+    assert info.sparse["lm_head"] == "dense int8, row scales"
+    ref = load_compressed(d, dtype=torch.float32).eval()
+    q, scale = quantize_rows_int8(ref.lm_head.weight.detach())
+    assert (q.abs() <= 127).all() and (q.float() * scale[:, None] - ref.lm_head.weight).abs().le(scale[:, None] / 2 + 1e-7).all()
+    with torch.no_grad():  # the reference: the dense model whose tied head/embedding is the dequantized int8 matrix
+        ref.lm_head.weight.copy_(q.float() * scale[:, None])
+        ids = tiny_ids(1, 10, seed=9)
+        want = ref(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+        decode = torch.cat([model(ids[:, : t + 1]).logits[:, -1:] for t in range(3)], 1)
+    torch.testing.assert_close(decode, want[:, :3], rtol=1e-4, atol=1e-4)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, PackedEmbedding) and emb.weight_lowp.data_ptr() == model.lm_head.weight.data_ptr()
+    f32, _ = load_sparse(d)
+    rows, cols = f32.get_input_embeddings().weight.shape
+    assert info.weight_bytes == _weight_bytes(f32) - rows * cols * 4 + rows * cols + rows * 4
+
+
+def test_an_unknown_head_dtype_is_refused_in_one_line(tmp_path):
+    from mixsparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="head_dtype must be one of float32, float16, bfloat16, int8, got 'int4'"):
+        load_sparse(tmp_path, head_dtype="int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_the_dense_head_kernel_on_every_instruction_set_equals_torch(dtype):
+    if KERNELS is None:
+        pytest.skip(f"kernels not built: {kernels.reason()}")
+    from mixsparse.runtime.linear import DenseLowpLinear, quantize_rows_int8
+
+    torch.manual_seed(2)
+    # 576: whole 64-column steps of both vector paths; 72 and 24: a 16/8-column tail; 20: not a multiple of 8
+    for cols in (576, 72, 24, 20):
+        w = torch.randn(37, cols)
+        low, scale = quantize_rows_int8(w) if dtype == torch.int8 else (w.to(dtype), None)
+        ref_w = low.float() * scale[:, None] if scale is not None else low.float()
+        x = torch.randn(6, cols)
+        ref = (x.double() @ ref_w.double().t())
+        # float32 sums of ``cols`` products in any order: within cols * 2^-24 * sum |w x| of the exact sum (a wrong
+        # index or scale is off by the size of a product)
+        bound = cols * 2.0**-24 * (x.double().abs() @ ref_w.double().abs().t())
+        outs = [DenseLowpLinear(low, scale)(x)]  # the torch path
+        for isa in ISAS:
+            lin = DenseLowpLinear(low, scale, kernels=KERNELS, isa=isa)
+            outs += [lin(x[:b]) for b in (1, 2, 3, 6)]
+        for y in outs:
+            err = (y.double() - ref[: len(y)]).abs()
+            assert (err <= bound[: len(y)]).all(), f"cols {cols}: error {float(err.max()):.3g} beyond the float32 bound"
 
 
 def _weight_bytes(model):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import MixsparseError
 from .recovery import MODES as RECOVER_MODES
+from .runtime.load import HEAD_DTYPES
 
 EPILOG = "Examples:\n  mixsparse prune --sparsity 0.7 --allocation msp --out runs/msp70\n  mixsparse search --sparsity 0.7 --out runs/search70\n  mixsparse eval --model runs/msp70/model\n  mixsparse report runs/msp70"
 
@@ -173,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .runtime import load_sparse
         from .runtime.load import compressed_dir
 
-        model, sparse_info = load_sparse(cfg.model.name)  # a run directory or its compressed/
+        model, sparse_info = load_sparse(cfg.model.name, head_dtype=args.head_dtype)  # a run directory or its compressed/
         tok = AutoTokenizer.from_pretrained(compressed_dir(cfg.model.name))
     elif args.compressed:
         from .export import load_compressed
@@ -223,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     d = compressed_dir(args.run_dir)
     tok = AutoTokenizer.from_pretrained(d)
-    model, _ = load("sparse" if args.runtime == "sparse" else "dense-fp32", d)
+    model, _ = load("sparse" if args.runtime == "sparse" else "dense-fp32", d, head_dtype=args.head_dtype)
     ids = tok(args.prompt, return_tensors="pt").input_ids
     out = greedy(model, ids, args.max_new_tokens)
     print(args.prompt + tok.decode(out.tokens, skip_special_tokens=True))
@@ -242,7 +243,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = {}
     for variant in ("sparse", "dense-fp32"):  # each in a fresh process: its peak RSS is its own
         out = subprocess.run([sys.executable, "-m", "mixsparse.runtime.bench", variant, str(d), "--prompt",
-                              str(args.prompt_tokens), "--new", str(args.new_tokens), "--repeats", str(args.repeats)],
+                              str(args.prompt_tokens), "--new", str(args.new_tokens), "--repeats", str(args.repeats),
+                              "--head-dtype", args.head_dtype if variant == "sparse" else "float32"],
                              capture_output=True, text=True)
         if out.returncode != 0:
             raise ModelLoadError(f"bench {variant} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
@@ -370,12 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--runtime", choices=["dense", "sparse"], default="dense",
                    help="sparse: --model is a run directory (or its compressed/), computed from the packed weights")
+    p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
+                   help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
+                        "(an approximation: fewer bytes per token)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="greedy text from a run's compressed checkpoint on the sparse runtime")
     p.add_argument("run_dir", help="a run directory (or its compressed/ checkpoint)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--runtime", choices=["sparse", "dense"], default="sparse")
+    p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
+                   help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
+                        "(an approximation: fewer bytes per token)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("bench", help="tokens/s and peak RSS: the sparse runtime vs the dense model, same decode loop")
     p.add_argument("run_dir", help="a run directory (or its compressed/ checkpoint)")
@@ -383,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
+                   help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
+                        "(an approximation: fewer bytes per token)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="render RUN_DIR/run.json to report.md and plots")
     p.add_argument("run_dir")

@@ -136,3 +136,47 @@ class Q4SparseLinear(SparseLinear):
 
     def _stored(self) -> str:
         return f"codes=int4, scales={str(self.scale.dtype).replace('torch.', '')}"
+
+
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per row: ``w ~ q * scale[:, None]``, ``|q| <= 127``."""
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class DenseLowpLinear(SparseLinear):
+    """``y = x W^T + b`` with a dense ``W`` in fp16/bf16, or int8 with one float32 scale per row: the LM head, which
+    a token reads whole (on a small model the largest matrix of all), at a half or a quarter of its float32 bytes.
+    Dense rows need no bitmask, so a kernel of their own (``dense_matmul``) multiplies them; the forward (kernel for
+    a few tokens, expansion + GEMM for many) is :class:`SparseLinear`'s."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 kernels=None, isa: int = -1):
+        nn.Module.__init__(self)
+        if weight.dtype not in (torch.float16, torch.bfloat16, torch.int8) or (weight.dtype == torch.int8) != (scale is not None):
+            raise ValueError(f"DenseLowpLinear takes fp16/bf16, or int8 with row scales; got {weight.dtype}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.float().contiguous() if scale is not None else torch.empty(0),
+                             persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.kernels, self.isa = kernels, isa
+
+    @property
+    def nnz(self) -> int:
+        return self.weight.numel()
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale))
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.dense_matmul(x, self.weight, self.scale, self.isa)
+
+    def dense(self) -> torch.Tensor:
+        w = self.weight.float()
+        return w * self.scale[:, None] if self.scale.numel() else w
+
+    def _stored(self) -> str:
+        return f"dense {str(self.weight.dtype).replace('torch.', '')}" + (", row scales" if self.scale.numel() else "")

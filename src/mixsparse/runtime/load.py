@@ -8,8 +8,10 @@ values; ``nm`` and ``quantized`` (int4/int8 codes) layers are converted to bitma
 not take, as its dequantized values at the dtype the index records); a 4-bit quantized layer keeps its codes and
 group scales (:class:`Q4SparseLinear`, half a byte per kept weight); a layer whose sparsity is below ``min_sparsity`` (where bitmask + values would be
 slower than the dense GEMV) or whose shape the kernel does not take stays a dense float32 linear. Everything
-else (embeddings, norms, head) is float32, or the head in ``head_dtype`` (fp16/bf16 through the same kernel
-with every bit set, half the bytes read per token; a tied embedding then looks its rows up in the same values).
+else (embeddings, norms, head) is float32, or the head in ``head_dtype``: fp16/bf16 (half the bytes a token reads
+of it), or int8 with one scale per row (a quarter; an approximation of the stored head, a user's choice), through a
+dense kernel; a tied embedding then looks its rows up in the same matrix. The head is held so even without the
+compiled kernels (the pure-torch path expands it per call: the bytes are saved, the time is not).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
-from .linear import Q4SparseLinear, SparseLinear
+from .linear import DenseLowpLinear, Q4SparseLinear, SparseLinear, quantize_rows_int8
 
 log = logging.getLogger(__name__)
+
+#: how the LM head (and a tied embedding) may be held: float32 as stored, 16-bit, or int8 with one scale per row
+HEAD_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass
@@ -91,8 +96,8 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
     from ..export import _decode, _parse_dtype, _read_index
     from . import kernels as K
 
-    if head_dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"head_dtype must be float32, float16 or bfloat16, got {head_dtype!r}")
+    if head_dtype not in HEAD_DTYPES:
+        raise ConfigError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
     d = compressed_dir(path)
     index = _read_index(d)
     stored = _open_all(d, index)
@@ -151,23 +156,20 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
     for alias, target in aliases.items():
         if target in state:
             state[alias] = state[target]
-    if head_name is not None and head_dtype != "float32" and head_name not in replaced and kern is not None:
+    if head_name is not None and head_dtype != "float32" and head_name not in replaced:
         w = state.pop(f"{head_name}.weight", None)  # a tied embedding keeps its own (float32) tensor in ``state``
-        if w is not None and w.shape[1] % 8 == 0:
-            from ..export import pack_bits
-
-            values = w.to(getattr(torch, head_dtype)).reshape(-1).contiguous()
-            mask = pack_bits(torch.ones(w.shape, dtype=torch.bool))
-            replaced[head_name] = SparseLinear(w.shape[1], w.shape[0], mask, values, state.pop(f"{head_name}.bias", None),
-                                               kernels=kern, isa=isa)
-            info.sparse[head_name] = f"dense {head_dtype} (every bit set)"
+        if w is not None:
+            if head_dtype == "int8":
+                low, scale = quantize_rows_int8(w)
+            else:
+                low, scale = w.to(getattr(torch, head_dtype)).contiguous(), None
+            replaced[head_name] = DenseLowpLinear(low, scale, state.pop(f"{head_name}.bias", None), kernels=kern, isa=isa)
+            info.sparse[head_name] = replaced[head_name]._stored()
             emb = model.get_input_embeddings()
             emb_name = next((n for n, m in modules.items() if m is emb), None)
             if emb_name is not None and state.get(f"{emb_name}.weight") is w:  # tied: look rows up in the same values
                 state.pop(f"{emb_name}.weight")
-                replaced[emb_name] = PackedEmbedding(values.view(w.shape))
-        elif w is not None:
-            state[f"{head_name}.weight"] = w
+                replaced[emb_name] = PackedEmbedding(low, scale)
     if kern is not None and isa < 0:
         info.kernels = _fastest_isa([m for m in replaced.values() if isinstance(m, SparseLinear)], kern)
     for owner, new in replaced.items():
@@ -195,14 +197,17 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
 
 
 class PackedEmbedding(nn.Module):
-    """Token embeddings looked up in a 16-bit matrix (the tied head's values): rows come out in float32."""
+    """Token embeddings looked up in the tied head's low-precision matrix (16-bit, or int8 times its row's scale):
+    rows come out in float32."""
 
-    def __init__(self, weight16: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("weight16", weight16, persistent=False)
+        self.register_buffer("weight_lowp", weight, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(input_ids, self.weight16).float()
+        rows = torch.nn.functional.embedding(input_ids, self.weight_lowp).float()
+        return rows if self.scale is None else rows * self.scale[input_ids].unsqueeze(-1)
 
 
 def _fastest_isa(layers: list[SparseLinear], kern) -> str:

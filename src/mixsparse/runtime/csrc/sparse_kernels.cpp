@@ -530,6 +530,134 @@ void run_q4(Isa isa, const float* x, int64_t K, const uint8_t* mask, const uint8
 }
 
 
+
+// ---- dense 16-bit or int8 rows (the tied embedding / LM head) ------------------------------------------------
+// y[b, r] = scale[r] * sum_c W[r, c] x[b, c], W (N, K) fp16, bf16 or int8 with one float32 scale per row (1 for the
+// 16-bit kinds). On a small model the head is the largest matrix a token reads (28 M of SmolLM2-135M's 135 M
+// weights); a dense row needs neither a bitmask nor a shuffle, so it gets its own loop.
+template <typename W>
+inline float wf(W v) { return static_cast<float>(v); }
+template <>
+inline float wf<int8_t>(int8_t v) { return static_cast<float>(v); }
+
+template <typename W>
+void dense_rows_scalar(const float* x, int64_t B, int64_t K, const W* w, const float* scale, float* y, int64_t N,
+                       int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t b = 0; b < B; ++b) {
+      float s = 0.f;
+      for (int64_t c = 0; c < K; ++c) s += wf<W>(w[r * K + c]) * x[b * K + c];
+      y[b * N + r] = scale ? s * scale[r] : s;
+    }
+}
+
+#if MS_X86
+template <typename W>
+inline __m256 load8w(const W* p);
+template <>
+__attribute__((target(MS_AVX2))) inline __m256 load8w(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+__attribute__((target(MS_AVX2))) inline __m256 load8w(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+template <>
+__attribute__((target(MS_AVX2))) inline __m256 load8w(const float* p) { return _mm256_loadu_ps(p); }
+template <>
+__attribute__((target(MS_AVX2))) inline __m256 load8w(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <typename W, int BB>
+__attribute__((target(MS_AVX2))) void dense_rows_avx2(const float* x, int64_t K, const W* w, const float* scale,
+                                                      float* y, int64_t N, int64_t r0, int64_t r1) {
+  constexpr int NA = BB == 1 ? 4 : (BB == 2 ? 2 : 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const W* row = w + r * K;
+    __m256 acc[BB][NA];
+    for (int b = 0; b < BB; ++b)
+      for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= K; c += 32) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m256 v = load8w(row + c + 8 * i);
+        for (int b = 0; b < BB; ++b)
+          acc[b][i % NA] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + b * K + c + 8 * i), acc[b][i % NA]);
+      }
+    }
+    for (; c < K; c += 8) {
+      const __m256 v = load8w(row + c);
+      for (int b = 0; b < BB; ++b) acc[b][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + b * K + c), acc[b][0]);
+    }
+    for (int b = 0; b < BB; ++b) {
+      const float s = hsum_avx2(acc[b]);
+      y[b * N + r] = scale ? s * scale[r] : s;
+    }
+  }
+}
+
+template <typename W>
+inline __m512 load16w(const W* p);
+template <>
+__attribute__((target(MS_AVX512))) inline __m512 load16w(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <>
+__attribute__((target(MS_AVX512))) inline __m512 load16w(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+template <>
+__attribute__((target(MS_AVX512))) inline __m512 load16w(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+__attribute__((target(MS_AVX512))) inline __m512 load16w(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// K a multiple of 16 (the caller's check)
+template <typename W, int BB>
+__attribute__((target(MS_AVX512))) void dense_rows_avx512(const float* x, int64_t K, const W* w, const float* scale,
+                                                          float* y, int64_t N, int64_t r0, int64_t r1) {
+  constexpr int NA = BB == 1 ? 4 : (BB == 2 ? 2 : 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const W* row = w + r * K;
+    __m512 acc[BB][NA];
+    for (int b = 0; b < BB; ++b)
+      for (int a = 0; a < NA; ++a) acc[b][a] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 64 <= K; c += 64) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m512 v = load16w(row + c + 16 * i);
+        for (int b = 0; b < BB; ++b)
+          acc[b][i % NA] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + b * K + c + 16 * i), acc[b][i % NA]);
+      }
+    }
+    for (; c < K; c += 16) {
+      const __m512 v = load16w(row + c);
+      for (int b = 0; b < BB; ++b) acc[b][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + b * K + c), acc[b][0]);
+    }
+    for (int b = 0; b < BB; ++b) {
+      __m512 s = acc[b][0];
+      for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[b][a]);
+      const float t = _mm512_reduce_add_ps(s);
+      y[b * N + r] = scale ? t * scale[r] : t;
+    }
+  }
+}
+#endif
+
+template <typename W, int BB>
+void run_dense(Isa isa, const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t N, int64_t r0,
+               int64_t r1) {
+#if MS_X86
+  if (isa == Isa::avx512 && K % 16 == 0) return dense_rows_avx512<W, BB>(x, K, w, scale, y, N, r0, r1);
+  if (isa >= Isa::avx2 && K % 8 == 0) return dense_rows_avx2<W, BB>(x, K, w, scale, y, N, r0, r1);
+#endif
+  dense_rows_scalar<W>(x, BB, K, w, scale, y, N, r0, r1);
+}
+
 }  // namespace
 
 int64_t isa_level(int64_t wanted) {
@@ -597,6 +725,32 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor codes
   return y;
 }
 
+// x: (B, K) float32; w: (N, K) float16, bfloat16 or int8; scale: (N,) float32 for int8, empty otherwise
+torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (B, K) float32");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w: (N, K) contiguous");
+  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  const bool q8 = w.scalar_type() == torch::kInt8;
+  TORCH_CHECK(!q8 || (scale.scalar_type() == torch::kFloat32 && scale.numel() == N), "int8 w needs (N,) float32 scales");
+  auto y = torch::empty({B, N}, x.options());
+  const Isa level = static_cast<Isa>(isa_level(isa));
+  const float* xp = x.data_ptr<float>();
+  const float* sp = q8 ? scale.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  auto go = [&](auto* wp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      in_batches(xp, B, K, yp, N, [&](auto bb, const float* xb, float* yb) {
+        run_dense<W, decltype(bb)::value>(level, xb, K, wp, sp, yb, N, r0, r1);
+      });
+    });
+  };
+  if (q8) go(w.data_ptr<int8_t>());
+  else with_floats(w, "w", go);
+  return y;
+}
+
 // where each row's values start: the running count of set bits, row by row (int64, N + 1)
 torch::Tensor bitmask_row_ptr(torch::Tensor mask, int64_t N, int64_t K) {
   TORCH_CHECK(K % 8 == 0 && mask.scalar_type() == torch::kUInt8 && mask.numel() >= N * K / 8, "bad bitmask layout");
@@ -643,5 +797,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_matmul", &q4_matmul, "bitmask + 4-bit codes (group scales) times x (B small)");
   m.def("bitmask_expand", &bitmask_expand, "dense float32 matrix of a bitmask-encoded weight");
   m.def("bitmask_matmul", &bitmask_matmul, "bitmask-compressed sparse W times x (B small)");
+  m.def("dense_matmul", &dense_matmul, "dense fp16/bf16 or int8 (row scales) W times x (B small)");
   m.def("isa_level", &isa_level, "ISA used for a wanted level (-1: best): 0 scalar, 1 AVX2, 2 AVX-512");
 }
