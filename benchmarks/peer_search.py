@@ -95,14 +95,18 @@ def run_evopress(entry: str, argv: list[str]) -> None:
     import src.data_utils as du  # EvoPress's package, from its patched copy (the working directory)
 
     du.get_data = _mixsparse_get_data
+    t_entry = time.perf_counter()
     module = __import__(entry)
     budget = float(os.environ.get("MS_BUDGET", "inf"))
     t0, marks = [], []
+    reported = [0.0]  # seconds in its in-search perplexity reports (at generation 0: ~40 s here): not search
 
     def stop(generation: int) -> bool:
         now = time.perf_counter()
         if not t0:
             t0.append(now)
+            # model, data and the KL targets (the dense model's logits on every calibration window)
+            print(f"[mixsparse] setup {now - t_entry:.1f} s", flush=True)
         marks.append(now)
         per_gen = (marks[-1] - marks[0] - reported[0]) / generation if generation else 0.0
         spent = now - t0[0] - reported[0]
@@ -112,18 +116,16 @@ def run_evopress(entry: str, argv: list[str]) -> None:
             return True
         return False
 
-    # its in-search perplexity reports (at generation 0: ~40 s here) are not search: kept off its budget
-    reported = [0.0]
-    report = module.compute_perplexity
+    report = getattr(module, "compute_perplexity", None)  # the search's reports (its fitness here is KL: untouched)
+    if report is not None:
+        def timed_report(*a, **k):
+            t = time.perf_counter()
+            try:
+                return report(*a, **k)
+            finally:
+                reported[0] += time.perf_counter() - t
 
-    def timed_report(*a, **k):
-        t = time.perf_counter()
-        try:
-            return report(*a, **k)
-        finally:
-            reported[0] += time.perf_counter() - t
-
-    module.compute_perplexity = timed_report
+        module.compute_perplexity = timed_report
     module._ms_stop = stop
     sys.argv = [entry + ".py", *argv]
     module.main()
@@ -165,6 +167,17 @@ def evopress_map(db: Path, config_file: Path, counts: dict[str, int]) -> tuple[d
         raise SystemExit(f"EvoPress's configuration names {len(levels)} layers, the model {len(counts)}")
     return ({n: meta["sparsity"] + lv * meta["weights_diff"] / counts[n] for n, lv in levels.items()},
             sum(lv != 0 for lv in levels.values()))
+
+
+def cached(path: Path, settings: dict, compute) -> dict:
+    """A step's result, kept in ``path`` with the settings that made it (other settings compute it again)."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("settings") == settings:
+            return old
+    out = {**compute(), "settings": settings}
+    path.write_text(json.dumps(out))
+    return out
 
 
 def history_of(log: Path) -> list[dict]:
@@ -233,36 +246,43 @@ def main() -> None:
     common = ["--model_name_or_path", model_dir, "--calibration_data", "wiki", "--dtype", "float32",
               "--attn_implementation", "sdpa", "--calibration_tokens", str(args.calib_samples * args.seqlen),
               "--calibration_sequence_length", str(args.seqlen), "--seed", str(args.seed)]
-    db_file = work / "evopress_db.json"
-    if not db_file.exists():
+    base = {"target": t, "calib_samples": args.calib_samples, "seqlen": args.seqlen, "seed": args.seed}
+    db_settings = {**base, "num_levels": args.num_levels, "evopress_commit": evo_commit}
+
+    def build_db() -> dict:
         shutil.rmtree(db, ignore_errors=True)
         secs = call_evopress(args, code, "prune", common + [
             "--prunable_modules", r".*layers.*((q|k|v|o|gate|up|down)_proj)$",
             "--pre_block_modules", "model.embed_tokens", "model.rotary_emb", "--block_modules", "model.layers",
             "--sparsity", str(t), "--num_levels", str(args.num_levels), "--save_dir", str(db)], work / "evopress_db.log")
-        db_file.write_text(json.dumps({"seconds": round(secs, 1)}))
-    evo_file = work / "evopress.json"
-    if not evo_file.exists():
+        return {"seconds": round(secs, 1)}  # the process: its model load (~2 s) and the database
+
+    db_seconds = cached(work / "evopress_db.json", db_settings, build_db)["seconds"]
+
+    def evopress_search() -> dict:
+        log_file = work / "evopress_search.log"
         secs = call_evopress(args, code, "evo_prune_search", common + [
             "--sparse_weights_path", str(db), "--generations", "100000", "--offspring", str(args.offspring),
             "--survivors_per_selection", *args.survivors.split(","), "--tokens_per_selection", *args.tokens.split(","),
             "--fitness_fn", "kl", "--eval_datasets", "wiki", "--eval_every", "100000", "--eval_tokens",
             str(2 * args.seqlen), "--eval_sequence_length", str(args.seqlen), "--memory_efficient",
-            "--use_fast_tokenizer"], work / "evopress_search.log", budget=args.evo_seconds)
-        log = (work / "evopress_search.log").read_text()
+            "--use_fast_tokenizer"], log_file, budget=args.evo_seconds)
+        log = log_file.read_text()
         stopped = re.search(r"stopped after (\d+) generations, ([0-9.]+) s", log)
+        setup = re.search(r"\[mixsparse\] setup ([0-9.]+) s", log)
         per_layer, moved = evopress_map(db, db / "final_configuration.txt", counts)
-        evo_file.write_text(json.dumps({
-            "per_layer": per_layer, "layers_moved": moved, "wall_seconds": round(secs, 1),
-            "search_seconds": float(stopped.group(2)) if stopped else None,
-            "generations": int(stopped.group(1)) if stopped else len(history_of(work / "evopress_search.log")),
-            "history": history_of(work / "evopress_search.log")}))
-    maps["evopress"] = json.loads(evo_file.read_text())
-    db_seconds = json.loads(db_file.read_text())["seconds"]
+        return {"per_layer": per_layer, "layers_moved": moved, "wall_seconds": round(secs, 1),
+                "setup_seconds": float(setup.group(1)) if setup else None,
+                "search_seconds": float(stopped.group(2)) if stopped else None,
+                "generations": int(stopped.group(1)) if stopped else len(history_of(log_file)),
+                "history": history_of(log_file), "db_seconds": db_seconds, "evopress_commit": evo_commit}
+
+    maps["evopress"] = cached(work / "evopress.json", {**db_settings, "evo_seconds": args.evo_seconds,
+                                                        "offspring": args.offspring, "survivors": args.survivors,
+                                                        "tokens": args.tokens}, evopress_search)
 
     # 3. MSP
-    msp_file = work / "msp.json"
-    if not msp_file.exists():
+    def msp_search() -> dict:
         cfg = load_config(HERE.parent / "configs" / "msp70.yaml", {
             "prune.sparsity": t, "prune.pruner": "sparsegpt", "model.device": "cpu", "data.seed": args.seed,
             "data.calibration_samples": args.calib_samples, "data.seqlen": args.seqlen,
@@ -270,27 +290,29 @@ def main() -> None:
         with measure() as m:
             alloc = allocate(model, tok, cfg, device=torch.device("cpu"), run_dir=work / "msp",
                              cache_dir=work / "msp" / "cache", progress=False)
-        s = alloc.search
-        msp_file.write_text(json.dumps({
-            "per_layer": alloc.sparsity_map.sparsities(), "wall_seconds": m["seconds"],
-            # the Fisher seed and the evolution: everything but the level database
-            "search_seconds": round(m["seconds"] - s["cache_seconds"], 1), "evolution_seconds": round(s["seconds"] - s["cache_seconds"], 1),
-            "db_seconds": s["cache_seconds"], "generations": s["generations"], "stopped_by": s.get("stopped_by"),
-            "evaluations": s["evaluations"], "fitness_dtype": s.get("fitness_dtype"), "peak_rss_mb": m["peak_rss_mb"]}))
         model.load_state_dict(pristine)
-    maps["msp"] = json.loads(msp_file.read_text())
+        s = alloc.search
+        loop = round(s["seconds"] - s["cache_seconds"], 1)  # the evolution, from scoring its first population
+        return {"per_layer": alloc.sparsity_map.sparsities(), "wall_seconds": m["seconds"],
+                # the Fisher seed, the KL targets and the level cache's loading: all but the database and the loop
+                "setup_seconds": round(m["seconds"] - s["cache_seconds"] - loop, 1), "search_seconds": loop,
+                "db_seconds": s["cache_seconds"], "generations": s["generations"], "stopped_by": s.get("stopped_by"),
+                "evaluations": s["evaluations"], "fitness_dtype": s.get("fitness_dtype"),
+                "peak_rss_mb": m["peak_rss_mb"]}
+
+    maps["msp"] = cached(work / "msp.json", {**base, "msp_seconds": args.msp_seconds}, msp_search)
 
     # 4. score every map the same way
     tag = f"@{t}"
     rows = {"uniform" + tag: (SparsityMap.uniform(t, counts), {}),
-            f"evopress-{args.evo_seconds:.0f}s" + tag: (SparsityMap(maps["evopress"]["per_layer"], counts), {
-                **{k: v for k, v in maps["evopress"].items() if k != "per_layer"}, "db_seconds": db_seconds,
-                "evopress_commit": evo_commit}),
+            f"evopress-{args.evo_seconds:.0f}s" + tag: (SparsityMap(maps["evopress"]["per_layer"], counts),
+                                                         {k: v for k, v in maps["evopress"].items() if k != "per_layer"}),
             f"msp-{args.msp_seconds:.0f}s" + tag: (SparsityMap(maps["msp"]["per_layer"], counts),
                                                     {k: v for k, v in maps["msp"].items() if k != "per_layer"})}
     for key, (smap, extra) in rows.items():
-        if res.has(key):
-            continue
+        old = res.get(key)
+        if old and old.get("provenance", {}).get("settings") == settings:
+            continue  # scored by an earlier invocation with these settings
         model.load_state_dict(pristine)
         with measure() as m:
             prune_layerwise(model, calib, smap, "sparsegpt", device=torch.device("cpu"), sequential=True,
@@ -304,20 +326,21 @@ def main() -> None:
 
 
 def render(res: Results, path: Path) -> None:
-    entries = res.data["entries"]
-    lines = ["# MSP against EvoPress's own search (embedded model, SparseGPT)", "", produced_by(res.data["meta"]), "",
+    entries, meta = res.data["entries"], res.data["meta"] or {}
+    lines = ["# MSP against EvoPress's own search (embedded model, SparseGPT)", "",
+             produced_by(meta) if meta.get("command") else "", "",
              "Each map pruned sequentially by mixsparse's SparseGPT on the same calibration windows, test perplexity on "
-             "the same wiki test tokens. Search seconds exclude each method's level database (timed apart); MSP's "
-             "include its Fisher seed.", "",
-             "| map | test ppl | vs uniform | search s | generations | level database s | layers moved |",
-             "|---|---|---|---|---|---|---|"]
+             "the same wiki test tokens. Setup: model, data and the KL targets (MSP: also its Fisher seed); search "
+             "loop: the budgeted evolution (EvoPress's in-search perplexity reports left out); level database: "
+             "EvoPress's whole `prune.py` process, MSP's database build.", "",
+             "| map | test ppl | vs uniform | setup s | search loop s | generations | level database s | layers moved |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, e in entries.items():
-        target = key.split("@")[1]
-        uni = (entries.get(f"uniform@{target}") or {}).get("test_ppl")
-        lines.append(f"| {key} | {fmt(e['test_ppl'])} | {fmt(e['test_ppl'] / uni if uni else None)}x | "
-                     f"{fmt(e.get('search_seconds'), 0)} | {fmt(e.get('generations'))} | {fmt(e.get('db_seconds'), 0)} | "
-                     f"{fmt(e.get('layers_moved'))} |")
-    lines += [""] + provenance_lines(entries, res.data["meta"] or {})
+        uni = (entries.get("uniform@" + key.split("@")[1]) or {}).get("test_ppl")
+        lines.append(f"| {key} | {fmt(e['test_ppl'])} | {fmt(e['test_ppl'] / uni) + 'x' if uni else '—'} | "
+                     f"{fmt(e.get('setup_seconds'), 0)} | {fmt(e.get('search_seconds'), 0)} | {fmt(e.get('generations'))} | "
+                     f"{fmt(e.get('db_seconds'), 0)} | {fmt(e.get('layers_moved'))} |")
+    lines += [""] + provenance_lines(entries, meta)
     write_markdown(path, "\n".join(lines) + "\n")
 
 
