@@ -243,11 +243,18 @@ def test_an_int8_head_is_the_row_quantized_head_in_a_quarter_of_the_bytes(tmp_pa
     assert info.weight_bytes == _weight_bytes(f32) - rows * cols * 4 + rows * cols + rows * 4
 
 
-def test_an_unknown_head_dtype_is_refused_in_one_line(tmp_path):
+def test_an_unknown_head_dtype_is_refused_in_one_line(tmp_path, capsys):
+    from mixsparse.cli import main
     from mixsparse.errors import ConfigError
 
     with pytest.raises(ConfigError, match="head_dtype must be one of float32, float16, bfloat16, int8, got 'int4'"):
         load_sparse(tmp_path, head_dtype="int4")
+    # a head dtype with the dense runtime would do nothing: refused before anything loads
+    assert main(["eval", "--model", str(tmp_path), "--head-dtype", "int8"]) == 2
+    assert capsys.readouterr().err.strip() == ("mixsparse: error: --head-dtype int8 applies to the sparse runtime only; "
+                                               "add --runtime sparse or drop --head-dtype")
+    assert main(["generate", str(tmp_path), "--prompt", "a", "--runtime", "dense", "--head-dtype", "float16"]) == 2
+    assert "--head-dtype float16 applies to the sparse runtime only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
@@ -257,12 +264,13 @@ def test_the_dense_head_kernel_on_every_instruction_set_equals_torch(dtype):
     from mixsparse.runtime.linear import DenseLowpLinear, quantize_rows_int8
 
     torch.manual_seed(2)
-    # 576: whole 64-column steps of both vector paths; 72 and 24: a 16/8-column tail; 20: not a multiple of 8
-    for cols in (576, 72, 24, 20):
+    # 576: whole 32/64-column steps; 592 and 48: AVX-512's 16-column tail; 72 and 24: AVX2 alone, its 8-column tail;
+    # 20: not a multiple of 8 (the scalar loop)
+    for cols in (576, 592, 48, 72, 24, 20):
         w = torch.randn(37, cols)
         low, scale = quantize_rows_int8(w) if dtype == torch.int8 else (w.to(dtype), None)
         ref_w = low.float() * scale[:, None] if scale is not None else low.float()
-        x = torch.randn(6, cols)
+        x = torch.randn(8, cols)
         ref = (x.double() @ ref_w.double().t())
         # float32 sums of ``cols`` products in any order: within cols * 2^-24 * sum |w x| of the exact sum (a wrong
         # index or scale is off by the size of a product)
@@ -270,7 +278,7 @@ def test_the_dense_head_kernel_on_every_instruction_set_equals_torch(dtype):
         outs = [DenseLowpLinear(low, scale)(x)]  # the torch path
         for isa in ISAS:
             lin = DenseLowpLinear(low, scale, kernels=KERNELS, isa=isa)
-            outs += [lin(x[:b]) for b in (1, 2, 3, 6)]
+            outs += [lin(x[:b]) for b in range(1, 9)]  # 1..8 tokens: every batch the kernel takes (4 at a time)
         for y in outs:
             err = (y.double() - ref[: len(y)]).abs()
             assert (err <= bound[: len(y)]).all(), f"cols {cols}: error {float(err.max()):.3g} beyond the float32 bound"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import MixsparseError
 from .recovery import MODES as RECOVER_MODES
-from .runtime.load import HEAD_DTYPES
+from .runtime.options import HEAD_DTYPES
 
 EPILOG = "Examples:\n  mixsparse prune --sparsity 0.7 --allocation msp --out runs/msp70\n  mixsparse search --sparsity 0.7 --out runs/search70\n  mixsparse eval --model runs/msp70/model\n  mixsparse report runs/msp70"
 
@@ -157,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import placement_for
     from .preflight import check_output_file
 
+    _check_head_dtype(args)
     cfg = load_config(args.config, _overrides(args))
     check_device(cfg.model.device)
     if args.json:
@@ -212,6 +213,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_head_dtype(args: argparse.Namespace) -> None:
+    from .errors import ConfigError
+
+    if args.head_dtype != "float32" and args.runtime != "sparse":
+        raise ConfigError(f"--head-dtype {args.head_dtype} applies to the sparse runtime only; add --runtime sparse "
+                          "or drop --head-dtype")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -220,6 +229,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.decode import greedy
     from .runtime.load import compressed_dir
 
+    _check_head_dtype(args)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     d = compressed_dir(args.run_dir)

@@ -11,7 +11,8 @@ slower than the dense GEMV) or whose shape the kernel does not take stays a dens
 else (embeddings, norms, head) is float32, or the head in ``head_dtype``: fp16/bf16 (half the bytes a token reads
 of it), or int8 with one scale per row (a quarter; an approximation of the stored head, a user's choice), through a
 dense kernel; a tied embedding then looks its rows up in the same matrix. The head is held so even without the
-compiled kernels (the pure-torch path expands it per call: the bytes are saved, the time is not).
+compiled kernels, with a warning: the pure-torch path expands it to float32 for every call, so it is smaller only at
+rest, and slower.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
 from .linear import DenseLowpLinear, Q4SparseLinear, SparseLinear, quantize_rows_int8
+from .options import HEAD_DTYPES
 
 log = logging.getLogger(__name__)
-
-#: how the LM head (and a tied embedding) may be held: float32 as stored, 16-bit, or int8 with one scale per row
-HEAD_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass
@@ -159,6 +158,9 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
     if head_name is not None and head_dtype != "float32" and head_name not in replaced:
         w = state.pop(f"{head_name}.weight", None)  # a tied embedding keeps its own (float32) tensor in ``state``
         if w is not None:
+            if kern is None:
+                log.warning("head_dtype %s without the compiled kernels: the head is expanded to float32 for every "
+                            "call (smaller at rest only, and slower)", head_dtype)
             if head_dtype == "int8":
                 low, scale = quantize_rows_int8(w)
             else:

@@ -731,7 +731,8 @@ torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w: (N, K) contiguous");
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
   const bool q8 = w.scalar_type() == torch::kInt8;
-  TORCH_CHECK(!q8 || (scale.scalar_type() == torch::kFloat32 && scale.numel() == N), "int8 w needs (N,) float32 scales");
+  TORCH_CHECK(q8 ? (scale.scalar_type() == torch::kFloat32 && scale.numel() == N && scale.is_contiguous())
+                 : scale.numel() == 0, "int8 w needs (N,) contiguous float32 scales; 16-bit w none");
   auto y = torch::empty({B, N}, x.options());
   const Isa level = static_cast<Isa>(isa_level(isa));
   const float* xp = x.data_ptr<float>();
