@@ -228,6 +228,8 @@ def test_an_int8_head_is_the_row_quantized_head_in_a_quarter_of_the_bytes(tmp_pa
     assert info.sparse["lm_head"] == "dense int8, row scales"
     ref = load_compressed(d, dtype=torch.float32).eval()
     q, scale = quantize_rows_int8(ref.lm_head.weight.detach())
+    assert all(torch.equal(a, b) for a, b in zip(quantize_rows_int8(ref.lm_head.weight.detach(), rows_per_chunk=3),
+                                                 (q, scale)))  # a few rows at a time: the same codes and scales
     assert (q.abs() <= 127).all() and (q.float() * scale[:, None] - ref.lm_head.weight).abs().le(scale[:, None] / 2 + 1e-7).all()
     with torch.no_grad():  # the reference: the dense model whose tied head/embedding is the dequantized int8 matrix
         ref.lm_head.weight.copy_(q.float() * scale[:, None])

@@ -138,11 +138,16 @@ class Q4SparseLinear(SparseLinear):
         return f"codes=int4, scales={str(self.scale.dtype).replace('torch.', '')}"
 
 
-def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one float32 scale per row: ``w ~ q * scale[:, None]``, ``|q| <= 127``."""
-    w = w.float()
-    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_rows_int8(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per row: ``w ~ q * scale[:, None]``, ``|q| <= 127``. A few thousand
+    rows at a time: the float32 temporaries of a whole 49k x 576 head would add ~300 MB to the load's peak."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    for r0 in range(0, w.shape[0], rows_per_chunk):
+        part = w[r0 : r0 + rows_per_chunk].float()
+        s = (part.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q[r0 : r0 + rows_per_chunk] = torch.round(part / s[:, None]).clamp_(-127, 127)
+        scale[r0 : r0 + rows_per_chunk] = s
     return q, scale
 
 
