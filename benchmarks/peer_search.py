@@ -98,7 +98,7 @@ def run_evopress(entry: str, argv: list[str]) -> None:
     t_entry = time.perf_counter()
     module = __import__(entry)
     budget = float(os.environ.get("MS_BUDGET", "inf"))
-    t0, marks = [], []
+    t0 = []
     reported = [0.0]  # seconds in its in-search perplexity reports (at generation 0: ~40 s here): not search
 
     def stop(generation: int) -> bool:
@@ -107,9 +107,8 @@ def run_evopress(entry: str, argv: list[str]) -> None:
             t0.append(now)
             # model, data and the KL targets (the dense model's logits on every calibration window)
             print(f"[mixsparse] setup {now - t_entry:.1f} s", flush=True)
-        marks.append(now)
-        per_gen = (marks[-1] - marks[0] - reported[0]) / generation if generation else 0.0
         spent = now - t0[0] - reported[0]
+        per_gen = spent / generation if generation else 0.0  # the mean generation so far
         print(f"[mixsparse] generation {generation} at {spent:.1f} s", flush=True)
         if spent + per_gen > budget:
             print(f"[mixsparse] time budget: stopped after {generation} generations, {spent:.1f} s", flush=True)
@@ -180,10 +179,10 @@ def cached(path: Path, settings: dict, compute) -> dict:
     return out
 
 
-def history_of(log: Path) -> list[dict]:
-    """EvoPress's log: the fitness after each generation and when it started."""
-    starts = [float(m.group(1)) for m in re.finditer(r"\[mixsparse\] generation \d+ at ([0-9.]+) s", log.read_text())]
-    fits = [float(m.group(1)) for m in re.finditer(r"Train fitnesses: ([0-9.e+-]+)", log.read_text())]
+def history_of(log: str) -> list[dict]:
+    """EvoPress's log text: the fitness after each generation and when it started."""
+    starts = [float(m.group(1)) for m in re.finditer(r"\[mixsparse\] generation \d+ at ([0-9.]+) s", log)]
+    fits = [float(m.group(1)) for m in re.finditer(r"Train fitnesses: ([0-9.e+-]+)", log)]
     return [{"generation": i + 1, "fitness": f, "ended_at_s": starts[i + 1] if i + 1 < len(starts) else None}
             for i, f in enumerate(fits)]
 
@@ -274,8 +273,8 @@ def main() -> None:
         return {"per_layer": per_layer, "layers_moved": moved, "wall_seconds": round(secs, 1),
                 "setup_seconds": float(setup.group(1)) if setup else None,
                 "search_seconds": float(stopped.group(2)) if stopped else None,
-                "generations": int(stopped.group(1)) if stopped else len(history_of(log_file)),
-                "history": history_of(log_file), "db_seconds": db_seconds, "evopress_commit": evo_commit}
+                "generations": int(stopped.group(1)) if stopped else len(history_of(log)),
+                "history": history_of(log), "db_seconds": db_seconds, "evopress_commit": evo_commit}
 
     maps["evopress"] = cached(work / "evopress.json", {**db_settings, "evo_seconds": args.evo_seconds,
                                                         "offspring": args.offspring, "survivors": args.survivors,

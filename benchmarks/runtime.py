@@ -100,13 +100,19 @@ def run_variant(variant: str, path: Path, args, head: str = "float32", avx2: boo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bytes_per_token(variant: str, path: Path, head: str) -> int:
-    """Weight bytes a decode step multiplies: every (sparse or dense) linear including the head; the embedding
-    table only through a tied head (a lookup reads one row)."""
+def loaded_facts(variant: str, path: Path, head: str, ppl_tokens: int = 8192) -> dict:
+    """From one load of the variant in this process: ``bytes_per_token_read``, the weight bytes a decode step
+    multiplies (every sparse or dense linear including the head; the embedding table only through a tied head: a
+    lookup reads one row), and (sparse and dense fp32) ``test_ppl`` on the first ``ppl_tokens`` wiki test tokens
+    (512-token windows), the model as the runtime computes it."""
     from torch import nn
+    from transformers import AutoTokenizer
 
+    from mixsparse.data import eval_windows, load_corpus
+    from mixsparse.evaluation import perplexity
     from mixsparse.runtime import SparseLinear
     from mixsparse.runtime.bench import load
+    from mixsparse.runtime.load import compressed_dir
 
     model, _ = load("sparse" if variant == "sparse" else variant.replace("hf-", ""), path, head_dtype=head)
     total = 0
@@ -115,21 +121,12 @@ def bytes_per_token(variant: str, path: Path, head: str) -> int:
             total += m.weight_bytes()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
-    return total
-
-
-def test_ppl(variant: str, path: Path, head: str, tokens: int = 8192) -> float:
-    """Perplexity on the first ``tokens`` wiki test tokens (512-token windows) of the model as loaded for decoding."""
-    from mixsparse.data import eval_windows, load_corpus
-    from mixsparse.evaluation import perplexity
-    from mixsparse.runtime.bench import load
-    from transformers import AutoTokenizer
-
-    from mixsparse.runtime.load import compressed_dir
-
-    model, _ = load(variant, path, head_dtype=head)
-    tok = AutoTokenizer.from_pretrained(compressed_dir(path))
-    return round(perplexity(model, eval_windows(tok, load_corpus("wiki", "test"), 512, tokens), progress=False), 3)
+    out = {"bytes_per_token_read": total}
+    if variant in ("sparse", "dense-fp32"):
+        tok = AutoTokenizer.from_pretrained(compressed_dir(path))
+        windows = eval_windows(tok, load_corpus("wiki", "test"), 512, ppl_tokens)
+        out["test_ppl"] = round(perplexity(model, windows, progress=False), 3)
+    return out
 
 
 def layer_kernel(bw: dict) -> dict:
@@ -248,10 +245,8 @@ def main() -> None:
             forced = run_variant(variant, path, args, head, avx2=True)
             entry["avx2_forced"] = {k: forced[k] for k in ("tokens_per_s", "tokens_per_s_all", "peak_rss_mb", "kernels")
                                     if k in forced}
-        entry["bytes_per_token_read"] = bytes_per_token(variant, path, head)
+        entry.update(loaded_facts(variant, path, head))
         entry["bound_tokens_per_s"] = round(bw["read_gb_s"] * 1e9 / entry["bytes_per_token_read"], 1)
-        if variant in ("sparse", "dense-fp32"):
-            entry["test_ppl"] = test_ppl(variant, path, head)
         res.add(key, entry)
         print(key, {k: entry[k] for k in ("tokens_per_s", "peak_rss_mb", "weight_bytes", "bytes_per_token_read")},
               flush=True)

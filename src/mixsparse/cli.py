@@ -343,6 +343,12 @@ def _summary(rec, out: Path) -> None:
     print("\n".join(lines))
 
 
+def _head_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
+                   help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
+                        "(an approximation: fewer bytes per token)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mixsparse", description="Prune LLMs with per-layer sparsity allocation.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,18 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--runtime", choices=["dense", "sparse"], default="dense",
                    help="sparse: --model is a run directory (or its compressed/), computed from the packed weights")
-    p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
-                   help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
-                        "(an approximation: fewer bytes per token)")
+    _head_dtype_arg(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="greedy text from a run's compressed checkpoint on the sparse runtime")
     p.add_argument("run_dir", help="a run directory (or its compressed/ checkpoint)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--runtime", choices=["sparse", "dense"], default="sparse")
-    p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
-                   help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
-                        "(an approximation: fewer bytes per token)")
+    _head_dtype_arg(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("bench", help="tokens/s and peak RSS: the sparse runtime vs the dense model, same decode loop")
     p.add_argument("run_dir", help="a run directory (or its compressed/ checkpoint)")
@@ -401,9 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write the result to this JSON file")
-    p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
-                   help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
-                        "(an approximation: fewer bytes per token)")
+    _head_dtype_arg(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="render RUN_DIR/run.json to report.md and plots")
     p.add_argument("run_dir")
