@@ -188,6 +188,13 @@ class Results:
     def get(self, key: str) -> dict | None:
         return self.data["entries"].get(key)
 
+    def annotate(self, key: str, note: str) -> None:
+        """Attach a note to a measured entry (what the numbers cannot say: e.g. that a run shared the machine)."""
+        if key not in self.data["entries"]:
+            raise SystemExit(f"no entry {key!r} in {self.path}; entries: {', '.join(self.data['entries'])}")
+        self.data["entries"][key]["note"] = note
+        atomic_write_json(self.path, self.data)
+
 
 def produced_by(meta: dict) -> str:
     """The Markdown line naming every command whose entries a results file holds."""

@@ -210,9 +210,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "peer_search"))
     ap.add_argument("--avx2", action="store_true", help="force torch's AVX2 kernels (both searches and scoring)")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--note", action="append", default=[], metavar="KEY=TEXT",
+                    help="with --render-only: attach a note to a measured entry (shown under the table)")
     args = ap.parse_args()
     if args.render_only:
-        return render(Results(Path(args.out + ".json"), None), Path(args.out + ".md"))
+        res = Results(Path(args.out + ".json"), None)
+        for item in args.note:
+            key, _, text = item.partition("=")
+            res.annotate(key, text)
+        return render(res, Path(args.out + ".md"))
     if args.avx2 and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
 
@@ -344,7 +350,8 @@ def render(res: Results, path: Path) -> None:
         lines.append(f"| {key} | {fmt(e['test_ppl'])} | {fmt(e['test_ppl'] / uni) + 'x' if uni else '—'} | "
                      f"{fmt(e.get('setup_seconds'), 0)} | {fmt(e.get('search_seconds'), 0)} | {fmt(e.get('generations'))} | "
                      f"{fmt(e.get('db_seconds'), 0)} | {moved(e, float(key.split('@')[1]))} |")
-    lines += [""] + provenance_lines(entries, meta)
+    notes = [f"- {key}: {e['note']}" for key, e in entries.items() if e.get("note")]
+    lines += ([""] + notes if notes else []) + [""] + provenance_lines(entries, meta)
     write_markdown(path, "\n".join(lines) + "\n")
 
 
