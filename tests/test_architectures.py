@@ -47,6 +47,17 @@ def test_a_layerwise_logits_equal_the_whole_model_forward(family):
     torch.testing.assert_close(layerwise_logits(model), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["past_key_values", "past_key_value", "cache_params", "cache"])
+def test_a_blocks_kv_cache_is_never_replayed(name):
+    """Each name transformers has given the KV cache (``cache`` from 5.2x) is dropped from a block's replayed
+    arguments and ``use_cache`` turned off: a cache replayed to every batch would grow and attend across them."""
+    from mixsparse.runner import _clean
+
+    mask = torch.ones(1, 4)
+    kw = _clean({name: object(), "attention_mask": mask, "cache_position": torch.arange(4)})
+    assert name not in kw and kw["use_cache"] is False and kw["attention_mask"] is mask and "cache_position" in kw
+
+
 @pytest.mark.parametrize("family", sorted(HYBRID))
 def test_planted_bug_block_0s_arguments_for_every_block_is_caught(family, monkeypatch):
     """The bug the runner replaces: replaying block 0's arguments to every block computes another model."""

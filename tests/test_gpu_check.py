@@ -39,7 +39,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(gpu_check, kit, tmp_path):
     failed = {n: s.get("error") or s.get("failed") or s.get("output_tail") for n, s in steps.items() if not s["ok"]}
     assert rc == 0 and not failed, failed
     assert list(steps) == ["placement_tests", "wanda_70", "sparsegpt_70", "msp_whole", "msp_blockwise", "moe_50",
-                           "recovery_blockwise", "gptq_4bit", "export_compressed"]
+                           "recovery_blockwise", "gptq_4bit", "export_compressed", "runtime_kernel", "runtime_model"]
     assert steps["moe_50"]["wanda"]["experts_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert steps["placement_tests"]["passed"] >= 20 and steps["placement_tests"]["device"] == "simulated"
     for pruner in ("wanda_70", "sparsegpt_70"):
@@ -50,6 +50,11 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(gpu_check, kit, tmp_path):
     assert steps["msp_blockwise"]["model_home"] == "cpu"
     assert steps["recovery_blockwise"]["zeros_unchanged"] and len(steps["recovery_blockwise"]["blocks"]) == 2
     assert steps["gptq_4bit"]["layers"] == 14 and steps["export_compressed"]["bit_exact"]
+    kern = steps["runtime_kernel"]["128x64"]
+    assert kern["bitmask-fp16"]["max_rel_error"] < 1e-5 and kern["bitmask-int4"]["bound_us"] > 0
+    for fmt in ("fp16", "int4"):
+        rt = steps["runtime_model"][f"bitmask-{fmt}@0.7"]
+        assert rt["sparse_layers"] == 14 and rt["dense_layers"] == 0 and rt["same_greedy_tokens"] == "8/8"
     meta = data["meta"]
     assert meta["machine"]["cpu"] and meta["commit"] and meta["layers"] == 2
     md = (out / "check.md").read_text()

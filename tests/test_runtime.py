@@ -58,7 +58,7 @@ def test_runtime_logits_equal_the_dense_with_zeros_model(tmp_path, case, path):
     d = _saved(tmp_path, **CASES[case])
     ids = tiny_ids(1, 12, seed=3)
     want = _reference_logits(d, ids)
-    model, info = load_sparse(d, use_kernels=path == "kernel")
+    model, info = load_sparse(d, kernels="auto" if path == "kernel" else "torch")
     assert len(info.sparse) == 14 and not info.dense  # every pruned linear of the 2 blocks is sparse
     assert all(isinstance(m, SparseLinear) for n, m in model.named_modules() if n in info.sparse)
     if "int4" in case and path == "kernel":  # codes and group scales as stored, half a byte per kept weight
@@ -203,7 +203,7 @@ def test_a_16_bit_head_shares_its_values_with_the_tied_embedding(tmp_path, path)
     from mixsparse.runtime.load import PackedEmbedding
 
     d = _saved(tmp_path, 0.7, tied=True)  # stored in fp16: the 16-bit head holds exactly the stored values
-    model, info = load_sparse(d, head_dtype="float16", use_kernels=path == "kernel")
+    model, info = load_sparse(d, head_dtype="float16", kernels="auto" if path == "kernel" else "torch")
     emb = model.get_input_embeddings()
     assert isinstance(model.lm_head, DenseLowpLinear) and info.sparse["lm_head"] == "dense float16"
     assert isinstance(emb, PackedEmbedding) and emb.weight_lowp.data_ptr() == model.lm_head.weight.data_ptr()

@@ -175,7 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .runtime import load_sparse
         from .runtime.load import compressed_dir
 
-        model, sparse_info = load_sparse(cfg.model.name, head_dtype=args.head_dtype)  # a run directory or its compressed/
+        # a run directory or its compressed/, on the config's device (a GPU: the Triton kernels)
+        model, sparse_info = load_sparse(cfg.model.name, head_dtype=args.head_dtype, device=check_device(cfg.model.device))
         tok = AutoTokenizer.from_pretrained(compressed_dir(cfg.model.name))
     elif args.compressed:
         from .export import load_compressed
@@ -225,6 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .errors import ConfigError
+    from .placement import check_device
     from .runtime.bench import load
     from .runtime.decode import greedy
     from .runtime.load import compressed_dir
@@ -232,13 +234,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_head_dtype(args)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    device = check_device(args.device)
     d = compressed_dir(args.run_dir)
     tok = AutoTokenizer.from_pretrained(d)
-    model, _ = load("sparse" if args.runtime == "sparse" else "dense-fp32", d, head_dtype=args.head_dtype)
-    ids = tok(args.prompt, return_tensors="pt").input_ids
+    model, _ = load("sparse" if args.runtime == "sparse" else "dense-fp32", d, head_dtype=args.head_dtype, device=device)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
     out = greedy(model, ids, args.max_new_tokens)
     print(args.prompt + tok.decode(out.tokens, skip_special_tokens=True))
-    print(f"[{len(out.tokens)} tokens, {out.tokens_per_s:.1f} tokens/s after the prompt, {args.runtime} runtime]",
+    print(f"[{len(out.tokens)} tokens, {out.tokens_per_s:.1f} tokens/s after the prompt, {args.runtime} runtime on {device}]",
           file=sys.stderr)
     return 0
 
@@ -247,14 +250,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import subprocess
 
     from .errors import ModelLoadError
+    from .placement import check_device
     from .runtime.load import compressed_dir
 
+    device = check_device(args.device)
     d = compressed_dir(args.run_dir)
     res = {}
     for variant in ("sparse", "dense-fp32"):  # each in a fresh process: its peak RSS is its own
         out = subprocess.run([sys.executable, "-m", "mixsparse.runtime.bench", variant, str(d), "--prompt",
                               str(args.prompt_tokens), "--new", str(args.new_tokens), "--repeats", str(args.repeats),
-                              "--head-dtype", args.head_dtype if variant == "sparse" else "float32"],
+                              "--head-dtype", args.head_dtype if variant == "sparse" else "float32",
+                              "--device", str(device)],
                              capture_output=True, text=True)
         if out.returncode != 0:
             raise ModelLoadError(f"bench {variant} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
@@ -343,6 +349,11 @@ def _summary(rec, out: Path) -> None:
     print("\n".join(lines))
 
 
+def _runtime_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu (the compiled kernels), cuda or cuda:N (the Triton kernels); auto = cuda if available")
+
+
 def _head_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dtype", choices=list(HEAD_DTYPES), default="float32",
                    help="sparse runtime: hold the LM head (and a tied embedding) in 16 bits, or int8 with row scales "
@@ -396,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--runtime", choices=["sparse", "dense"], default="sparse")
     _head_dtype_arg(p)
+    _runtime_device_arg(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("bench", help="tokens/s and peak RSS: the sparse runtime vs the dense model, same decode loop")
     p.add_argument("run_dir", help="a run directory (or its compressed/ checkpoint)")
@@ -404,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write the result to this JSON file")
     _head_dtype_arg(p)
+    _runtime_device_arg(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="render RUN_DIR/run.json to report.md and plots")
     p.add_argument("run_dir")

@@ -35,7 +35,7 @@ from .errors import DataError, ModelLoadError
 from .modeling import find_decoder_blocks, take_placement
 from .placement import Placement
 
-_DROPPED = ("past_key_values", "past_key_value")
+_DROPPED = ("past_key_values", "past_key_value", "cache_params", "cache")  # the KV cache, by each name transformers has given it
 
 
 class _InputsCaught(Exception):
@@ -312,6 +312,6 @@ class LayerwiseRunner:
 def _clean(kwargs: dict) -> dict:
     """A block's arguments for replay: no cache (each block runs once per batch), ``use_cache`` off."""
     kw = {k: v for k, v in kwargs.items() if k not in _DROPPED}
-    if "use_cache" in kw or "past_key_values" in kwargs or "past_key_value" in kwargs:
+    if "use_cache" in kw or any(k in kwargs for k in _DROPPED):
         kw["use_cache"] = False
     return kw

@@ -33,16 +33,16 @@ def prompt_ids(path, tokens: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def load(variant: str, path, *, head_dtype: str = "float32", isa: int = -1):
+def load(variant: str, path, *, head_dtype: str = "float32", isa: int = -1, device: str | torch.device = "cpu"):
     from ..export import load_compressed
     from .load import _weight_bytes, compressed_dir, load_sparse
 
     if variant == "sparse":
-        model, info = load_sparse(path, head_dtype=head_dtype, isa=isa)
+        model, info = load_sparse(path, head_dtype=head_dtype, isa=isa, device=device)
         return model, {"kernels": info.kernels, "sparse_layers": len(info.sparse), "dense_layers": len(info.dense),
                        "weight_bytes": info.weight_bytes}
     dtype = torch.bfloat16 if variant == "dense-bf16" else torch.float32
-    model = load_compressed(compressed_dir(path), dtype=dtype).eval()
+    model = load_compressed(compressed_dir(path), dtype=dtype).to(device).eval()
     model.config.use_cache = True
     model.generation_config.use_cache = True  # pruning saved the config with the cache off
     return model, {"weight_bytes": _weight_bytes(model)}  # counted as the sparse variant's are
@@ -60,7 +60,7 @@ def peak_rss_mb() -> float:
 
 
 def measure(variant: str, path, prompt: int = 128, new: int = 128, repeats: int = 5, head_dtype: str = "float32",
-            isa: int = -1) -> dict:
+            isa: int = -1, device: str = "cpu") -> dict:
     from .decode import greedy
 
     from accelerate import init_empty_weights
@@ -76,10 +76,10 @@ def measure(variant: str, path, prompt: int = 128, new: int = 128, repeats: int 
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(compressed_dir(path)))
     before = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    model, out = load(variant, path, head_dtype=head_dtype, isa=isa)
+    model, out = load(variant, path, head_dtype=head_dtype, isa=isa, device=device)
     out["load_seconds"] = round(time.perf_counter() - t0, 2)
     out["model_rss_mb"] = round(_status_mb("VmRSS") - before, 1)  # resident memory the loaded model added
-    ids = prompt_ids(path, prompt)
+    ids = prompt_ids(path, prompt).to(device)
     speeds, tokens = [], None
     for _ in range(repeats):
         if variant == "hf-dense-fp32":
@@ -97,8 +97,10 @@ def measure(variant: str, path, prompt: int = 128, new: int = 128, repeats: int 
             speeds.append(d.tokens_per_s)
         tokens = tokens or toks
     out.update({"tokens_per_s": round(statistics.median(speeds), 3), "tokens_per_s_all": [round(s, 3) for s in speeds],
-                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_mb": peak_rss_mb(), "device": str(device),
                 "threads": torch.get_num_threads(), "first_tokens": tokens[:32]})
+    if torch.device(device).type == "cuda":  # the loaded model and its decoding's peak, on the GPU
+        out["peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
 
 
@@ -111,8 +113,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--head-dtype", default="float32")
     ap.add_argument("--isa", type=int, default=-1)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    print(json.dumps(measure(a.variant, a.path, a.prompt, a.new, a.repeats, a.head_dtype, a.isa)))
+    print(json.dumps(measure(a.variant, a.path, a.prompt, a.new, a.repeats, a.head_dtype, a.isa, a.device)))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ def row_pointers(mask: torch.Tensor, rows: int, cols: int, kernels=None) -> torc
     allocator, hundreds of MB over a model)."""
     if kernels is not None:
         return kernels.bitmask_row_ptr(mask, rows, cols)
-    pop = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+    pop = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=mask.device)
     per_row = cols // 8
-    counts = torch.zeros(rows + 1, dtype=torch.int64)
+    counts = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
     step = max(1, 4096 // max(per_row // 64, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -104,14 +104,12 @@ class Q4SparseLinear(SparseLinear):
     exactly mixsparse's ``quantized`` encoding at 4 bits: half a byte per kept weight instead of two."""
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, codes: torch.Tensor,
-                 scale: torch.Tensor, zero: torch.Tensor | None, out_dtype: torch.dtype = torch.float32,
-                 bias: torch.Tensor | None = None, kernels=None, isa: int = -1):
+                 scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None = None, kernels=None, isa: int = -1):
         nn.Module.__init__(self)  # no values: the shared parts only
         self._init_packed(in_features, out_features, mask, bias, kernels, isa)
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("zero", zero if zero is not None else torch.empty(0, dtype=torch.uint8), persistent=False)
-        self.out_dtype = out_dtype
         if codes.numel() * 2 < self.nnz:
             raise ValueError(f"bitmask has {self.nnz} set bits but only {codes.numel() * 2} codes are stored")
 
@@ -125,14 +123,17 @@ class Q4SparseLinear(SparseLinear):
                                       self.out_features, self.isa)
 
     def dense(self) -> torch.Tensor:
+        # (code - zero) * scale in float32, as the kernel computes it: a prompt and a decoded token see one weight
+        if self.kernels is not None and hasattr(self.kernels, "q4_expand"):  # the GPU kernels expand on the device
+            return self.kernels.q4_expand(self.mask, self.codes, self.row_ptr, self.scale, self.zero,
+                                          self.out_features, self.in_features)
         from ..export import quantized_decode
 
         stored = {"w::bitmask": self.mask, "w::codes": self.codes, "w::scale": self.scale}
         entry = {"bits": 4, "symmetric": self.zero.numel() == 0}
         if self.zero.numel():
             stored["w::zero"] = self.zero
-        # the weight the model held: (code - zero) * scale in float32, cast to its dtype
-        return quantized_decode(stored, "w", entry, (self.out_features, self.in_features)).to(self.out_dtype).float()
+        return quantized_decode(stored, "w", entry, (self.out_features, self.in_features))
 
     def _stored(self) -> str:
         return f"codes=int4, scales={str(self.scale.dtype).replace('torch.', '')}"

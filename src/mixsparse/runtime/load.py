@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class RuntimeInfo:
     """What the loader did: per layer, sparse (kernel or torch path) or dense and why; bytes held."""
 
-    kernels: str  # "avx512", "avx2", "scalar" or "torch" (no compiled kernels: the slower path)
+    kernels: str  # "avx512", "avx2", "scalar" (compiled CPU kernels), "triton" (GPU) or "torch" (the slower path)
     sparse: dict[str, str] = field(default_factory=dict)  # layer -> its stored encoding
     dense: dict[str, str] = field(default_factory=dict)  # layer -> why it stays dense
     weight_bytes: int = 0  # bytes of every tensor the model computes from
@@ -84,29 +84,67 @@ def _as_bitmask(name: str, entry: dict, stored: dict[str, torch.Tensor]) -> tupl
     return bitmask_encode(_decode(name, entry, stored))  # N:M or quantized: exact values, converted once
 
 
-def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_sparsity: float = 0.3,
-                use_kernels: bool = True, isa: int = -1) -> tuple[nn.Module, RuntimeInfo]:
+KERNEL_CHOICES = ("auto", "compiled", "triton", "torch")
+
+
+def _kernels_for(device: torch.device, kernels: str):
+    """``(backend or None, its name, why the wanted one is missing)``; a choice that cannot work here is refused
+    in one line before anything is read."""
+    from . import kernels as K
+    from . import triton_kernels as TK
+
+    if kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"the sparse runtime runs on cpu or cuda, not {device.type}; use cpu or cuda")
+    if kernels == "auto":
+        kernels = "compiled" if device.type == "cpu" else "triton"
+    if device.type != "cpu" and kernels != "triton":
+        raise ConfigError(f"on {device} the sparse runtime computes with its Triton kernels; kernels={kernels!r} runs "
+                          "on the CPU only: leave kernels at 'auto'")
+    if kernels == "triton":
+        if TK.reason() is not None:
+            raise ConfigError(f"the sparse runtime on {device} needs its Triton kernels, but {TK.reason()}: "
+                              "pip install triton")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("the Triton kernels run on the CPU only in Triton's interpreter (TRITON_INTERPRET=1, "
+                              "for tests); on the CPU use kernels='auto'")
+        return TK.TritonKernels(), "triton", None
+    if kernels == "torch":
+        return None, "torch", None
+    kern = K.get()
+    if kern is None and kernels == "compiled":  # named, not chosen: no quiet fallback
+        raise ConfigError(f"the compiled sparse kernels are unavailable ({K.reason()}): run scripts/install.sh with a "
+                          "C++ compiler present, or use kernels='auto' (the pure-torch path, slower)")
+    if kern is None:
+        log.warning("sparse kernels unavailable (%s): the pure-torch path is used (correct, slower)", K.reason())
+        return None, "torch", K.reason()
+    return kern, "compiled", None
+
+
+def load_sparse(path: str | os.PathLike, *, device: str | torch.device = "cpu", head_dtype: str = "float32",
+                min_sparsity: float = 0.3, kernels: str = "auto", isa: int = -1) -> tuple[nn.Module, RuntimeInfo]:
     """``(model, info)``: the compressed checkpoint in ``path`` (a run directory or its ``compressed/``) with its
-    pruned linears as :class:`SparseLinear` (see the module docstring). ``isa`` caps the kernels' instruction set
-    (0 scalar, 1 AVX2, 2 AVX-512; -1 the best this CPU has)."""
+    pruned linears as :class:`SparseLinear` (see the module docstring), on ``device``. ``kernels``: ``auto`` (the
+    compiled CPU kernels on the CPU, the Triton ones on a GPU), ``compiled``, ``triton`` or ``torch`` (the pure-torch
+    path, CPU). ``isa`` caps the CPU kernels' instruction set (0 scalar, 1 AVX2, 2 AVX-512; -1 the best this CPU
+    has)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..export import _decode, _parse_dtype, _read_index
+    from ..export import _decode, _read_index
     from . import kernels as K
 
     if head_dtype not in HEAD_DTYPES:
         raise ConfigError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
+    device = torch.device(device)
+    kern, backend, missing = _kernels_for(device, kernels)
     d = compressed_dir(path)
     index = _read_index(d)
     stored = _open_all(d, index)
     entries: dict[str, dict] = index["tensors"]
     aliases: dict[str, str] = index.get("aliases", {})
-    kern = K.get() if use_kernels else None
-    info = RuntimeInfo(kernels=K.isa(isa) if kern is not None else "torch",
-                       kernels_missing=None if kern is not None or not use_kernels else K.reason())
-    if use_kernels and kern is None:
-        log.warning("sparse kernels unavailable (%s): the pure-torch path is used (correct, slower)", info.kernels_missing)
+    info = RuntimeInfo(kernels=K.isa(isa) if backend == "compiled" else backend, kernels_missing=missing)
     config = AutoConfig.from_pretrained(d)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -133,7 +171,7 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
                     and (cols // stored[f"{name}::scale"].shape[1]) % 8 == 0:
                 layer = Q4SparseLinear(cols, rows, stored[f"{name}::bitmask"], stored[f"{name}::codes"],
                                        stored[f"{name}::scale"], None if entry["symmetric"] else stored[f"{name}::zero"],
-                                       _parse_dtype(entry["dtype"]), bias, kernels=kern, isa=isa)
+                                       bias, kernels=kern, isa=isa)
             else:
                 mask, values = _as_bitmask(name, entry, stored)  # the file's own tensors for a bitmask entry
                 sparsity = 1 - values.numel() / (rows * cols)
@@ -172,7 +210,7 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
             if emb_name is not None and state.get(f"{emb_name}.weight") is w:  # tied: look rows up in the same values
                 state.pop(f"{emb_name}.weight")
                 replaced[emb_name] = PackedEmbedding(low, scale)
-    if kern is not None and isa < 0:
+    if backend == "compiled" and isa < 0:
         info.kernels = _fastest_isa([m for m in replaced.values() if isinstance(m, SparseLinear)], kern)
     for owner, new in replaced.items():
         parent, _, child = owner.rpartition(".")
@@ -195,7 +233,24 @@ def load_sparse(path: str | os.PathLike, *, head_dtype: str = "float32", min_spa
         raise ModelLoadError(f"the compressed checkpoint in {d} holds {unexpected[0]!r}, which the model does not have")
     info.weight_bytes = _weight_bytes(model)
     model.config.use_cache = True
+    if device.type != "cpu":
+        to_device(model, device)
     return model.eval(), info
+
+
+def to_device(model: nn.Module, device: torch.device) -> None:
+    """``model.to(device)`` that keeps shared tensors shared: ``Module.to`` copies each module's tensors on its own, so
+    a tied head and embedding (two Parameters on one tensor here, or the low-precision head's matrix that the
+    embedding looks rows up in) would each get a copy on the device."""
+    moved: dict[tuple, torch.Tensor] = {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        if key not in moved:
+            moved[key] = t.to(device)
+        return moved[key]
+
+    model._apply(move)
 
 
 class PackedEmbedding(nn.Module):
