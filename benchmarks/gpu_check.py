@@ -354,14 +354,19 @@ def runtime_kernel_step(shape: CheckShape, device: torch.device) -> dict:
         layers = {"bitmask-fp16": SparseLinear(cols, rows, mask, values, kernels=kern),
                   "bitmask-int4": Q4SparseLinear(cols, rows, parts["bitmask"], parts["codes"], parts["scale"], None,
                                                  kernels=kern)}
-        refs = {"bitmask-fp16": w.half().float(), "bitmask-int4": qw.dequantize()}
+        # the exact products (float64 on the CPU) each format's kernel must give
+        want = {"bitmask-fp16": x.double().cpu() @ w.half().double().t(),
+                "bitmask-int4": x.double().cpu() @ qw.dequantize().double().t()}
+
+        def rel_err(fmt: str) -> float:
+            return float((layers[fmt](x).double().cpu() - want[fmt]).abs().max() / want[fmt].abs().max())
+
         dense16 = w.half().to(device)
         x16 = x.half()
         entry = {"dense_fp16_us": round(_gpu_time(lambda: x16 @ dense16.t(), device) * 1e6, 1)}
         for fmt, lin in layers.items():
             lin.to(device)
-            ref = (x.double().cpu() @ refs[fmt].double().t())
-            err = float((lin(x).double().cpu() - ref).abs().max() / ref.abs().max())
+            err = rel_err(fmt)
             sec = _gpu_time(lambda lin=lin: lin(x), device)
             moved = lin.weight_bytes() + 4 * (cols + rows)  # the packed weight, the input and the output
             entry[fmt] = {"us": round(sec * 1e6, 1), "call_us": round(_timed(lambda lin=lin: lin(x), device, 50) * 1e6, 1),
@@ -374,12 +379,11 @@ def runtime_kernel_step(shape: CheckShape, device: torch.device) -> dict:
             from mixsparse.runtime import triton_kernels as TK
 
             lin, chosen = layers["bitmask-fp16"], (TK.BLOCK_R, TK.BLOCK_K)
-            ref = (x.double().cpu() @ refs["bitmask-fp16"].double().t())
             entry["tiles_us"] = {}
             try:
                 for r, k in ((8, 128), (16, 64), (16, 128), (16, 256), (32, 128), (32, 256), (64, 64)):
                     TK.BLOCK_R, TK.BLOCK_K = r, k
-                    err = float((lin(x).double().cpu() - ref).abs().max() / ref.abs().max())
+                    err = rel_err("bitmask-fp16")
                     entry["tiles_us"][f"{r}x{k}"] = round(_gpu_time(lambda: lin(x), device) * 1e6, 1)
                     ok &= err < 1e-5
             finally:

@@ -10,8 +10,8 @@ import triton.language as tl
 def weights(rows, rmask, off, k0, K, G, mask_ptr, vals_ptr, codes_ptr, scale_ptr, zero_ptr,
             BLOCK_K: tl.constexpr, FMT: tl.constexpr, ASYM: tl.constexpr):
     """The float32 weight tile of ``rows`` x columns ``k0 .. k0 + BLOCK_K`` and the rows' offsets after it.
-    FMT: BITMASK (kept values), Q4 (kept 4-bit codes, group scales, zero points if ASYM) or DENSE (every
-    weight stored; int8 ones times their row's scale if ASYM)."""
+    FMT (triton_kernels' constants): 0 BITMASK (kept values), 1 Q4 (kept 4-bit codes, group scales, zero points if
+    ASYM) or 2 DENSE (every weight stored; int8 ones times their row's scale if ASYM)."""
     c = k0 + tl.arange(0, BLOCK_K)
     inside = rmask[:, None] & (c < K)[None, :]
     r64 = rows.to(tl.int64)[:, None]
