@@ -13,8 +13,8 @@ in each format, then measures each variant in a fresh process (``python -m mixsp
 Each entry has ``tokens_per_s``, ``peak_rss_mb``, ``weight_bytes`` and ``bytes_per_token_read`` (the weights a
 decode step multiplies: every linear and the head), with the machine's measured read and copy bandwidth and the
 tokens/s bound the read bandwidth implies, and the test perplexity of the model as the runtime computes it (8,192
-wiki test tokens: what a lossy part, such as the int8 head, costs). Also a per-layer kernel entry (one MLP projection at 70%): its time
-against its bandwidth bound. Run it alone (a second torch process on 2 cores slows both).
+wiki test tokens: what a lossy part, such as the int8 head, costs). Also a per-layer kernel entry (one MLP projection at 70%,
+per stored kind and instruction set, streamed from memory and hot in the caches): its time against its bandwidth bound. Run it alone (a second torch process on 2 cores slows both).
 
     python benchmarks/runtime.py --dir /tmp/msrt
 """
@@ -129,55 +129,89 @@ def loaded_facts(variant: str, path: Path, head: str, ppl_tokens: int = 8192) ->
     return out
 
 
-def layer_kernel(bw: dict) -> dict:
-    """One 70% MLP projection of the embedded model's shape (1536 x 576, fp16 values), batch 1: the kernel's time
-    against the time to read its bytes at the measured read bandwidth."""
+def _layers(kind: str, count: int, rows: int = 1536, cols: int = 576, sparsity: float = 0.7) -> list:
+    """``count`` distinct 70% layers of one stored kind (fp16 / bf16 values, or 4-bit codes as the int4 variant
+    stores them: RTN, group 64, symmetric), kernels unset."""
+    from mixsparse.export import bitmask_encode, quantized_encode
+    from mixsparse.quant.grid import QuantSpec, quantize_rtn
+    from mixsparse.runtime.linear import Q4SparseLinear, SparseLinear
+
+    out = []
+    for _ in range(count):
+        w = torch.randn(rows, cols)
+        w[torch.rand_like(w) < sparsity] = 0
+        if kind == "int4":
+            _, parts = quantized_encode(quantize_rtn(w, QuantSpec(4, 64, True), "w"))
+            out.append(Q4SparseLinear(cols, rows, parts["bitmask"], parts["codes"], parts["scale"], None))
+        else:
+            mask, values = bitmask_encode(w.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[kind])))
+            out.append(SparseLinear(cols, rows, mask, values))
+    return out
+
+
+def _timed(f, calls: int, rounds: int = 9) -> float:
+    """Median over ``rounds`` of the mean time of ``calls`` calls of ``f`` (after a warm-up), seconds."""
+    for _ in range(max(1, calls // 4)):
+        f()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            f()
+        times.append((time.perf_counter() - t) / calls)
+    return statistics.median(times)
+
+
+def layer_kernel(bw: dict, streamed_mb: int = 128) -> dict:
+    """One 70% MLP projection of the embedded model's shape (1536 x 576), batch 1, per stored kind (fp16, bf16,
+    int4) and instruction set: the kernel's time against the time to read its bytes at the measured read bandwidth,
+    timed two ways. ``hot``: the same layer called again and again (its bytes stay in the caches, so this is the
+    kernel's instruction cost); ``streamed``: distinct layers called in turn, ``streamed_mb`` MB of them (4x the 32
+    MiB L3 of the machines used here), so each call reads its layer from memory, as decoding does (each layer
+    once per token).
+    The bound compares with ``streamed``. Also a 7B-shaped projection (8192 x 4096, fp16, the faster ISA, hot) and
+    dense float32 ``F.linear`` on the small shape."""
     from mixsparse.export import bitmask_encode
     from mixsparse.runtime import SparseLinear, kernels
 
     torch.manual_seed(0)
-    w = torch.randn(1536, 576)
-    w[torch.rand_like(w) < 0.7] = 0
-    mask, values = bitmask_encode(w.half())
-    def timed(f, calls: int = 200) -> float:
-        for _ in range(50):
-            f()
-        times = []
-        for _ in range(9):
-            t = time.perf_counter()
-            for _ in range(calls):
-                f()
-            times.append((time.perf_counter() - t) / calls)
-        return statistics.median(times)
-
     out = {}
     k = kernels.get()
-    for name, isa in (("avx2", 1), ("avx512", 2)):
-        if k is None or int(k.isa_level(isa)) != isa:
-            continue
-        lin = SparseLinear(576, 1536, mask, values, kernels=k, isa=isa)
+    isas = {} if k is None else {n: i for n, i in (("avx2", 1), ("avx512", 2)) if int(k.isa_level(i)) == i}
+    for kind in ("fp16", "bf16", "int4"):
+        layers = _layers(kind, 1)
+        layers += _layers(kind, -(-streamed_mb * 10**6 // layers[0].weight_bytes()) - 1)
         x = torch.randn(1, 576)
-        sec = timed(lambda: lin(x))  # the module as decoding calls it
-        raw = timed(lambda: k.bitmask_matmul(x, lin.mask, lin.values, lin.row_ptr, 1536, isa))  # the kernel alone
-        bound = lin.weight_bytes() / (bw["read_gb_s"] * 1e9)
-        out[name] = {"us": round(sec * 1e6, 2), "kernel_us": round(raw * 1e6, 2), "bound_us": round(bound * 1e6, 2),
-                     "ratio_to_bound": round(sec / bound, 2), "kernel_ratio_to_bound": round(raw / bound, 2),
-                     "bytes": lin.weight_bytes()}
-    if k is not None:  # a 7B-shaped MLP projection (8192 x 4096): the kernel alone, the faster instruction set
+        nbytes = layers[0].weight_bytes()
+        bound = nbytes / (bw["read_gb_s"] * 1e9)
+        for name, isa in isas.items():
+            for lin in layers:
+                lin.kernels, lin.isa = k, isa
+            hot = _timed(lambda: layers[0]._kernel(x), 400)
+            def stream():
+                for lin in layers:
+                    lin._kernel(x)
+            streamed_s = _timed(stream, 3, 7) / len(layers)
+            out.setdefault(kind, {})[name] = {
+                "hot_us": round(hot * 1e6, 2), "streamed_us": round(streamed_s * 1e6, 2),
+                "bound_us": round(bound * 1e6, 2), "streamed_ratio_to_bound": round(streamed_s / bound, 2),
+                "hot_ratio_to_bound": round(hot / bound, 2), "bytes": nbytes}
+        del layers
+    if k is not None:
         w = torch.randn(8192, 4096)
         w[torch.rand_like(w) < 0.7] = 0
         mask, values = bitmask_encode(w.half())
         del w
         lin = SparseLinear(4096, 8192, mask, values, kernels=k)
         x = torch.randn(1, 4096)
-        raw = min(timed(lambda i=i: k.bitmask_matmul(x, lin.mask, lin.values, lin.row_ptr, 8192, i), 20)
-                  for i in {int(k.isa_level(1)), int(k.isa_level(2))})
+        raw = min(_timed(lambda i=i: k.bitmask_matmul(x, lin.mask, lin.values, lin.row_ptr, 8192, i), 20)
+                  for i in isas.values())
         bound = lin.weight_bytes() / (bw["read_gb_s"] * 1e9)
         out["large-8192x4096"] = {"kernel_us": round(raw * 1e6, 1), "bound_us": round(bound * 1e6, 1),
                                   "kernel_ratio_to_bound": round(raw / bound, 2), "bytes": lin.weight_bytes()}
     dense = torch.randn(1536, 576)
     x = torch.randn(1, 576)
-    out["dense-fp32"] = {"us": round(timed(lambda: torch.nn.functional.linear(x, dense)) * 1e6, 2),
+    out["dense-fp32"] = {"hot_us": round(_timed(lambda: torch.nn.functional.linear(x, dense), 400) * 1e6, 2),
                          "bound_us": round(dense.numel() * 4 / (bw["read_gb_s"] * 1e9) * 1e6, 2)}
     return out
 
@@ -279,18 +313,23 @@ def render(res: Results) -> None:
                     f"{v['bytes_per_token_read'] / 2**20:,.1f} MiB | {fmt(v['bound_tokens_per_s'], 1)} | "
                     f"{fmt(v['peak_rss_mb'], 0)} | {fmt(v.get('test_ppl'))} | {v.get('kernels', 'dense (torch)')} |")
     k = {n: v for n, v in e.get("kernel-layer@0.7", {}).items() if n != "provenance"}
-    def kline(name: str, v: dict) -> str:
-        if name.startswith("large-"):
-            return (f"- {name[6:]} (a 7B-shaped MLP projection), kernel alone, faster ISA: {v['kernel_us']} µs, bound "
-                    f"{v['bound_us']} µs ({v['kernel_ratio_to_bound']}x the bound)")
-        line = f"- {name}: {v['us']} µs per call, read-bandwidth bound {v['bound_us']} µs"
-        if "ratio_to_bound" in v:
-            line += f" ({v['ratio_to_bound']}x the bound)"
-        if "kernel_us" in v:
-            line += f"; the kernel alone {v['kernel_us']} µs ({v['kernel_ratio_to_bound']}x)"
-        return line
-
-    klines = [kline(name, v) for name, v in k.items()]
+    klines = []
+    if any(kind in k for kind in ("fp16", "bf16", "int4")):
+        klines = ["| stored | ISA | bytes | read-bandwidth bound, µs | streamed, µs | vs bound | hot, µs | vs bound |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for kind in ("fp16", "bf16", "int4"):
+            for isa, v in (k.get(kind) or {}).items():
+                klines.append(f"| {kind} | {isa} | {v['bytes']:,} | {v['bound_us']} | {v['streamed_us']} | "
+                              f"{v['streamed_ratio_to_bound']}x | {v['hot_us']} | {v['hot_ratio_to_bound']}x |")
+        klines.append("")
+    if "large-8192x4096" in k:
+        v = k["large-8192x4096"]
+        klines.append(f"- 8192x4096 (a 7B-shaped MLP projection, fp16, hot), the faster ISA: {v['kernel_us']} µs, bound "
+                      f"{v['bound_us']} µs ({v['kernel_ratio_to_bound']}x the bound)")
+    if "dense-fp32" in k:
+        v = k["dense-fp32"]
+        klines.append(f"- dense float32 `F.linear` of the small shape, hot: {v.get('hot_us', v.get('us'))} µs "
+                      f"(read-bandwidth bound {v['bound_us']} µs: it runs from the caches)")
     b = e.get("breakdown@0.7")
     blines = [f"Where a decode step goes (bitmask-fp16+head-fp16@0.7): {b['step_ms']} ms per token, of which the "
               f"{b['sparse_layers']} sparse kernels called alone take {b['kernels_ms']} ms; reading their "
@@ -301,8 +340,10 @@ def render(res: Results) -> None:
             f"of {meta.get('repeats')}; each variant in a fresh process (its own peak RSS). Embedded model "
             "(SmolLM2-135M), Wanda uniform. Measured bandwidth: read "
             f"{bw.get('read_gb_s')} GB/s, copy {bw.get('copy_gb_s')} GB/s (read + write bytes), {bw.get('threads')} threads.",
-            "", *rows, "", *blines, "One MLP projection (1536 x 576) at 70%, fp16 values, batch 1 (the module as decoding calls it, and its "
-            "kernel alone), and a 7B-shaped one:", "", *klines, "",
+            "", *rows, "", *blines, "One MLP projection's kernel (1536 x 576 at 70%, batch 1), per stored kind and "
+            "instruction set. Streamed: 128 MB of distinct such layers called in turn (4x the L3), so each call reads its "
+            "layer from memory, as decoding does; hot: one layer again and again (from the caches: the kernel's "
+            "instruction cost). The bound is the layer's bytes at the measured read bandwidth.", "", *klines, "",
             *provenance_lines(e, meta)]
     write_markdown(RESULTS / "runtime.md", "\n".join(text) + "\n")
 
