@@ -106,6 +106,11 @@ def test_int4_kernel_on_every_instruction_set_equals_the_dequantized_weight(symm
     torch.manual_seed(1)
     w = torch.randn(40, cols)
     w[torch.rand_like(w) < 0.6] = 0
+    # every weight of rows 6 and 8 kept (|w| >= 1: no code lands on the zero point), one of row 7: rows whose steps
+    # need all 32 codes, from an even and from an odd first code
+    w[6], w[8] = (torch.randn(cols).sign() * (1 + torch.rand(cols)) for _ in range(2))
+    w[7] = 0
+    w[7, 3] = 1.5
     qw = quantize_rtn(w, QuantSpec(4, group, symmetric), "w")
     enc, parts = quantized_encode(qw)
     assert enc == "quantized"  # 60% zeros: the bitmask pays

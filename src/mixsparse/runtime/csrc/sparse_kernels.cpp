@@ -365,8 +365,10 @@ void with_floats(const torch::Tensor& t, const char* what, F&& f) {
 // ---- bitmask + 4-bit codes (mixsparse's "quantized" encoding with bits=4) ----------------------------------
 // The stored weights' codes are 4-bit, most significant first, in the values' order; row r's first code is
 // code number row_ptr[r]. Group g of a row (group_size columns) has scale[r, g] and zero point zero[r, g]
-// (symmetric grids: 8); the weight is (code - zero) * scale, in float32. Each 8 or 16 columns share one group
-// (group_size is a multiple of the step), so a chunk's codes are dequantized with one scale, then expanded.
+// (symmetric grids: 8); the weight is (code - zero) * scale, in float32. A step (32 columns, or 8 when group_size
+// is not a multiple of 32) lies in one group. Every instruction set runs the AVX2 loops: per 8 columns a
+// broadcast, a shuffle, a conversion and an FMA, plus the unpacking of codes, ~4x the fp16 loop's work per stored
+// byte, which is what bounds it (the bytes alone would allow ~8x its speed).
 
 // 8 codes starting at code k, as the top 32 bits (MSB first); reads 8 bytes (near the end of the buffer, from a
 // zero-padded copy)
@@ -453,7 +455,9 @@ __attribute__((target(MS_AVX2))) inline void row_q4_avx2(const float* x, int64_t
     __m256 part[BB][NA];
     for (int b = 0; b < BB; ++b)
       for (int a = 0; a < NA; ++a) part[b][a] = _mm256_setzero_ps();
-    int64_t base = 0, end_have = 0;  // buf holds codes base.. end_have - 1 (of this group)
+    // buf holds codes base .. end_have - 1 (this group's zero point subtracted); k <= end_have <= base + 64 after
+    // every step, so a step's reads (up to 32 bytes past its first code) stay in buf
+    int64_t base = k & ~int64_t{1}, end_have = base;
     for (const int64_t end = j + gs / 8; j < end; j += 4) {
       uint32_t word;
       std::memcpy(&word, m + j, 4);  // bytes j..j+3 in memory order: byte j is the low one
