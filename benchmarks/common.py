@@ -100,16 +100,17 @@ def machine() -> dict:
 @functools.lru_cache(maxsize=1)
 def commit() -> str:
     """The checkout's commit (``MIXSPARSE_COMMIT`` where the working tree travels without its .git),
-    with ``+dirty`` when tracked files differ from it; read once per process (its first result entry), since
-    the code a benchmark runs is the code it imported."""
+    with ``+dirty`` when tracked files other than result files differ from it (so benchmarks run one after another
+    record the code they ran, not the results the one before wrote); read once per process (its first result
+    entry), since the code a benchmark runs is the code it imported."""
     if os.environ.get("MIXSPARSE_COMMIT"):
         return os.environ["MIXSPARSE_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root, capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
