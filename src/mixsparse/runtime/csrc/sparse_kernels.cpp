@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <type_traits>
 
 #if defined(__x86_64__)
@@ -191,7 +192,7 @@ __attribute__((target(MS_AVX2))) void rows_avx2(const float* x, int64_t K, const
 // elsewhere), straight from the mask word, its bits reversed per byte by one GF(2) affine map (the file's bytes
 // are most significant bit first). fp16 lanes are then converted (two vcvtph2ps); bf16 lanes are widened by
 // interleaving with zeros, which puts columns {0-3, 8-11, ...} in the low register and {4-7, 12-15, ...} in the
-// high one, so the input vector is read in that order (``interleave_x``, once per call). Measured on AMD Zen 4
+// high one, so the input vector is read in that order (``step_x``, once per call). Measured on AMD Zen 4
 // against the byte-shuffle AVX2 loop (1536 x 576 at 70%, 2 threads): fp16 ~15% faster, bf16 ~40%; the expansion
 // and the fp16 conversion are what bound it.
 template <typename V>
@@ -365,10 +366,10 @@ void with_floats(const torch::Tensor& t, const char* what, F&& f) {
 // ---- bitmask + 4-bit codes (mixsparse's "quantized" encoding with bits=4) ----------------------------------
 // The stored weights' codes are 4-bit, most significant first, in the values' order; row r's first code is
 // code number row_ptr[r]. Group g of a row (group_size columns) has scale[r, g] and zero point zero[r, g]
-// (symmetric grids: 8); the weight is (code - zero) * scale, in float32. A step (32 columns, or 8 when group_size
-// is not a multiple of 32) lies in one group. Every instruction set runs the AVX2 loops: per 8 columns a
-// broadcast, a shuffle, a conversion and an FMA, plus the unpacking of codes, ~4x the fp16 loop's work per stored
-// byte, which is what bounds it (the bytes alone would allow ~8x its speed).
+// (symmetric grids: 8); the weight is (code - zero) * scale, in float32. Every instruction set runs the AVX2
+// loops (an AVX-512 expansion-based one was slower on Zen 4): a row's codes are unpacked to bytes (minus the zero
+// point) a row ahead, then per 8 columns one broadcast, shuffle, conversion and FMA. That is more vector work per
+// stored byte than the 16-bit loops do, so these kernels are bound by their instructions, not by memory.
 
 // 8 codes starting at code k, as the top 32 bits (MSB first); reads 8 bytes (near the end of the buffer, from a
 // zero-padded copy)
@@ -428,57 +429,72 @@ __attribute__((target(MS_AVX2))) inline void unpack32(const uint8_t* p, __m256i 
   // each 16-bit lane: its byte's high nibble in the low byte (the first code), the low nibble in the high byte
   const __m256i nib = _mm256_or_si256(_mm256_srli_epi16(w, 4), _mm256_and_si256(_mm256_slli_epi16(w, 8),
                                                                                  _mm256_set1_epi16(0x0F00)));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi8(nib, zb));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi8(nib, zb));
 }
 
-// One row, 32 columns (4 mask bytes) per step; group_size is a multiple of 32, so a step lies in one group. The
-// step's codes (at most 32, from code k on) are unpacked to bytes minus the group's zero point into a small
-// buffer; each mask byte then takes its 8 lanes by one byte shuffle that puts (code - zero) in the top byte of a
-// 32-bit lane, so one integer conversion gives (code - zero) * 2^24 exactly, and the group's scale (times 2^-24)
-// multiplies the group's sums once. Per 8 columns: a broadcast, a shuffle, a conversion and an FMA (the earlier
-// loop widened, converted and scaled each chunk and unpacked 64 codes per step: ~25% slower on Zen 4).
-// ``Safe``: the row's codes end within 32 bytes of the buffer's end (reads go through a zero-padded copy).
-template <typename S, int BB, bool Safe>
+// Row r's codes (numbers k0 .. k1 - 1) as bytes minus their group's zero point, code k0 & ~1 at out[0]; out
+// holds k1 - k0 + 64 bytes. Symmetric grids (zero point 8 throughout) in one sweep, 32 codes at a time; with zero
+// points, group by group (a group's first unpack also rewrites its predecessor's last code when the group starts at
+// an odd code: that byte is written again). ``Safe``: the row's codes end within 32 bytes of the buffer's end.
+template <bool Safe>
+__attribute__((target(MS_AVX2))) inline void unpack_row(const uint8_t* codes, int64_t nbytes, int64_t k0, int64_t k1,
+                                                        const uint8_t* m, int64_t K, int64_t gs, const uint8_t* zero,
+                                                        int8_t* out) {
+  alignas(32) uint8_t pad[32];
+  const int64_t base = k0 & ~int64_t{1};
+  if (!zero) {
+    for (int64_t u = base; u < k1; u += 32)
+      unpack32(readable<32, Safe>(codes, u >> 1, nbytes, pad), _mm256_set1_epi8(8), out + (u - base));
+    return;
+  }
+  int64_t k = k0;
+  int last_zero = 0;  // the zero point of the last group with codes
+  for (int64_t c = 0; c < K; c += gs, ++zero) {
+    int64_t n = 0;
+    for (int64_t j = c / 8; j < (c + gs) / 8; j += 4) {
+      uint32_t word;
+      std::memcpy(&word, m + j, 4);
+      n += __builtin_popcount(word);
+    }
+    if (n == 0) continue;
+    const int64_t gb = k & ~int64_t{1};
+    for (int64_t u = gb; u < k + n; u += 32)
+      unpack32(readable<32, Safe>(codes, u >> 1, nbytes, pad), _mm256_set1_epi8(static_cast<char>(*zero)),
+               out + (u - base));
+    // the previous group's last code (the high nibble of the byte) again, from the codes: reading back the byte
+    // just stored would wait for the store
+    if ((k & 1) && gb >= k0) out[gb - base] = static_cast<int8_t>((codes[gb >> 1] >> 4) - last_zero);
+    last_zero = *zero;
+    k += n;
+  }
+}
+
+// One row from its unpacked codes (``buf``: unpack_row's output), 32 columns (4 mask bytes) per step;
+// group_size is a multiple of 32, so a step lies in one group. Each mask byte's codes are shuffled into the top
+// byte of their 32-bit lanes, so one integer conversion gives (code - zero) * 2^24 exactly; the group's scale
+// (times 2^-24) multiplies the group's sums once. Per 8 columns: a broadcast, a shuffle, a conversion, an FMA.
+template <typename S, int BB>
 __attribute__((target(MS_AVX2))) inline void row_q4_avx2(const float* x, int64_t K, const uint8_t* m,
-                                                         const uint8_t* codes, int64_t nbytes, int64_t k,
-                                                         const S* scale, const uint8_t* zero, int64_t gs, float* y,
+                                                         const int8_t* buf, const S* scale, int64_t gs, float* y,
                                                          int64_t N, int64_t r) {
   constexpr int NA = BB == 1 ? 4 : (BB == 2 ? 2 : 1);
-  alignas(32) int8_t buf[96] = {};  // buf[i]: code number base + i (of the current group), minus its zero point
-  alignas(32) uint8_t pad[32];
   __m256 acc[BB][NA];
   for (int b = 0; b < BB; ++b)
     for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
-  const int64_t nb = K / 8;
-  for (int64_t j = 0; j < nb; ++scale) {
-    const __m256i zb = _mm256_set1_epi8(static_cast<char>(zero ? *zero++ : 8));
+  const int8_t* p = buf;
+  for (int64_t j = 0; j < K / 8; ++scale) {
     __m256 part[BB][NA];
     for (int b = 0; b < BB; ++b)
       for (int a = 0; a < NA; ++a) part[b][a] = _mm256_setzero_ps();
-    // buf holds codes base .. end_have - 1 (this group's zero point subtracted); k <= end_have <= base + 64 after
-    // every step, so a step's reads (up to 32 bytes past its first code) stay in buf
-    int64_t base = k & ~int64_t{1}, end_have = base;
     for (const int64_t end = j + gs / 8; j < end; j += 4) {
-      uint32_t word;
-      std::memcpy(&word, m + j, 4);  // bytes j..j+3 in memory order: byte j is the low one
-      const int n = __builtin_popcount(word);
-      if (k + n > end_have) {  // unpack from this step's first code: 32 codes, or 64 when they do not suffice
-        base = k & ~int64_t{1};
-        const uint8_t* p = readable<32, Safe>(codes, k >> 1, nbytes, pad);
-        unpack32(p, zb, buf);
-        end_have = base + 32;
-        if (k + n > end_have) unpack32(p + 16, zb, buf + 32), end_have += 32;
-      }
-      const int at = static_cast<int>(k - base);
-      const int rel[4] = {at, at + T.pop[word & 0xFF], at + __builtin_popcount(word & 0xFFFF),
-                          at + __builtin_popcount(word & 0xFFFFFF)};
-      k += n;
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
+        const uint8_t byte = m[j + i];
         int64_t eight;
-        std::memcpy(&eight, buf + rel[i], 8);
+        std::memcpy(&eight, p, 8);
+        p += T.pop[byte];
         const __m256i q = _mm256_shuffle_epi8(_mm256_set1_epi64x(eight),
-                                              _mm256_load_si256(reinterpret_cast<const __m256i*>(T.sh8top[m[j + i]])));
+                                              _mm256_load_si256(reinterpret_cast<const __m256i*>(T.sh8top[byte])));
         const __m256 w = _mm256_cvtepi32_ps(q);
         for (int b = 0; b < BB; ++b)
           part[b][i % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + (j + i) * 8), part[b][i % NA]);
@@ -529,14 +545,23 @@ __attribute__((target(MS_AVX2))) void rows_q4_avx2(const float* x, int64_t K, co
                                                   int64_t r0, int64_t r1) {
   const int64_t gs = K / G;
   if (gs % 32) return rows_q4_avx2_narrow<S, BB>(x, K, mask, codes, nbytes, row_ptr, scale, zero, G, y, N, r0, r1);
-  for (int64_t r = r0; r < r1; ++r) {
+  // each row's codes are unpacked a row ahead of their use (two buffers): a load from a store still in flight
+  // waits for it, and unpacking a step's codes right before its loads cost ~25% of the time
+  std::vector<int8_t> store(2 * (K + 64) + 32);
+  int8_t* first = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(store.data()) + 31) & ~uintptr_t{31});
+  int8_t* bufs[2] = {first, first + K + 64};
+  auto unpack = [&](int64_t r) {
     const uint8_t* m = mask + r * (K / 8);
     const uint8_t* z = zero ? zero + r * G : nullptr;
-    // a step reads 32 bytes from its first code's byte, which is at most the row's end
     if ((row_ptr[r + 1] >> 1) + 32 <= nbytes)
-      row_q4_avx2<S, BB, false>(x, K, m, codes, nbytes, row_ptr[r], scale + r * G, z, gs, y, N, r);
+      unpack_row<false>(codes, nbytes, row_ptr[r], row_ptr[r + 1], m, K, gs, z, bufs[r & 1]);
     else
-      row_q4_avx2<S, BB, true>(x, K, m, codes, nbytes, row_ptr[r], scale + r * G, z, gs, y, N, r);
+      unpack_row<true>(codes, nbytes, row_ptr[r], row_ptr[r + 1], m, K, gs, z, bufs[r & 1]);
+  };
+  if (r0 < r1) unpack(r0);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + 1 < r1) unpack(r + 1);
+    row_q4_avx2<S, BB>(x, K, mask + r * (K / 8), bufs[r & 1] + (row_ptr[r] & 1), scale + r * G, gs, y, N, r);
   }
 }
 
