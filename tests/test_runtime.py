@@ -125,6 +125,33 @@ def test_int4_kernel_on_every_instruction_set_equals_the_dequantized_weight(symm
         torch.testing.assert_close(lin(many), many @ ref_w.t(), rtol=1e-5, atol=1e-5)
 
 
+def test_the_kernels_refuse_too_few_stored_weights_before_reading_them():
+    """A direct call whose values or codes are fewer than the mask says (or whose scales have no groups) is refused,
+    not read past its end."""
+    if KERNELS is None:
+        pytest.skip(f"kernels not built: {kernels.reason()}")
+    from mixsparse.export import bitmask_encode, quantized_encode
+    from mixsparse.quant.grid import quantize_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    w[torch.rand_like(w) < 0.5] = 0
+    mask, values = bitmask_encode(w.half())
+    rp = KERNELS.bitmask_row_ptr(mask, 16, 64)
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="row_ptr"):
+        KERNELS.bitmask_matmul(x, mask, values[:-1], rp, 16, -1)
+    _, parts = quantized_encode(quantize_rtn(w, QuantSpec(4, 32, True), "w"))
+    rq = KERNELS.bitmask_row_ptr(parts["bitmask"], 16, 64)
+    none = torch.empty(0, dtype=torch.uint8)
+    KERNELS.q4_matmul(x, parts["bitmask"], parts["codes"], rq, parts["scale"], none, 16, -1)  # as stored: runs
+    with pytest.raises(RuntimeError, match="4-bit codes"):
+        KERNELS.q4_matmul(x, parts["bitmask"], parts["codes"][: (int(rq[-1]) - 1) // 2], rq, parts["scale"], none,
+                          16, -1)
+    with pytest.raises(RuntimeError, match="scale"):
+        KERNELS.q4_matmul(x, parts["bitmask"], parts["codes"], rq, parts["scale"][:, :0], none, 16, -1)
+
+
 def test_layers_too_dense_to_gain_stay_dense(tmp_path):
     model = tiny_model("llama")
     counts = param_counts(model)

@@ -68,7 +68,7 @@ inline float to_float<at::BFloat16>(at::BFloat16 v) { return static_cast<float>(
 template <>
 inline float to_float<float>(float v) { return v; }
 
-// the reference: also the path for CPUs without AVX2 and for a row's tail
+// the reference: also the path for CPUs without AVX2
 template <typename V>
 void rows_scalar(const float* x, int64_t B, int64_t K, const uint8_t* mask, const V* vals, const int64_t* row_ptr,
                  float* y, int64_t N, int64_t r0, int64_t r1) {
@@ -231,7 +231,7 @@ __attribute__((target(MS_AVX512))) inline void step_exp(const float* x, int64_t 
   }
 }
 
-// One row: 64 columns per iteration into 4 accumulators, then the last (up to 63) columns a step at a time, their
+// One row: 64 columns per iteration into 4 accumulators, then the last (up to 56) columns a step at a time, their
 // mask bytes gathered one by one (a row's last byte may be the buffer's last).
 template <typename V, int BB, bool Safe>
 __attribute__((target(MS_AVX512))) inline void row_avx512(const float* x, int64_t K, int64_t Kp, const uint8_t* m,
@@ -366,10 +366,12 @@ void with_floats(const torch::Tensor& t, const char* what, F&& f) {
 // ---- bitmask + 4-bit codes (mixsparse's "quantized" encoding with bits=4) ----------------------------------
 // The stored weights' codes are 4-bit, most significant first, in the values' order; row r's first code is
 // code number row_ptr[r]. Group g of a row (group_size columns) has scale[r, g] and zero point zero[r, g]
-// (symmetric grids: 8); the weight is (code - zero) * scale, in float32. Every instruction set runs the AVX2
-// loops (an AVX-512 expansion-based one was slower on Zen 4): a row's codes are unpacked to bytes (minus the zero
-// point) a row ahead, then per 8 columns one broadcast, shuffle, conversion and FMA. That is more vector work per
-// stored byte than the 16-bit loops do, so these kernels are bound by their instructions, not by memory.
+// (symmetric grids: 8); the weight is (code - zero) * scale, in float32. With group_size a multiple of 32, every
+// instruction set runs one AVX2 loop (an AVX-512 expansion-based one was slower on Zen 4): a row's codes are
+// unpacked to bytes (minus the zero point) a row ahead, then per 8 columns one broadcast, shuffle, conversion and
+// FMA. That is more vector work per stored byte than the 16-bit loops do, so it is bound by its instructions, not
+// by memory. Groups a multiple of 8 but not of 32 take a loop that decodes 8 codes per chunk; others, the scalar
+// reference.
 
 // 8 codes starting at code k, as the top 32 bits (MSB first); reads 8 bytes (near the end of the buffer, from a
 // zero-padded copy)
@@ -717,7 +719,7 @@ int64_t isa_level(int64_t wanted) {
   return wanted < 0 ? best : std::min(wanted, best);
 }
 
-// x: (B, K) float32 contiguous; mask: uint8 (N*K/8); values: (nnz,) half or bfloat16; row_ptr: int64 (N+1)
+// x: (B, K) float32 contiguous; mask: uint8 (N*K/8); values: (nnz,) half, bfloat16 or float32; row_ptr: int64 (N+1)
 torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr,
                              int64_t N, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (B, K) float32");
@@ -725,6 +727,8 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
   TORCH_CHECK(K % 8 == 0, "K must be a multiple of 8 (rows of the bitmask are byte-aligned)");
   TORCH_CHECK(mask.scalar_type() == torch::kUInt8 && mask.numel() >= N * K / 8, "mask: uint8 with N*K/8 bytes");
   TORCH_CHECK(row_ptr.scalar_type() == torch::kInt64 && row_ptr.numel() == N + 1, "row_ptr: int64 (N+1)");
+  TORCH_CHECK(values.is_contiguous() && row_ptr.is_contiguous() && mask.is_contiguous() &&
+              row_ptr.data_ptr<int64_t>()[N] <= values.numel(), "values: contiguous, at least row_ptr[N] of them");
   auto y = torch::empty({B, N}, x.options());
   const Isa level = static_cast<Isa>(isa_level(isa));
   const uint8_t* mp = mask.data_ptr<uint8_t>();
@@ -752,15 +756,20 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
 
 
 // x: (B, K) float32; mask: uint8 (N*K/8); codes: uint8, 4-bit codes packed; row_ptr: int64 (N+1);
-// scale: (N, G) half or bfloat16; zero: (N, G) uint8, or empty for a symmetric grid
+// scale: (N, G) half, bfloat16 or float32; zero: (N, G) uint8, or empty for a symmetric grid
 torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor codes, torch::Tensor row_ptr,
                         torch::Tensor scale, torch::Tensor zero, int64_t N, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (B, K) float32");
   const int64_t B = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 8 == 0 && mask.numel() >= N * K / 8 && row_ptr.numel() == N + 1, "bad bitmask layout");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && K % scale.size(1) == 0, "scale: (N, groups)");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0 &&
+              scale.is_contiguous(), "scale: (N, groups) contiguous, groups dividing K");
   const int64_t G = scale.size(1);
-  TORCH_CHECK(zero.numel() == 0 || (zero.scalar_type() == torch::kUInt8 && zero.numel() == N * G), "zero: (N, groups) uint8");
+  TORCH_CHECK(zero.numel() == 0 || (zero.scalar_type() == torch::kUInt8 && zero.numel() == N * G &&
+              zero.is_contiguous()), "zero: (N, groups) uint8");
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && mask.is_contiguous() &&
+              row_ptr.scalar_type() == torch::kInt64 && row_ptr.is_contiguous() &&
+              row_ptr.data_ptr<int64_t>()[N] <= 2 * codes.numel(), "codes: uint8, at least row_ptr[N] 4-bit codes");
   auto y = torch::empty({B, N}, x.options());
   const Isa level = static_cast<Isa>(isa_level(isa));
   const float* xp = x.data_ptr<float>();
