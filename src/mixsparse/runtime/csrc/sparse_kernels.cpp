@@ -368,7 +368,7 @@ void with_floats(const torch::Tensor& t, const char* what, F&& f) {
 // code number row_ptr[r]. Group g of a row (group_size columns) has scale[r, g] and zero point zero[r, g]
 // (symmetric grids: 8); the weight is (code - zero) * scale, in float32. With group_size a multiple of 32, every
 // instruction set runs one AVX2 loop (an AVX-512 expansion-based one was slower on Zen 4): a row's codes are
-// unpacked to bytes (minus the zero point) a row ahead, then per 8 columns one broadcast, shuffle, conversion and
+// unpacked to bytes (minus 8 on a symmetric grid) a row ahead, then per 8 columns one broadcast, shuffle, conversion and
 // FMA. That is more vector work per stored byte than the 16-bit loops do, so it is bound by its instructions, not
 // by memory. Groups a multiple of 8 but not of 32 take a loop that decodes 8 codes per chunk; others, the scalar
 // reference.
@@ -434,57 +434,34 @@ __attribute__((target(MS_AVX2))) inline void unpack32(const uint8_t* p, __m256i 
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi8(nib, zb));
 }
 
-// Row r's codes (numbers k0 .. k1 - 1) as bytes minus their group's zero point, code k0 & ~1 at out[0]; out
-// holds k1 - k0 + 64 bytes. Symmetric grids (zero point 8 throughout) in one sweep, 32 codes at a time; with zero
-// points, group by group (a group's first unpack also rewrites its predecessor's last code when the group starts at
-// an odd code: that byte is written again). ``Safe``: the row's codes end within 32 bytes of the buffer's end.
+// Row r's codes (numbers k0 .. k1 - 1) as bytes minus ``sub``, code k0 & ~1 at out[0], 32 codes at a time; out
+// holds k1 - k0 + 64 bytes. ``Safe``: the row's codes end within 32 bytes of the buffer's end.
 template <bool Safe>
 __attribute__((target(MS_AVX2))) inline void unpack_row(const uint8_t* codes, int64_t nbytes, int64_t k0, int64_t k1,
-                                                        const uint8_t* m, int64_t K, int64_t gs, const uint8_t* zero,
-                                                        int8_t* out) {
+                                                        int sub, int8_t* out) {
   alignas(32) uint8_t pad[32];
   const int64_t base = k0 & ~int64_t{1};
-  if (!zero) {
-    for (int64_t u = base; u < k1; u += 32)
-      unpack32(readable<32, Safe>(codes, u >> 1, nbytes, pad), _mm256_set1_epi8(8), out + (u - base));
-    return;
-  }
-  int64_t k = k0;
-  int last_zero = 0;  // the zero point of the last group with codes
-  for (int64_t c = 0; c < K; c += gs, ++zero) {
-    int64_t n = 0;
-    for (int64_t j = c / 8; j < (c + gs) / 8; j += 4) {
-      uint32_t word;
-      std::memcpy(&word, m + j, 4);
-      n += __builtin_popcount(word);
-    }
-    if (n == 0) continue;
-    const int64_t gb = k & ~int64_t{1};
-    for (int64_t u = gb; u < k + n; u += 32)
-      unpack32(readable<32, Safe>(codes, u >> 1, nbytes, pad), _mm256_set1_epi8(static_cast<char>(*zero)),
-               out + (u - base));
-    // the previous group's last code (the high nibble of the byte) again, from the codes: reading back the byte
-    // just stored would wait for the store
-    if ((k & 1) && gb >= k0) out[gb - base] = static_cast<int8_t>((codes[gb >> 1] >> 4) - last_zero);
-    last_zero = *zero;
-    k += n;
-  }
+  const __m256i zb = _mm256_set1_epi8(static_cast<char>(sub));
+  for (int64_t u = base; u < k1; u += 32) unpack32(readable<32, Safe>(codes, u >> 1, nbytes, pad), zb, out + (u - base));
 }
 
 // One row from its unpacked codes (``buf``: unpack_row's output), 32 columns (4 mask bytes) per step;
 // group_size is a multiple of 32, so a step lies in one group. Each mask byte's codes are shuffled into the top
 // byte of their 32-bit lanes, so one integer conversion gives (code - zero) * 2^24 exactly; the group's scale
 // (times 2^-24) multiplies the group's sums once. Per 8 columns: a broadcast, a shuffle, a conversion, an FMA.
+// Symmetric grids had their 8 subtracted when unpacked; with zero points (``zero``, the row's), each chunk
+// subtracts its group's from the 8 codes it reads (one more instruction: cheaper than unpacking group by group).
 template <typename S, int BB>
 __attribute__((target(MS_AVX2))) inline void row_q4_avx2(const float* x, int64_t K, const uint8_t* m,
-                                                         const int8_t* buf, const S* scale, int64_t gs, float* y,
-                                                         int64_t N, int64_t r) {
+                                                         const int8_t* buf, const S* scale, const uint8_t* zero,
+                                                         int64_t gs, float* y, int64_t N, int64_t r) {
   constexpr int NA = BB == 1 ? 4 : (BB == 2 ? 2 : 1);
   __m256 acc[BB][NA];
   for (int b = 0; b < BB; ++b)
     for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
   const int8_t* p = buf;
   for (int64_t j = 0; j < K / 8; ++scale) {
+    const __m256i zb = _mm256_set1_epi8(static_cast<char>(zero ? *zero++ : 0));
     __m256 part[BB][NA];
     for (int b = 0; b < BB; ++b)
       for (int a = 0; a < NA; ++a) part[b][a] = _mm256_setzero_ps();
@@ -495,8 +472,9 @@ __attribute__((target(MS_AVX2))) inline void row_q4_avx2(const float* x, int64_t
         int64_t eight;
         std::memcpy(&eight, p, 8);
         p += T.pop[byte];
-        const __m256i q = _mm256_shuffle_epi8(_mm256_set1_epi64x(eight),
-                                              _mm256_load_si256(reinterpret_cast<const __m256i*>(T.sh8top[byte])));
+        __m256i src = _mm256_set1_epi64x(eight);
+        if (zero) src = _mm256_sub_epi8(src, zb);
+        const __m256i q = _mm256_shuffle_epi8(src, _mm256_load_si256(reinterpret_cast<const __m256i*>(T.sh8top[byte])));
         const __m256 w = _mm256_cvtepi32_ps(q);
         for (int b = 0; b < BB; ++b)
           part[b][i % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + (j + i) * 8), part[b][i % NA]);
@@ -553,17 +531,17 @@ __attribute__((target(MS_AVX2))) void rows_q4_avx2(const float* x, int64_t K, co
   int8_t* first = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(store.data()) + 31) & ~uintptr_t{31});
   int8_t* bufs[2] = {first, first + K + 64};
   auto unpack = [&](int64_t r) {
-    const uint8_t* m = mask + r * (K / 8);
-    const uint8_t* z = zero ? zero + r * G : nullptr;
+    const int sub = zero ? 0 : 8;  // zero points: subtracted per group when the codes are used
     if ((row_ptr[r + 1] >> 1) + 32 <= nbytes)
-      unpack_row<false>(codes, nbytes, row_ptr[r], row_ptr[r + 1], m, K, gs, z, bufs[r & 1]);
+      unpack_row<false>(codes, nbytes, row_ptr[r], row_ptr[r + 1], sub, bufs[r & 1]);
     else
-      unpack_row<true>(codes, nbytes, row_ptr[r], row_ptr[r + 1], m, K, gs, z, bufs[r & 1]);
+      unpack_row<true>(codes, nbytes, row_ptr[r], row_ptr[r + 1], sub, bufs[r & 1]);
   };
   if (r0 < r1) unpack(r0);
   for (int64_t r = r0; r < r1; ++r) {
     if (r + 1 < r1) unpack(r + 1);
-    row_q4_avx2<S, BB>(x, K, mask + r * (K / 8), bufs[r & 1] + (row_ptr[r] & 1), scale + r * G, gs, y, N, r);
+    row_q4_avx2<S, BB>(x, K, mask + r * (K / 8), bufs[r & 1] + (row_ptr[r] & 1), scale + r * G,
+                       zero ? zero + r * G : nullptr, gs, y, N, r);
   }
 }
 
