@@ -318,14 +318,9 @@ torch::Tensor step_x(const torch::Tensor& x) {
     const float* sb = s + b * K;
     float* db = d + b * Kp;
     if constexpr (bf16) {
-      for (int64_t c0 = 0; c0 < K; c0 += 8)  // 8 columns: 4 to the low half of their step, 4 to the high one
-        for (int64_t w = 0; w < 8; ++w) {
-          const int64_t q = c0 % 32, at = c0 - q + (w < 4 ? q / 2 + w : 16 + q / 2 + w - 4);
-          db[at] = sb[c0 + w];
-        }
-      for (int64_t c = K; c < Kp; ++c) {  // a partial last step: its padded columns' slots
+      for (int64_t c = 0; c < Kp; ++c) {  // of each 8 columns, 4 to the low half of their step, 4 to the high one
         const int64_t q = c % 32, w = q % 8;
-        db[c - q + (w < 4 ? q / 8 * 4 + w : 16 + q / 8 * 4 + w - 4)] = 0.f;
+        db[c - q + (w < 4 ? 0 : 16) + q / 8 * 4 + w % 4] = c < K ? sb[c] : 0.f;
       }
     } else {
       std::memcpy(db, sb, sizeof(float) * K);
